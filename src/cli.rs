@@ -1,0 +1,307 @@
+//! Command-line flags, and their validation into plain configs.
+//!
+//! As in ripgrep, clap parses the raw flags here, each command turns them
+//! into a validated config (`server::Config`, `client::SendConfig`), and the
+//! work is done from that config alone. `--help` is generated from these
+//! same definitions, so it cannot drift from what is accepted.
+
+use std::time::Duration;
+
+use clap::{Args, Parser, Subcommand};
+
+use crate::addr::Endpoint;
+use crate::client::{SendConfig, UdpRetry};
+use crate::net::SockOpts;
+use crate::server::{self, Model};
+use crate::transform::Mode;
+use crate::units;
+
+const ABOUT: &str = "The textbook uppercase service, built as real software.";
+
+const LONG_ABOUT: &str = "\
+The textbook uppercase service, built as real software.
+
+A server reads a client's bytes in bounded blocks, uppercases them (a-z to \
+A-Z, every other byte unchanged) and sends them back, over TCP, UDP and Unix \
+sockets. The client streams any amount of data without deadlocking, and can \
+reproduce the textbook's deadlock on request and diagnose it.
+
+ADDRESSES (the same syntax for every command):
+  HOST:PORT, tcp://HOST:PORT   TCP (IPv6 in brackets: [::1]:1060)
+  udp://HOST:PORT              UDP
+  unix:PATH                    Unix-domain stream socket
+  Port 0 asks for any free port; serve prints the one it got.
+
+EXIT CODES:
+  0  success (everything sent came back, verified)
+  1  error (cannot bind or connect, reset, I/O error)
+  2  invalid arguments
+  3  send --naive stalled: the deadlock was diagnosed
+  4  the reply was wrong or incomplete, or UDP datagrams were lost";
+
+const EXAMPLES: &str = "\
+EXAMPLES:
+  upcase serve                              # tcp and udp on 127.0.0.1:1060
+  echo hello | upcase send 127.0.0.1:1060   # prints HELLO
+  upcase send 127.0.0.1:1060 --bytes 1G     # stream a gigabyte, verified
+  upcase send 127.0.0.1:1060 --bytes 256M --naive   # the deadlock, diagnosed";
+
+#[derive(Debug, Parser)]
+#[command(name = "upcase", version, about = ABOUT, long_about = LONG_ABOUT, after_help = EXAMPLES)]
+pub struct Cli {
+    /// More logging on stderr (-v: per-connection progress, -vv: trace).
+    #[arg(short, long, global = true, action = clap::ArgAction::Count)]
+    pub verbose: u8,
+    /// Less logging on stderr: warnings and errors only.
+    #[arg(short, long, global = true, conflicts_with = "verbose")]
+    pub quiet: bool,
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    Serve(ServeArgs),
+    Send(SendArgs),
+    Chat(ChatArgs),
+}
+
+/// Run the uppercase server.
+#[derive(Debug, Args)]
+#[command(
+    long_about = "Run the uppercase server.\n\n\
+For each listener, once it is bound, prints one line to stdout: \
+`listening tcp://127.0.0.1:40123` (the real port when 0 was asked; \
+`listening unix:/path` for Unix sockets). Logs go to stderr. \
+SIGINT or SIGTERM stops accepting, lets streams in progress finish \
+(up to --drain-timeout) and exits 0; a second signal exits at once.",
+    after_help = "EXAMPLES:\n  \
+upcase serve                                   # tcp://127.0.0.1:1060 and udp://127.0.0.1:1060\n  \
+upcase serve tcp://127.0.0.1:0 udp://[::1]:0   # any free ports, printed on stdout\n  \
+upcase serve unix:/tmp/upcase.sock --max-conns 100"
+)]
+pub struct ServeArgs {
+    /// Addresses to listen on [default: tcp://127.0.0.1:1060 udp://127.0.0.1:1060].
+    #[arg(value_name = "ADDR")]
+    pub listeners: Vec<Endpoint>,
+    /// How the server waits for many clients at once.
+    #[arg(long, value_enum, default_value_t = Model::Async)]
+    pub model: Model,
+    /// Largest block read from a connection at once (the seeds use 1K).
+    #[arg(long, value_name = "SIZE", default_value = "64K", value_parser = units::parse_buffer_size)]
+    pub block: usize,
+    /// Connections served at once; more wait in the listen backlog
+    /// [default: the open-file limit less 64].
+    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u32).range(1..))]
+    pub max_conns: Option<u32>,
+    /// After SIGTERM/SIGINT, how long streams in progress may finish.
+    #[arg(long, value_name = "DURATION", default_value = "10s", value_parser = units::parse_duration)]
+    pub drain_timeout: Duration,
+    #[command(flatten)]
+    pub listen: ListenOpts,
+    #[command(flatten)]
+    pub sock: SockArgs,
+}
+
+/// Options of listening sockets.
+#[derive(Debug, Args)]
+pub struct ListenOpts {
+    /// Set SO_REUSEADDR on listeners (the default, as the seeds do).
+    #[arg(long, overrides_with = "no_reuseaddr")]
+    pub reuseaddr: bool,
+    /// Do not set SO_REUSEADDR.
+    #[arg(long)]
+    pub no_reuseaddr: bool,
+    /// listen(2) backlog: connections the kernel queues before accept.
+    #[arg(long, value_name = "N", default_value_t = 1024, value_parser = clap::value_parser!(i32).range(1..))]
+    pub backlog: i32,
+}
+
+/// Options of every connection.
+#[derive(Debug, Args)]
+pub struct SockArgs {
+    /// Set TCP_NODELAY (disable Nagle's algorithm).
+    #[arg(long)]
+    pub nodelay: bool,
+    /// SO_RCVBUF in bytes (the kernel doubles it; without it, it autotunes).
+    #[arg(long, value_name = "SIZE", value_parser = units::parse_buffer_size)]
+    pub rcvbuf: Option<usize>,
+    /// SO_SNDBUF in bytes.
+    #[arg(long, value_name = "SIZE", value_parser = units::parse_buffer_size)]
+    pub sndbuf: Option<usize>,
+    /// Enable TCP keepalive, probing after this much idle time (e.g. 60s).
+    #[arg(long, value_name = "DURATION", value_parser = units::parse_positive_duration)]
+    pub keepalive: Option<Duration>,
+}
+
+/// Send stdin (or a generated stream) to a server and print the reply.
+#[derive(Debug, Args)]
+#[command(
+    long_about = "Send stdin (or a generated stream) to a server and print the reply.\n\n\
+Like nc, but correct: sending and receiving run at once, the end of stdin \
+becomes a half-close (shutdown(Write)), and it exits when the server closes.\n\n\
+With --bytes N it sends N bytes of the seeds' repeated 16-byte \
+`capitalize this!`, verifies every byte of the reply, writes no data to \
+stdout and prints a summary (bytes sent, received, wrong, seconds, MB/s with \
+MB = 10^6 bytes); progress bars go to stderr on a terminal.\n\n\
+With --naive it behaves like the seeds' client on purpose: write everything \
+in 16-byte writes, half-close, then read. When neither direction moves for \
+--stall, it prints a diagnosis (bytes sent and received, this socket's kernel \
+send and receive queues, and why) and exits with code 3.\n\n\
+Over UDP each stdin line is one datagram (or, with --bytes N --size B, \
+ceil(N/B) numbered datagrams); each request waits --timeout, then is resent \
+with the wait doubled, up to --retries times, before it counts as lost.",
+    after_help = "EXAMPLES:\n  \
+echo hello | upcase send 127.0.0.1:1060          # HELLO\n  \
+upcase send 127.0.0.1:1060 --bytes 1G            # stream 1 GiB, verified\n  \
+upcase send 127.0.0.1:1060 --bytes 256M --naive  # reproduce the deadlock (exit 3)\n  \
+printf 'one\\ntwo\\n' | upcase send udp://127.0.0.1:1060\n  \
+upcase send udp://127.0.0.1:1060 --bytes 1M --size 1K --json"
+)]
+pub struct SendArgs {
+    /// Server address.
+    #[arg(value_name = "ADDR")]
+    pub endpoint: Endpoint,
+    /// Send N bytes of the seeds' pattern and verify the reply (suffixes K, M, G: binary).
+    #[arg(long, value_name = "N", value_parser = units::parse_nonzero_size)]
+    pub bytes: Option<u64>,
+    /// The seeds' deadlocking client: write everything, then read.
+    #[arg(long, requires = "bytes")]
+    pub naive: bool,
+    /// With --naive: give up and diagnose after this long without progress.
+    #[arg(long, value_name = "DURATION", default_value = "2", value_parser = units::parse_positive_duration)]
+    pub stall: Duration,
+    /// UDP with --bytes: bytes per datagram (at most 65507).
+    #[arg(long, value_name = "SIZE", default_value = "1K", value_parser = parse_datagram_size)]
+    pub size: usize,
+    #[command(flatten)]
+    pub udp: UdpArgs,
+    /// Print the summary as one JSON object on stdout.
+    #[arg(long)]
+    pub json: bool,
+    /// No progress bars, even on a terminal.
+    #[arg(long)]
+    pub no_progress: bool,
+    #[command(flatten)]
+    pub sock: SockArgs,
+}
+
+/// UDP retry options.
+#[derive(Debug, Args)]
+pub struct UdpArgs {
+    /// UDP: wait this long for a reply before the first resend.
+    #[arg(long, value_name = "DURATION", default_value = "100ms", value_parser = units::parse_positive_duration)]
+    pub timeout: Duration,
+    /// UDP: resends (each waiting twice as long) before a request counts as lost.
+    #[arg(long, value_name = "N", default_value_t = 5)]
+    pub retries: u32,
+}
+
+/// The seeds' interactive client: `Input: ` prompts, `Output: ` replies.
+#[derive(Debug, Args)]
+#[command(
+    long_about = "The seeds' interactive client (client1.py over TCP, client2.py over UDP).\n\n\
+Prompts `Input: `, sends the line, prints `Output: ...` with the whole reply, \
+and stops on an empty line (over UDP, sending the seeds' empty goodbye datagram).",
+    after_help = "EXAMPLES:\n  upcase chat 127.0.0.1:1060\n  upcase chat udp://127.0.0.1:1060"
+)]
+pub struct ChatArgs {
+    /// Server address.
+    #[arg(value_name = "ADDR")]
+    pub endpoint: Endpoint,
+    #[command(flatten)]
+    pub udp: UdpArgs,
+    #[command(flatten)]
+    pub sock: SockArgs,
+}
+
+fn parse_datagram_size(s: &str) -> Result<usize, String> {
+    let n = units::parse_nonzero_size(s)?;
+    if n > crate::server::udp::MAX_DATAGRAM as u64 {
+        return Err(format!(
+            "invalid size '{s}': a UDP datagram holds at most {} bytes",
+            crate::server::udp::MAX_DATAGRAM
+        ));
+    }
+    Ok(n as usize)
+}
+
+impl SockArgs {
+    fn into_opts(self) -> SockOpts {
+        SockOpts {
+            nodelay: self.nodelay,
+            rcvbuf: self.rcvbuf,
+            sndbuf: self.sndbuf,
+            keepalive: self.keepalive,
+            ..SockOpts::default()
+        }
+    }
+}
+
+impl ServeArgs {
+    pub fn into_config(self) -> server::Config {
+        let mut sockopts = self.sock.into_opts();
+        sockopts.reuseaddr = !self.listen.no_reuseaddr;
+        sockopts.backlog = self.listen.backlog;
+        let listeners = if self.listeners.is_empty() {
+            server::default_listeners()
+        } else {
+            self.listeners
+        };
+        server::Config {
+            listeners,
+            model: self.model,
+            sockopts,
+            block: self.block,
+            mode: Mode::Ascii,
+            max_conns: self
+                .max_conns
+                .map_or_else(server::default_max_conns, |n| n as usize),
+            drain_timeout: self.drain_timeout,
+        }
+    }
+}
+
+impl UdpArgs {
+    fn into_retry(self) -> UdpRetry {
+        UdpRetry {
+            timeout: self.timeout,
+            retries: self.retries,
+        }
+    }
+}
+
+impl SendArgs {
+    pub fn into_config(self) -> Result<SendConfig, String> {
+        if self.naive && self.endpoint.is_udp() {
+            return Err("--naive is about TCP's deadlock; UDP has no flow control to deadlock (drop --naive)".into());
+        }
+        Ok(SendConfig {
+            endpoint: self.endpoint,
+            sockopts: self.sock.into_opts(),
+            bytes: self.bytes,
+            naive: self.naive,
+            stall: self.stall,
+            size: self.size,
+            udp: self.udp.into_retry(),
+            json: self.json,
+            progress: !self.no_progress,
+        })
+    }
+}
+
+impl ChatArgs {
+    pub fn into_config(self) -> SendConfig {
+        SendConfig {
+            endpoint: self.endpoint,
+            sockopts: self.sock.into_opts(),
+            bytes: None,
+            naive: false,
+            stall: Duration::from_secs(2),
+            size: 1024,
+            udp: self.udp.into_retry(),
+            json: false,
+            progress: false,
+        }
+    }
+}

@@ -1,0 +1,104 @@
+//! `upcase chat ADDR`: the seeds' interactive client1.py (TCP) and
+//! client2.py (UDP).
+//!
+//! Prompt `Input: `, send the line, print `Output: ...`, stop on an empty
+//! line. Unlike the seed, which takes whatever one `recv(1024)` returns, it
+//! reads the whole reply: the transform tells how long the reply must be, so
+//! it reads exactly that many bytes, however TCP splits them. Over UDP it
+//! uses the retrying requester and, as client2.py does, says goodbye with an
+//! empty datagram.
+
+use std::io::{self, BufRead, Read, Write};
+
+use anyhow::Context;
+
+use super::udp::{Answer, Reply, Requester};
+use super::{Outcome, SendConfig};
+use crate::addr::Endpoint;
+use crate::net;
+use crate::transform;
+
+pub fn run(cfg: &SendConfig) -> anyhow::Result<Outcome> {
+    if let Endpoint::Udp(_) = cfg.endpoint {
+        return run_udp(cfg);
+    }
+    let mut sock = net::connect(&cfg.endpoint, &cfg.sockopts)?;
+    let mut reply = Vec::new();
+    while let Some(line) = prompt()? {
+        sock.write_all(&line)
+            .with_context(|| format!("sending to {}", cfg.endpoint))?;
+        reply.resize(transform::upper(&line).len(), 0);
+        sock.read_exact(&mut reply).with_context(|| {
+            format!(
+                "reading the reply from {} (did the server close?)",
+                cfg.endpoint
+            )
+        })?;
+        output(&reply)?;
+    }
+    // Half-close, then wait for the server to close its side.
+    sock.shutdown_write()
+        .with_context(|| format!("closing the connection to {}", cfg.endpoint))?;
+    let mut rest = Vec::new();
+    sock.read_to_end(&mut rest)
+        .with_context(|| format!("closing the connection to {}", cfg.endpoint))?;
+    Ok(Outcome::Ok)
+}
+
+fn run_udp(cfg: &SendConfig) -> anyhow::Result<Outcome> {
+    let mut req = Requester::connect(cfg)?;
+    let mut outcome = Outcome::Ok;
+    while let Some(line) = prompt()? {
+        let expect = transform::upper(&line);
+        let answer = req
+            .request(&line, |r| {
+                if r == expect.as_slice() {
+                    Reply::Good
+                } else {
+                    Reply::Wrong
+                }
+            })
+            .with_context(|| format!("udp request to {}", cfg.endpoint))?;
+        match answer {
+            Answer::Good(r) | Answer::Wrong(r) => output(&r)?,
+            Answer::Lost => {
+                outcome = Outcome::Mismatch;
+                eprintln!(
+                    "upcase: no reply after {} tries: is the server up?",
+                    cfg.udp.retries + 1
+                );
+            }
+        }
+    }
+    // Let the server know we are gone (client2.py's empty datagram).
+    req.send_only(b"")
+        .with_context(|| format!("sending goodbye to {}", cfg.endpoint))?;
+    Ok(outcome)
+}
+
+/// Prints the prompt and reads a line; `None` at an empty line or EOF.
+fn prompt() -> anyhow::Result<Option<Vec<u8>>> {
+    let mut out = io::stdout().lock();
+    out.write_all(b"Input: ").context("writing to stdout")?;
+    out.flush().context("writing to stdout")?;
+    let mut line = Vec::new();
+    io::stdin()
+        .lock()
+        .read_until(b'\n', &mut line)
+        .context("reading stdin")?;
+    while matches!(line.last(), Some(b'\n' | b'\r')) {
+        line.pop();
+    }
+    if line.is_empty() {
+        // End the prompt's line so the shell prompt starts on its own.
+        writeln!(out).context("writing to stdout")?;
+        return Ok(None);
+    }
+    Ok(Some(line))
+}
+
+fn output(reply: &[u8]) -> anyhow::Result<()> {
+    let mut out = io::stdout().lock();
+    writeln!(out, "Output: {}", String::from_utf8_lossy(reply)).context("writing to stdout")?;
+    out.flush().context("writing to stdout")
+}

@@ -1,0 +1,102 @@
+//! The clients: `send` (pipe, `--bytes`, `--naive`, UDP) and `chat`.
+//!
+//! Each returns an [`Outcome`] that the binary turns into an exit code, so
+//! that scripts can tell "the server was wrong" from "could not connect"
+//! from "deadlock diagnosed".
+
+pub mod chat;
+pub mod naive;
+pub mod pipe;
+pub mod progress;
+pub mod stream;
+pub mod udp;
+
+use std::time::Duration;
+
+use crate::addr::Endpoint;
+use crate::net::SockOpts;
+
+/// Exit codes: part of the command-line contract.
+pub mod exit {
+    /// Everything sent came back, verified.
+    pub const OK: i32 = 0;
+    /// An error: could not connect, reset, refused, I/O failure.
+    pub const ERROR: i32 = 1;
+    /// Invalid command-line arguments (clap's code).
+    pub const USAGE: i32 = 2;
+    /// `--naive` stalled: the deadlock was diagnosed.
+    pub const STALLED: i32 = 3;
+    /// The reply was wrong, incomplete, or (UDP) datagrams were lost.
+    pub const MISMATCH: i32 = 4;
+}
+
+/// How a client run ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Outcome {
+    Ok,
+    Stalled,
+    Mismatch,
+}
+
+impl Outcome {
+    pub fn exit_code(self) -> i32 {
+        match self {
+            Outcome::Ok => exit::OK,
+            Outcome::Stalled => exit::STALLED,
+            Outcome::Mismatch => exit::MISMATCH,
+        }
+    }
+}
+
+/// Everything `send` needs, validated.
+#[derive(Debug, Clone)]
+pub struct SendConfig {
+    pub endpoint: Endpoint,
+    pub sockopts: SockOpts,
+    /// `--bytes N`: generate and verify N bytes instead of piping stdin.
+    pub bytes: Option<u64>,
+    pub naive: bool,
+    pub stall: Duration,
+    /// UDP `--size`: bytes per datagram.
+    pub size: usize,
+    pub udp: UdpRetry,
+    pub json: bool,
+    pub progress: bool,
+}
+
+/// The textbook's UDP client: wait `timeout`, then resend and double the
+/// wait, `retries` times, before calling a request lost.
+#[derive(Debug, Clone, Copy)]
+pub struct UdpRetry {
+    pub timeout: Duration,
+    pub retries: u32,
+}
+
+impl Default for UdpRetry {
+    fn default() -> Self {
+        UdpRetry {
+            timeout: Duration::from_millis(100),
+            retries: 5,
+        }
+    }
+}
+
+/// Runs `upcase send`.
+pub fn send(cfg: &SendConfig) -> anyhow::Result<Outcome> {
+    match (&cfg.endpoint, cfg.bytes) {
+        (Endpoint::Udp(_), Some(n)) => udp::send_bytes(cfg, n),
+        (Endpoint::Udp(_), None) => udp::send_lines(cfg),
+        (_, Some(n)) if cfg.naive => naive::run(cfg, n),
+        (_, Some(n)) => stream::run(cfg, n),
+        (_, None) => pipe::run(cfg),
+    }
+}
+
+/// Megabytes (10^6 bytes) per second, as iperf and the summaries print it.
+pub fn mb_per_s(bytes: u64, secs: f64) -> f64 {
+    if secs > 0.0 {
+        bytes as f64 / 1e6 / secs
+    } else {
+        0.0
+    }
+}

@@ -1,0 +1,54 @@
+//! The `upcase` binary: parse flags, validate them into a config, dispatch.
+
+use std::io::IsTerminal;
+
+use clap::Parser;
+use tracing_subscriber::EnvFilter;
+use upcase::cli::{Cli, Command};
+use upcase::client::{self, exit};
+use upcase::server;
+
+fn main() {
+    let cli = Cli::parse();
+    init_logging(cli.verbose, cli.quiet);
+    let result = match cli.command {
+        Command::Serve(args) => {
+            server::raise_fd_limit();
+            server::run(args.into_config()).map(|()| exit::OK)
+        }
+        Command::Send(args) => match args.into_config() {
+            Ok(cfg) => client::send(&cfg).map(|o| o.exit_code()),
+            Err(msg) => usage_error(&msg),
+        },
+        Command::Chat(args) => client::chat::run(&args.into_config()).map(|o| o.exit_code()),
+    };
+    let code = match result {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("upcase: {e:#}");
+            exit::ERROR
+        }
+    };
+    std::process::exit(code);
+}
+
+fn usage_error(msg: &str) -> ! {
+    eprintln!("upcase: {msg}");
+    std::process::exit(exit::USAGE);
+}
+
+fn init_logging(verbose: u8, quiet: bool) {
+    let default = match (quiet, verbose) {
+        (true, _) => "warn",
+        (_, 0) => "info",
+        (_, 1) => "debug",
+        _ => "trace",
+    };
+    let filter = EnvFilter::try_from_env("UPCASE_LOG").unwrap_or_else(|_| EnvFilter::new(default));
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::stderr().is_terminal())
+        .with_target(false)
+        .init();
+}

@@ -1,0 +1,438 @@
+//! Sockets as the seeds list them: binding listeners and connecting clients,
+//! with the options users tune (SO_REUSEADDR, TCP_NODELAY, buffer sizes,
+//! keepalive, backlog).
+//!
+//! Everything here returns `std` sockets, so that every server model (a
+//! blocking loop, `fork()`, a readiness loop, tokio) starts from the same
+//! bound listener and only differs in how it waits. Errors name the endpoint
+//! and say what to do, because a port in use or a path that is too long is
+//! the first thing a user runs into.
+
+use std::io;
+use std::net::{SocketAddr, TcpListener, TcpStream, UdpSocket};
+use std::os::unix::fs::{FileTypeExt, MetadataExt};
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use socket2::{Domain, Protocol, SockAddr, SockRef, Socket, TcpKeepalive, Type};
+
+use crate::addr::{AddrError, Endpoint, HostPort};
+
+/// Socket options shared by servers and clients.
+#[derive(Debug, Clone)]
+pub struct SockOpts {
+    /// SO_REUSEADDR on listeners (the seeds set it; on by default).
+    pub reuseaddr: bool,
+    /// TCP_NODELAY on connections (disables Nagle's algorithm).
+    pub nodelay: bool,
+    /// SO_RCVBUF, bytes (the kernel doubles it and autotunes without it).
+    pub rcvbuf: Option<usize>,
+    /// SO_SNDBUF, bytes.
+    pub sndbuf: Option<usize>,
+    /// SO_KEEPALIVE with this idle time before the first probe.
+    pub keepalive: Option<Duration>,
+    /// listen(2) backlog.
+    pub backlog: i32,
+}
+
+impl Default for SockOpts {
+    fn default() -> Self {
+        SockOpts {
+            reuseaddr: true,
+            nodelay: false,
+            rcvbuf: None,
+            sndbuf: None,
+            keepalive: None,
+            backlog: 1024,
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum NetError {
+    #[error(transparent)]
+    Addr(#[from] AddrError),
+    #[error(
+        "{0}: address already in use (another server listens there): choose another port, or port 0 for a free one"
+    )]
+    InUse(Endpoint),
+    #[error(
+        "{0}: permission denied: ports below 1024 need root or CAP_NET_BIND_SERVICE; use a port of 1024 or more"
+    )]
+    PrivilegedPort(Endpoint),
+    #[error("{0}: cannot assign that address: it is not an address of this machine")]
+    NotLocal(Endpoint),
+    #[error(
+        "{endpoint}: Unix socket path is {len} bytes long, at most {max} fit: use a shorter path"
+    )]
+    UnixPathTooLong {
+        endpoint: Endpoint,
+        len: usize,
+        max: usize,
+    },
+    #[error("{endpoint}: folder '{dir}' does not exist: create it first")]
+    UnixDirMissing { endpoint: Endpoint, dir: PathBuf },
+    #[error("{0}: a server is already listening on this socket file")]
+    UnixInUse(Endpoint),
+    #[error("{0}: the path exists and is not a socket: refusing to replace it")]
+    NotASocket(Endpoint),
+    #[error("{0}: no such socket file: is the server running?")]
+    UnixMissing(Endpoint),
+    #[error("{endpoint}: connection refused: is a server listening there?")]
+    Refused { endpoint: Endpoint },
+    #[error("{endpoint}: {what}: {source}")]
+    Io {
+        endpoint: Endpoint,
+        what: &'static str,
+        #[source]
+        source: io::Error,
+    },
+}
+
+impl NetError {
+    fn io(endpoint: &Endpoint, what: &'static str, source: io::Error) -> Self {
+        NetError::Io {
+            endpoint: endpoint.clone(),
+            what,
+            source,
+        }
+    }
+}
+
+/// A bound listener of any kind.
+#[derive(Debug)]
+pub enum Listener {
+    Tcp(TcpListener),
+    Udp(UdpSocket),
+    Unix(UnixListener, UnixPathGuard),
+}
+
+impl Listener {
+    /// The endpoint actually bound (the real port when 0 was asked).
+    pub fn local_endpoint(&self) -> io::Result<Endpoint> {
+        Ok(match self {
+            Listener::Tcp(l) => Endpoint::Tcp(l.local_addr()?.into()),
+            Listener::Udp(u) => Endpoint::Udp(u.local_addr()?.into()),
+            Listener::Unix(_, guard) => Endpoint::Unix(guard.path.clone()),
+        })
+    }
+}
+
+/// Binds `endpoint` with `opts`: TCP and Unix listeners are listening, UDP
+/// sockets are ready to receive. All sockets are returned in blocking mode.
+pub fn bind(endpoint: &Endpoint, opts: &SockOpts) -> Result<Listener, NetError> {
+    match endpoint {
+        Endpoint::Tcp(hp) => {
+            let addr = first_addr(hp)?;
+            let sock = new_socket(addr, Type::STREAM, Protocol::TCP, opts, endpoint)?;
+            bind_addr(&sock, addr, endpoint)?;
+            sock.listen(opts.backlog)
+                .map_err(|e| NetError::io(endpoint, "listen", e))?;
+            Ok(Listener::Tcp(sock.into()))
+        }
+        Endpoint::Udp(hp) => {
+            let addr = first_addr(hp)?;
+            let sock = new_socket(addr, Type::DGRAM, Protocol::UDP, opts, endpoint)?;
+            bind_addr(&sock, addr, endpoint)?;
+            Ok(Listener::Udp(sock.into()))
+        }
+        Endpoint::Unix(path) => bind_unix(endpoint, path, opts),
+    }
+}
+
+fn first_addr(hp: &HostPort) -> Result<SocketAddr, NetError> {
+    // A server binds one address per listener: the first the name gives.
+    Ok(hp.resolve()?[0])
+}
+
+fn new_socket(
+    addr: SocketAddr,
+    ty: Type,
+    proto: Protocol,
+    opts: &SockOpts,
+    endpoint: &Endpoint,
+) -> Result<Socket, NetError> {
+    let sock = Socket::new(Domain::for_address(addr), ty, Some(proto))
+        .map_err(|e| NetError::io(endpoint, "socket", e))?;
+    let set = |r: io::Result<()>, what| r.map_err(|e| NetError::io(endpoint, what, e));
+    if addr.is_ipv6() {
+        // [::] means IPv6 only, so that 0.0.0.0 can be bound beside it.
+        set(sock.set_only_v6(true), "IPV6_V6ONLY")?;
+    }
+    set(sock.set_reuse_address(opts.reuseaddr), "SO_REUSEADDR")?;
+    if let Some(n) = opts.rcvbuf {
+        set(sock.set_recv_buffer_size(n), "SO_RCVBUF")?;
+    }
+    if let Some(n) = opts.sndbuf {
+        set(sock.set_send_buffer_size(n), "SO_SNDBUF")?;
+    }
+    Ok(sock)
+}
+
+fn bind_addr(sock: &Socket, addr: SocketAddr, endpoint: &Endpoint) -> Result<(), NetError> {
+    sock.bind(&addr.into()).map_err(|e| match e.kind() {
+        io::ErrorKind::AddrInUse => NetError::InUse(endpoint.clone()),
+        io::ErrorKind::PermissionDenied if addr.port() < 1024 => {
+            NetError::PrivilegedPort(endpoint.clone())
+        }
+        io::ErrorKind::AddrNotAvailable => NetError::NotLocal(endpoint.clone()),
+        _ => NetError::io(endpoint, "bind", e),
+    })
+}
+
+/// Longest path that fits in `sockaddr_un.sun_path` with its NUL.
+const UNIX_PATH_MAX: usize = 107;
+
+fn bind_unix(endpoint: &Endpoint, path: &Path, opts: &SockOpts) -> Result<Listener, NetError> {
+    let len = path.as_os_str().len();
+    if len > UNIX_PATH_MAX {
+        return Err(NetError::UnixPathTooLong {
+            endpoint: endpoint.clone(),
+            len,
+            max: UNIX_PATH_MAX,
+        });
+    }
+    if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty())
+        && !dir.is_dir()
+    {
+        return Err(NetError::UnixDirMissing {
+            endpoint: endpoint.clone(),
+            dir: dir.to_path_buf(),
+        });
+    }
+    // A socket file left by a server that died is replaced; one with a live
+    // listener behind it, or a file that is not a socket, is left alone.
+    if let Ok(meta) = std::fs::symlink_metadata(path) {
+        if !meta.file_type().is_socket() {
+            return Err(NetError::NotASocket(endpoint.clone()));
+        }
+        match UnixStream::connect(path) {
+            Ok(_) => return Err(NetError::UnixInUse(endpoint.clone())),
+            Err(_) => {
+                std::fs::remove_file(path)
+                    .map_err(|e| NetError::io(endpoint, "removing stale socket", e))?;
+                tracing::info!("removed stale socket file {}", path.display());
+            }
+        }
+    }
+    let sock = Socket::new(Domain::UNIX, Type::STREAM, None)
+        .map_err(|e| NetError::io(endpoint, "socket", e))?;
+    if let Some(n) = opts.rcvbuf {
+        sock.set_recv_buffer_size(n)
+            .map_err(|e| NetError::io(endpoint, "SO_RCVBUF", e))?;
+    }
+    if let Some(n) = opts.sndbuf {
+        sock.set_send_buffer_size(n)
+            .map_err(|e| NetError::io(endpoint, "SO_SNDBUF", e))?;
+    }
+    let addr = SockAddr::unix(path).map_err(|e| NetError::io(endpoint, "socket path", e))?;
+    sock.bind(&addr).map_err(|e| match e.kind() {
+        io::ErrorKind::AddrInUse => NetError::UnixInUse(endpoint.clone()),
+        _ => NetError::io(endpoint, "bind", e),
+    })?;
+    let guard = UnixPathGuard::new(path.to_path_buf());
+    sock.listen(opts.backlog)
+        .map_err(|e| NetError::io(endpoint, "listen", e))?;
+    Ok(Listener::Unix(sock.into(), guard))
+}
+
+/// Removes a Unix socket file when the listener goes away, but only if the
+/// file is still the one we bound (another server may have replaced it).
+#[derive(Debug)]
+pub struct UnixPathGuard {
+    path: PathBuf,
+    ino: Option<(u64, u64)>,
+}
+
+impl UnixPathGuard {
+    fn new(path: PathBuf) -> Self {
+        let ino = std::fs::metadata(&path).ok().map(|m| (m.dev(), m.ino()));
+        UnixPathGuard { path, ino }
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+}
+
+impl Drop for UnixPathGuard {
+    fn drop(&mut self) {
+        let now = std::fs::metadata(&self.path)
+            .ok()
+            .map(|m| (m.dev(), m.ino()));
+        if now.is_some() && now == self.ino {
+            let _ = std::fs::remove_file(&self.path);
+        }
+    }
+}
+
+/// Sets the per-connection options on an accepted or connected TCP socket.
+pub fn tune_tcp(sock: SockRef<'_>, opts: &SockOpts) -> io::Result<()> {
+    if opts.nodelay {
+        sock.set_tcp_nodelay(true)?;
+    }
+    if let Some(idle) = opts.keepalive {
+        sock.set_tcp_keepalive(&TcpKeepalive::new().with_time(idle))?;
+    }
+    Ok(())
+}
+
+/// A connected stream of either kind, in blocking mode.
+#[derive(Debug)]
+pub enum Stream {
+    Tcp(TcpStream),
+    Unix(UnixStream),
+}
+
+/// Connects a TCP or Unix client with `opts`, trying each resolved address
+/// in turn. UDP endpoints are handled by [`connect_udp`].
+pub fn connect(endpoint: &Endpoint, opts: &SockOpts) -> Result<Stream, NetError> {
+    match endpoint {
+        Endpoint::Tcp(hp) => {
+            let mut last = None;
+            for addr in hp.resolve()? {
+                match connect_tcp_addr(addr, opts) {
+                    Ok(s) => return Ok(Stream::Tcp(s)),
+                    Err(e) => last = Some(e),
+                }
+            }
+            let e = last.unwrap_or_else(|| io::Error::other("no address"));
+            Err(match e.kind() {
+                io::ErrorKind::ConnectionRefused => NetError::Refused {
+                    endpoint: endpoint.clone(),
+                },
+                _ => NetError::io(endpoint, "connect", e),
+            })
+        }
+        Endpoint::Unix(path) => {
+            let sock = Socket::new(Domain::UNIX, Type::STREAM, None)
+                .map_err(|e| NetError::io(endpoint, "socket", e))?;
+            if let Some(n) = opts.rcvbuf {
+                let _ = sock.set_recv_buffer_size(n);
+            }
+            if let Some(n) = opts.sndbuf {
+                let _ = sock.set_send_buffer_size(n);
+            }
+            let addr =
+                SockAddr::unix(path).map_err(|e| NetError::io(endpoint, "socket path", e))?;
+            sock.connect(&addr).map_err(|e| match e.kind() {
+                io::ErrorKind::NotFound => NetError::UnixMissing(endpoint.clone()),
+                io::ErrorKind::ConnectionRefused => NetError::Refused {
+                    endpoint: endpoint.clone(),
+                },
+                _ => NetError::io(endpoint, "connect", e),
+            })?;
+            Ok(Stream::Unix(sock.into()))
+        }
+        Endpoint::Udp(_) => Err(NetError::io(
+            endpoint,
+            "connect",
+            io::Error::new(io::ErrorKind::InvalidInput, "UDP is not a stream"),
+        )),
+    }
+}
+
+fn connect_tcp_addr(addr: SocketAddr, opts: &SockOpts) -> io::Result<TcpStream> {
+    let sock = Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP))?;
+    // Buffer sizes must be set before connect to shape the window.
+    if let Some(n) = opts.rcvbuf {
+        sock.set_recv_buffer_size(n)?;
+    }
+    if let Some(n) = opts.sndbuf {
+        sock.set_send_buffer_size(n)?;
+    }
+    sock.connect(&addr.into())?;
+    tune_tcp(SockRef::from(&sock), opts)?;
+    Ok(sock.into())
+}
+
+/// A UDP socket connected to the server (the seeds' `cli.connect()`), so
+/// that `send`/`recv` talk to it alone and ICMP errors are reported.
+pub fn connect_udp(endpoint: &Endpoint, opts: &SockOpts) -> Result<UdpSocket, NetError> {
+    let Endpoint::Udp(hp) = endpoint else {
+        return Err(NetError::io(
+            endpoint,
+            "connect",
+            io::Error::new(io::ErrorKind::InvalidInput, "not a UDP endpoint"),
+        ));
+    };
+    let addr = first_addr(hp)?;
+    let local: SocketAddr = if addr.is_ipv6() {
+        "[::]:0".parse().expect("literal")
+    } else {
+        "0.0.0.0:0".parse().expect("literal")
+    };
+    let sock = new_socket(local, Type::DGRAM, Protocol::UDP, opts, endpoint)?;
+    sock.connect(&addr.into())
+        .map_err(|e| NetError::io(endpoint, "connect", e))?;
+    Ok(sock.into())
+}
+
+/// Bytes queued in this socket's kernel buffers: (send queue not yet
+/// acknowledged by the peer, receive queue not yet read). SIOCOUTQ and
+/// SIOCINQ; what the naive client reports when it stalls.
+pub fn queue_sizes(fd: std::os::fd::BorrowedFd<'_>) -> io::Result<(usize, usize)> {
+    use std::os::fd::AsRawFd;
+    let mut outq: libc::c_int = 0;
+    let mut inq: libc::c_int = 0;
+    // SAFETY: both ioctls write one c_int through a valid pointer to a live fd.
+    unsafe {
+        if libc::ioctl(fd.as_raw_fd(), libc::TIOCOUTQ, &mut outq) < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        if libc::ioctl(fd.as_raw_fd(), libc::FIONREAD, &mut inq) < 0 {
+            return Err(io::Error::last_os_error());
+        }
+    }
+    Ok((outq as usize, inq as usize))
+}
+
+impl Stream {
+    /// Half-close: tell the peer we will send nothing more (SHUT_WR).
+    pub fn shutdown_write(&self) -> io::Result<()> {
+        match self {
+            Stream::Tcp(s) => s.shutdown(std::net::Shutdown::Write),
+            Stream::Unix(s) => s.shutdown(std::net::Shutdown::Write),
+        }
+    }
+
+    /// A second handle to the same socket, for a second thread.
+    pub fn try_clone(&self) -> io::Result<Stream> {
+        Ok(match self {
+            Stream::Tcp(s) => Stream::Tcp(s.try_clone()?),
+            Stream::Unix(s) => Stream::Unix(s.try_clone()?),
+        })
+    }
+}
+
+impl std::os::fd::AsFd for Stream {
+    fn as_fd(&self) -> std::os::fd::BorrowedFd<'_> {
+        match self {
+            Stream::Tcp(s) => s.as_fd(),
+            Stream::Unix(s) => s.as_fd(),
+        }
+    }
+}
+
+impl io::Read for Stream {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        match self {
+            Stream::Tcp(s) => s.read(buf),
+            Stream::Unix(s) => s.read(buf),
+        }
+    }
+}
+
+impl io::Write for Stream {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        match self {
+            Stream::Tcp(s) => s.write(buf),
+            Stream::Unix(s) => s.write(buf),
+        }
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        Ok(())
+    }
+}

@@ -1,0 +1,118 @@
+//! `upcase serve`: listener setup, limits and shutdown shared by all models.
+//!
+//! The sequence is the same whatever the model: bind every listener (so that
+//! a port in use fails before anything is announced), print one
+//! `listening ENDPOINT` line per listener on stdout, then hand the bound
+//! sockets to the model, which waits for clients its own way. Every model
+//! relays bytes through [`crate::relay`] and stops on the same [`Shutdown`]
+//! signal.
+
+pub mod tasks;
+pub mod udp;
+
+use std::io::Write;
+use std::time::Duration;
+
+use anyhow::Context;
+
+use crate::addr::Endpoint;
+use crate::net::{self, Listener, SockOpts};
+use crate::transform::Mode;
+
+/// How the server waits for many clients at once.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, clap::ValueEnum)]
+pub enum Model {
+    /// A task per connection on tokio's multi-threaded runtime (lecture 3's
+    /// event loop, on every core).
+    #[default]
+    Async,
+}
+
+/// Everything `serve` needs, validated.
+#[derive(Debug, Clone)]
+pub struct Config {
+    pub listeners: Vec<Endpoint>,
+    pub model: Model,
+    pub sockopts: SockOpts,
+    /// Largest block read from a connection at once.
+    pub block: usize,
+    pub mode: Mode,
+    /// Connections served at once; more wait in the listen backlog.
+    pub max_conns: usize,
+    /// How long streams in progress may finish after SIGTERM/SIGINT.
+    pub drain_timeout: Duration,
+}
+
+/// The default listeners: the seeds' port, on loopback.
+pub fn default_listeners() -> Vec<Endpoint> {
+    vec![
+        "tcp://127.0.0.1:1060".parse().expect("literal"),
+        "udp://127.0.0.1:1060".parse().expect("literal"),
+    ]
+}
+
+/// Default for `--max-conns`: what the file descriptor limit allows, with
+/// room for listeners, logs and the runtime.
+pub fn default_max_conns() -> usize {
+    let (soft, _) = fd_limits();
+    (soft.saturating_sub(64) as usize).max(1)
+}
+
+/// Raises the soft file descriptor limit to the hard limit, so that
+/// `--max-conns` and not EMFILE bounds the connections. Returns the new limit.
+pub fn raise_fd_limit() -> u64 {
+    let (soft, hard) = fd_limits();
+    if soft < hard {
+        let lim = libc::rlimit {
+            rlim_cur: hard,
+            rlim_max: hard,
+        };
+        // SAFETY: setrlimit reads one valid rlimit struct.
+        if unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &lim) } == 0 {
+            return hard;
+        }
+    }
+    soft
+}
+
+fn fd_limits() -> (u64, u64) {
+    let mut lim = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit writes one rlimit struct through a valid pointer.
+    if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) } != 0 {
+        return (1024, 1024);
+    }
+    (lim.rlim_cur, lim.rlim_max)
+}
+
+/// Binds every listener, or fails naming the one that could not be bound.
+pub fn bind_all(config: &Config) -> anyhow::Result<Vec<Listener>> {
+    config
+        .listeners
+        .iter()
+        .map(|ep| net::bind(ep, &config.sockopts).map_err(anyhow::Error::from))
+        .collect()
+}
+
+/// Prints the `listening ENDPOINT` lines scripts wait for, and flushes them.
+pub fn announce(listeners: &[Listener]) -> anyhow::Result<()> {
+    let mut out = std::io::stdout().lock();
+    for l in listeners {
+        let ep = l.local_endpoint().context("reading the bound address")?;
+        writeln!(out, "listening {ep}").context("writing to stdout")?;
+        tracing::info!("listening on {ep}");
+    }
+    out.flush().context("writing to stdout")?;
+    Ok(())
+}
+
+/// Runs the server until SIGINT or SIGTERM.
+pub fn run(config: Config) -> anyhow::Result<()> {
+    let listeners = bind_all(&config)?;
+    announce(&listeners)?;
+    match config.model {
+        Model::Async => tasks::run(config, listeners),
+    }
+}

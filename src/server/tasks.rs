@@ -1,0 +1,236 @@
+//! The `async` model: a task per connection on tokio's multi-threaded
+//! runtime.
+//!
+//! This is lecture 3's asynchronous event loop grown up: each connection is
+//! written as the seed's simple loop (read a block, uppercase, send it all),
+//! and the runtime turns every wait into a yield to the event loop
+//! (epoll underneath), with one loop per core. A connection that does not
+//! read only parks its own task.
+//!
+//! Limits: a semaphore of `--max-conns` permits is taken before each
+//! accept, so beyond the limit new clients wait in the kernel's backlog.
+//! Shutdown: the first SIGINT/SIGTERM stops the accept loops and lets
+//! streams in progress finish for up to `--drain-timeout`; a second signal
+//! ends at once. Draining is complete when every permit is back.
+
+use std::io;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context;
+use socket2::SockRef;
+use tokio::net::{TcpListener, UnixListener};
+use tokio::sync::{Semaphore, watch};
+
+use super::{Config, udp};
+use crate::net::{self, Listener, SockOpts};
+use crate::relay::{ConnLog, relay_async};
+use crate::transform::Transformer;
+
+/// Where the server is in its life; sent to every loop on a watch channel.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Phase {
+    Running,
+    /// Stop accepting; let streams in progress finish.
+    Draining,
+    /// Stop everything now.
+    Stopping,
+}
+
+pub fn run(config: Config, listeners: Vec<Listener>) -> anyhow::Result<()> {
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .thread_name("upcase-worker")
+        .build()
+        .context("starting the tokio runtime")?;
+    let result = rt.block_on(serve(config, listeners));
+    // Connections still open after the drain are dropped (closed) here.
+    rt.shutdown_timeout(Duration::from_millis(200));
+    result
+}
+
+async fn serve(config: Config, listeners: Vec<Listener>) -> anyhow::Result<()> {
+    let (phase_tx, phase) = watch::channel(Phase::Running);
+    tokio::spawn(watch_signals(phase_tx)?);
+
+    let max = config
+        .max_conns
+        .min(Semaphore::MAX_PERMITS)
+        .min(u32::MAX as usize);
+    let permits = Arc::new(Semaphore::new(max));
+    let config = Arc::new(config);
+    for listener in listeners {
+        let ctx = Ctx {
+            config: config.clone(),
+            permits: permits.clone(),
+            phase: phase.clone(),
+        };
+        match listener {
+            Listener::Tcp(l) => {
+                l.set_nonblocking(true)?;
+                tokio::spawn(accept_loop(Accepting::Tcp(TcpListener::from_std(l)?), ctx));
+            }
+            Listener::Unix(l, guard) => {
+                l.set_nonblocking(true)?;
+                let l = UnixListener::from_std(l)?;
+                tokio::spawn(async move {
+                    accept_loop(Accepting::Unix(l), ctx).await;
+                    drop(guard); // removes the socket file once we stop accepting
+                });
+            }
+            Listener::Udp(u) => {
+                u.set_nonblocking(true)?;
+                let u = tokio::net::UdpSocket::from_std(u)?;
+                tokio::spawn(udp::serve(u, config.mode, phase.clone()));
+            }
+        }
+    }
+
+    let mut phase_rx = phase.clone();
+    let _ = phase_rx.wait_for(|p| *p != Phase::Running).await;
+    let open = max - permits.available_permits();
+    if open == 0 || *phase_rx.borrow() == Phase::Stopping {
+        tracing::info!("shutting down");
+        return Ok(());
+    }
+    tracing::info!(
+        "shutting down: {open} connection(s) may finish within {:?} (signal again to stop now)",
+        config.drain_timeout
+    );
+    tokio::select! {
+        _ = permits.acquire_many(max as u32) => tracing::info!("all connections finished"),
+        _ = tokio::time::sleep(config.drain_timeout) => {
+            let open = max - permits.available_permits();
+            tracing::warn!("drain timeout: closing {open} unfinished connection(s)");
+        }
+        _ = phase_rx.wait_for(|p| *p == Phase::Stopping) => {
+            let open = max - permits.available_permits();
+            tracing::warn!("second signal: closing {open} connection(s) now");
+        }
+    }
+    Ok(())
+}
+
+/// First SIGINT/SIGTERM: drain. Second: stop.
+fn watch_signals(
+    tx: watch::Sender<Phase>,
+) -> anyhow::Result<impl Future<Output = ()> + Send + 'static> {
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut term = signal(SignalKind::terminate()).context("installing SIGTERM handler")?;
+    let mut int = signal(SignalKind::interrupt()).context("installing SIGINT handler")?;
+    Ok(async move {
+        for next in [Phase::Draining, Phase::Stopping] {
+            tokio::select! {
+                _ = term.recv() => tracing::info!("SIGTERM received"),
+                _ = int.recv() => tracing::info!("SIGINT received"),
+            }
+            let _ = tx.send(next);
+        }
+    })
+}
+
+struct Ctx {
+    config: Arc<Config>,
+    permits: Arc<Semaphore>,
+    phase: watch::Receiver<Phase>,
+}
+
+enum Accepting {
+    Tcp(TcpListener),
+    Unix(UnixListener),
+}
+
+async fn accept_loop(listener: Accepting, ctx: Ctx) {
+    let mut stop = ctx.phase.clone();
+    let stopping = async move {
+        let _ = stop.wait_for(|p| *p != Phase::Running).await;
+    };
+    tokio::pin!(stopping);
+    loop {
+        let permit = match ctx.permits.clone().try_acquire_owned() {
+            Ok(p) => p,
+            Err(_) => {
+                tracing::warn!(
+                    "at --max-conns {}: new connections wait in the backlog",
+                    ctx.config.max_conns
+                );
+                tokio::select! {
+                    p = ctx.permits.clone().acquire_owned() => match p {
+                        Ok(p) => p,
+                        Err(_) => return,
+                    },
+                    _ = &mut stopping => return,
+                }
+            }
+        };
+        let accepted = tokio::select! {
+            r = accept(&listener) => r,
+            _ = &mut stopping => return,
+        };
+        match accepted {
+            Ok((conn, peer)) => {
+                let config = ctx.config.clone();
+                tokio::spawn(async move {
+                    handle(conn, peer, &config).await;
+                    drop(permit);
+                });
+            }
+            Err(e) => accept_error(e).await,
+        }
+    }
+}
+
+enum Conn {
+    Tcp(tokio::net::TcpStream),
+    Unix(tokio::net::UnixStream),
+}
+
+async fn accept(listener: &Accepting) -> io::Result<(Conn, String)> {
+    match listener {
+        Accepting::Tcp(l) => {
+            let (s, peer) = l.accept().await?;
+            Ok((
+                Conn::Tcp(s),
+                format!("tcp://{}", crate::addr::HostPort::from(peer)),
+            ))
+        }
+        Accepting::Unix(l) => {
+            let (s, _) = l.accept().await?;
+            // Unix clients are usually unnamed; name them by descriptor.
+            use std::os::fd::AsRawFd;
+            let name = format!("unix client (fd {})", s.as_raw_fd());
+            Ok((Conn::Unix(s), name))
+        }
+    }
+}
+
+/// Accept errors never end the loop. Running out of descriptors (EMFILE,
+/// ENFILE) or memory would repeat at once, so back off instead of spinning.
+async fn accept_error(e: io::Error) {
+    match e.raw_os_error() {
+        Some(libc::EMFILE | libc::ENFILE | libc::ENOBUFS | libc::ENOMEM) => {
+            tracing::warn!("accept: {e}; pausing accepts for 100 ms");
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        _ => tracing::debug!("accept: {e}"),
+    }
+}
+
+async fn handle(conn: Conn, peer: String, config: &Config) {
+    let mut log = ConnLog::new(peer);
+    let t = Transformer::new(config.mode);
+    let result = match conn {
+        Conn::Tcp(mut s) => {
+            tune(&s, &config.sockopts);
+            relay_async(&mut s, t, config.block, &mut log).await
+        }
+        Conn::Unix(mut s) => relay_async(&mut s, t, config.block, &mut log).await,
+    };
+    log.finish(&result);
+}
+
+fn tune(s: &tokio::net::TcpStream, opts: &SockOpts) {
+    if let Err(e) = net::tune_tcp(SockRef::from(s), opts) {
+        tracing::warn!("setting socket options: {e}");
+    }
+}
