@@ -87,8 +87,9 @@ pub struct ServeArgs {
     /// How the server waits for many clients at once.
     #[arg(long, value_enum, default_value_t = Model::Async)]
     pub model: Model,
-    /// Largest block read from a connection at once (the seeds use 1K).
-    #[arg(long, value_name = "SIZE", default_value = "64K", value_parser = units::parse_buffer_size)]
+    /// Largest block read from a connection at once (the seeds use 1K). Each
+    /// connection's buffer starts at 4K and grows to this while reads fill it.
+    #[arg(long, value_name = "SIZE", default_value = "256K", value_parser = units::parse_buffer_size)]
     pub block: usize,
     /// Connections served at once; more wait in the listen backlog
     /// [default: the open-file limit less 64].

@@ -1,6 +1,6 @@
 //! The connection contract every server model keeps.
 //!
-//! 1. Read one bounded block (never more than `block` bytes at a time).
+//! 1. Read one bounded block (never more than `--block` bytes at a time).
 //! 2. Transform it.
 //! 3. Write all of it back before reading again. While the client does not
 //!    read, that write waits, so the server stops reading from that client:
@@ -73,6 +73,42 @@ impl ConnLog {
     }
 }
 
+/// The block buffer of one connection. It starts small and doubles each
+/// time a read fills it, up to `--block`: an idle or chatty connection costs
+/// a few KiB, a bulk stream gets large reads (fewer system calls), and no
+/// connection ever holds more than one block.
+pub struct BlockBuf {
+    buf: Vec<u8>,
+    max: usize,
+}
+
+const FIRST_BLOCK: usize = 4096;
+
+impl BlockBuf {
+    pub fn new(max: usize) -> Self {
+        BlockBuf {
+            buf: vec![0u8; FIRST_BLOCK.min(max)],
+            max,
+        }
+    }
+
+    /// Where the next read goes.
+    #[inline]
+    pub fn space(&mut self) -> &mut [u8] {
+        &mut self.buf
+    }
+
+    /// The first `n` bytes just read; grows the buffer if they filled it.
+    #[inline]
+    pub fn filled(&mut self, n: usize) -> &mut [u8] {
+        if n == self.buf.len() && n < self.max {
+            // Grow after use: the bytes are still at the front.
+            self.buf.resize((n * 2).min(self.max), 0);
+        }
+        &mut self.buf[..n]
+    }
+}
+
 /// The contract on a blocking stream (`shutdown` is the stream's own
 /// half-close, which `std::io::Write` does not offer).
 pub fn relay_blocking<S: Read + Write>(
@@ -82,15 +118,15 @@ pub fn relay_blocking<S: Read + Write>(
     block: usize,
     log: &mut ConnLog,
 ) -> io::Result<()> {
-    let mut buf = vec![0u8; block];
+    let mut buf = BlockBuf::new(block);
     loop {
-        let n = match stream.read(&mut buf) {
+        let n = match stream.read(buf.space()) {
             Ok(0) => break,
             Ok(n) => n,
             Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
             Err(e) => return Err(e),
         };
-        stream.write_all(transform.push(&mut buf[..n]))?;
+        stream.write_all(transform.push(buf.filled(n)))?;
         log.add(n);
     }
     stream.write_all(transform.finish())?;
@@ -104,13 +140,13 @@ pub async fn relay_async<S: AsyncRead + AsyncWrite + Unpin>(
     block: usize,
     log: &mut ConnLog,
 ) -> io::Result<()> {
-    let mut buf = vec![0u8; block];
+    let mut buf = BlockBuf::new(block);
     loop {
-        let n = stream.read(&mut buf).await?;
+        let n = stream.read(buf.space()).await?;
         if n == 0 {
             break;
         }
-        stream.write_all(transform.push(&mut buf[..n])).await?;
+        stream.write_all(transform.push(buf.filled(n))).await?;
         log.add(n);
     }
     stream.write_all(transform.finish()).await?;

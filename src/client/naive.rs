@@ -53,6 +53,7 @@ pub fn run(cfg: &SendConfig, total: u64) -> anyhow::Result<Outcome> {
 
     let result = naive_exchange(&mut sock, total, &counters, &progress);
     counters.done.store(true, Ordering::Relaxed);
+    watchdog.thread().unpark();
     let _ = watchdog.join();
     progress.clear();
     let verifier = result.with_context(|| {
@@ -136,7 +137,7 @@ fn watch(counters: &Counters, probe: &Stream, total: u64, stall: Duration, json:
     let mut last = (u64::MAX, u64::MAX);
     let mut since = Instant::now();
     while !counters.done.load(Ordering::Relaxed) {
-        thread::sleep(tick);
+        thread::park_timeout(tick);
         let now = (
             counters.sent.load(Ordering::Relaxed),
             counters.received.load(Ordering::Relaxed),

@@ -15,6 +15,7 @@
 
 use std::io;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
 use anyhow::Context;
@@ -59,11 +60,13 @@ async fn serve(config: Config, listeners: Vec<Listener>) -> anyhow::Result<()> {
         .min(u32::MAX as usize);
     let permits = Arc::new(Semaphore::new(max));
     let config = Arc::new(config);
+    let active = Arc::new(AtomicUsize::new(0));
     for listener in listeners {
         let ctx = Ctx {
             config: config.clone(),
             permits: permits.clone(),
             phase: phase.clone(),
+            active: active.clone(),
         };
         match listener {
             Listener::Tcp(l) => {
@@ -88,7 +91,9 @@ async fn serve(config: Config, listeners: Vec<Listener>) -> anyhow::Result<()> {
 
     let mut phase_rx = phase.clone();
     let _ = phase_rx.wait_for(|p| *p != Phase::Running).await;
-    let open = max - permits.available_permits();
+    // Accept loops hold a permit while they wait; once they see the phase
+    // change they give it back, so count connections by the spawned tasks.
+    let open = active.load(Ordering::Relaxed);
     if open == 0 || *phase_rx.borrow() == Phase::Stopping {
         tracing::info!("shutting down");
         return Ok(());
@@ -100,11 +105,11 @@ async fn serve(config: Config, listeners: Vec<Listener>) -> anyhow::Result<()> {
     tokio::select! {
         _ = permits.acquire_many(max as u32) => tracing::info!("all connections finished"),
         _ = tokio::time::sleep(config.drain_timeout) => {
-            let open = max - permits.available_permits();
+            let open = active.load(Ordering::Relaxed);
             tracing::warn!("drain timeout: closing {open} unfinished connection(s)");
         }
         _ = phase_rx.wait_for(|p| *p == Phase::Stopping) => {
-            let open = max - permits.available_permits();
+            let open = active.load(Ordering::Relaxed);
             tracing::warn!("second signal: closing {open} connection(s) now");
         }
     }
@@ -133,6 +138,8 @@ struct Ctx {
     config: Arc<Config>,
     permits: Arc<Semaphore>,
     phase: watch::Receiver<Phase>,
+    /// Connections being served, for the shutdown log.
+    active: Arc<AtomicUsize>,
 }
 
 enum Accepting {
@@ -170,8 +177,11 @@ async fn accept_loop(listener: Accepting, ctx: Ctx) {
         match accepted {
             Ok((conn, peer)) => {
                 let config = ctx.config.clone();
+                let active = ctx.active.clone();
+                active.fetch_add(1, Ordering::Relaxed);
                 tokio::spawn(async move {
                     handle(conn, peer, &config).await;
+                    active.fetch_sub(1, Ordering::Relaxed);
                     drop(permit);
                 });
             }
