@@ -64,7 +64,7 @@ pub enum NetError {
     #[error("{0}: cannot assign that address: it is not an address of this machine")]
     NotLocal(Endpoint),
     #[error(
-        "{endpoint}: Unix socket path is {len} bytes long, at most {max} fit: use a shorter path"
+        "{endpoint}: Unix socket path too long ({len} bytes, at most {max} fit): use a shorter path"
     )]
     UnixPathTooLong {
         endpoint: Endpoint,

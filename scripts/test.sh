@@ -1,0 +1,23 @@
+#!/usr/bin/env bash
+# Installs what the tests need on a fresh Debian machine, then runs them.
+# Used by newcomers (README) and by CI (.ci/run), so the two cannot drift.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+# Real peers the tests talk to: Python 3 (ports of the seeds), OpenBSD
+# netcat (nc -N), socat. Installed only when missing.
+need=()
+command -v python3 >/dev/null || need+=(python3)
+nc -h 2>&1 | grep -q -- '-N' || need+=(netcat-openbsd)
+command -v socat >/dev/null || need+=(socat)
+if ((${#need[@]})); then
+  echo "installing: ${need[*]}"
+  sudo=""
+  [ "$(id -u)" -eq 0 ] || sudo="sudo"
+  $sudo apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq "${need[@]}"
+fi
+
+# The tests stream gigabytes through the real binary; Cargo.toml builds the
+# dev/test profile optimised, so plain `cargo test` is fast enough.
+cargo test --all-targets "$@"

@@ -1,0 +1,248 @@
+//! Shared test helpers: start the real `upcase` binary and real peers, with
+//! every wait bounded so that a hang fails the test instead of the CI run.
+#![allow(dead_code)] // each test file uses a different part
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::sync::mpsc;
+use std::thread;
+use std::time::{Duration, Instant};
+
+pub const BIN: &str = env!("CARGO_BIN_EXE_upcase");
+
+pub fn upcase() -> Command {
+    Command::new(BIN)
+}
+
+pub fn peer(name: &str) -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/peers")
+        .join(name)
+}
+
+/// A unique path for a Unix socket in the system temp dir.
+pub fn sock_path(tag: &str) -> PathBuf {
+    use std::sync::atomic::{AtomicU32, Ordering};
+    static N: AtomicU32 = AtomicU32::new(0);
+    std::env::temp_dir().join(format!(
+        "upcase-test-{}-{}-{tag}.sock",
+        std::process::id(),
+        N.fetch_add(1, Ordering::Relaxed)
+    ))
+}
+
+/// A running `upcase serve`, killed on drop.
+pub struct Server {
+    pub child: Child,
+    /// The endpoints from its `listening ...` lines, in order.
+    pub endpoints: Vec<String>,
+    pub stderr: mpsc::Receiver<String>,
+}
+
+impl Server {
+    /// Starts `upcase serve ARGS` and waits (up to 10 s) for `listeners`
+    /// `listening` lines.
+    pub fn start(args: &[&str], listeners: usize) -> Server {
+        let mut child = upcase()
+            .arg("serve")
+            .args(args)
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("spawn upcase serve");
+        let stderr = lines_of(child.stderr.take().expect("stderr"));
+        let stdout = lines_of(child.stdout.take().expect("stdout"));
+        let mut endpoints = Vec::new();
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while endpoints.len() < listeners {
+            let left = deadline.saturating_duration_since(Instant::now());
+            match stdout.recv_timeout(left) {
+                Ok(line) => {
+                    let ep = line
+                        .strip_prefix("listening ")
+                        .unwrap_or_else(|| panic!("unexpected stdout line {line:?}"));
+                    endpoints.push(ep.to_string());
+                }
+                Err(_) => {
+                    let _ = child.kill();
+                    let err: Vec<String> = stderr.try_iter().collect();
+                    panic!("server did not announce {listeners} listeners: {err:?}");
+                }
+            }
+        }
+        Server {
+            child,
+            endpoints,
+            stderr,
+        }
+    }
+
+    pub fn addr(&self, i: usize) -> &str {
+        &self.endpoints[i]
+    }
+
+    /// The TCP `HOST:PORT` of listener `i` (without the scheme).
+    pub fn hostport(&self, i: usize) -> &str {
+        let ep = &self.endpoints[i];
+        ep.split_once("://").map_or(ep.as_str(), |(_, rest)| rest)
+    }
+
+    pub fn port(&self, i: usize) -> u16 {
+        self.hostport(i)
+            .rsplit(':')
+            .next()
+            .and_then(|p| p.parse().ok())
+            .expect("port")
+    }
+
+    pub fn pid(&self) -> i32 {
+        self.child.id() as i32
+    }
+
+    /// Sends `sig` and waits (up to `within`) for the exit status.
+    pub fn signal_and_wait(&mut self, sig: i32, within: Duration) -> ExitStatus {
+        // SAFETY: kill(2) on our own child's pid.
+        unsafe { libc::kill(self.pid(), sig) };
+        wait_deadline(&mut self.child, within).expect("server did not exit in time")
+    }
+
+    /// Everything the server logged so far.
+    pub fn logs(&self) -> String {
+        self.stderr.try_iter().collect::<Vec<_>>().join("\n")
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn lines_of(r: impl Read + Send + 'static) -> mpsc::Receiver<String> {
+    let (tx, rx) = mpsc::channel();
+    thread::spawn(move || {
+        for line in BufReader::new(r).lines() {
+            let Ok(line) = line else { break };
+            if tx.send(line).is_err() {
+                break;
+            }
+        }
+    });
+    rx
+}
+
+pub fn wait_deadline(child: &mut Child, within: Duration) -> Option<ExitStatus> {
+    let deadline = Instant::now() + within;
+    loop {
+        if let Some(status) = child.try_wait().expect("try_wait") {
+            return Some(status);
+        }
+        if Instant::now() >= deadline {
+            return None;
+        }
+        thread::sleep(Duration::from_millis(10));
+    }
+}
+
+/// What a finished command did.
+#[derive(Debug)]
+pub struct Run {
+    pub status: ExitStatus,
+    pub stdout: Vec<u8>,
+    pub stderr: String,
+    pub elapsed: Duration,
+}
+
+impl Run {
+    pub fn code(&self) -> i32 {
+        self.status.code().unwrap_or(-1)
+    }
+
+    pub fn out(&self) -> String {
+        String::from_utf8_lossy(&self.stdout).into_owned()
+    }
+
+    /// The value of a `key: value` summary line on stdout.
+    pub fn field(&self, key: &str) -> String {
+        let prefix = format!("{key}:");
+        self.out()
+            .lines()
+            .find_map(|l| l.strip_prefix(&prefix).map(|v| v.trim().to_string()))
+            .unwrap_or_else(|| panic!("no '{key}:' in {:?}", self.out()))
+    }
+
+    /// A summary field's leading number.
+    pub fn num(&self, key: &str) -> u64 {
+        self.field(key)
+            .split_whitespace()
+            .next()
+            .and_then(|n| n.parse().ok())
+            .unwrap_or_else(|| panic!("'{key}' is not a number in {:?}", self.out()))
+    }
+}
+
+/// Runs `cmd` with `stdin` as input, killing it (and failing) after `limit`.
+pub fn run(mut cmd: Command, stdin: &[u8], limit: Duration) -> Run {
+    let start = Instant::now();
+    let mut child = cmd
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap_or_else(|e| panic!("spawn {cmd:?}: {e}"));
+    let mut input = child.stdin.take().expect("stdin");
+    let data = stdin.to_vec();
+    let writer = thread::spawn(move || {
+        let _ = input.write_all(&data);
+    });
+    let mut out = child.stdout.take().expect("stdout");
+    let mut err = child.stderr.take().expect("stderr");
+    let out_t = thread::spawn(move || {
+        let mut v = Vec::new();
+        let _ = out.read_to_end(&mut v);
+        v
+    });
+    let err_t = thread::spawn(move || {
+        let mut s = String::new();
+        let _ = err.read_to_string(&mut s);
+        s
+    });
+    let Some(status) = wait_deadline(&mut child, limit) else {
+        let _ = child.kill();
+        let _ = child.wait();
+        panic!(
+            "{cmd:?} did not finish within {limit:?}; stderr: {}",
+            err_t.join().unwrap_or_default()
+        );
+    };
+    let _ = writer.join();
+    Run {
+        status,
+        stdout: out_t.join().expect("stdout thread"),
+        stderr: err_t.join().expect("stderr thread"),
+        elapsed: start.elapsed(),
+    }
+}
+
+/// `upcase ARGS` with `stdin`, bounded by `limit`.
+pub fn upcase_run(args: &[&str], stdin: &[u8], limit: Duration) -> Run {
+    let mut cmd = upcase();
+    cmd.args(args);
+    run(cmd, stdin, limit)
+}
+
+/// Fails with a clear message when a peer program is missing.
+pub fn require(program: &str, package: &str) {
+    let found = std::env::var_os("PATH")
+        .map(|p| std::env::split_paths(&p).any(|d| d.join(program).is_file()))
+        .unwrap_or(false);
+    assert!(
+        found,
+        "{program} is not installed: install {package} (scripts/test.sh does it)"
+    );
+}
+
+pub const SECS: fn(u64) -> Duration = Duration::from_secs;

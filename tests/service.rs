@@ -1,0 +1,370 @@
+//! The service end to end: the real `upcase` binary as server and client,
+//! over TCP (IPv4 and IPv6), UDP and Unix sockets on loopback.
+
+mod common;
+
+use std::io::{Read, Write};
+use std::net::TcpStream;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::thread;
+use std::time::Duration;
+
+use common::*;
+
+#[test]
+fn pipe_over_tcp_ipv4_ipv6_and_unix_with_several_listeners() {
+    let path = sock_path("multi");
+    let unix = format!("unix:{}", path.display());
+    let srv = Server::start(&["tcp://127.0.0.1:0", "[::1]:0", &unix], 3);
+    assert!(
+        srv.addr(0).starts_with("tcp://127.0.0.1:"),
+        "{:?}",
+        srv.endpoints
+    );
+    assert_ne!(srv.port(0), 0, "the real port is printed, not 0");
+    assert!(
+        srv.addr(1).starts_with("tcp://[::1]:"),
+        "{:?}",
+        srv.endpoints
+    );
+    assert_eq!(srv.addr(2), unix);
+    for ep in &srv.endpoints {
+        let r = upcase_run(&["send", ep], b"hello, World! 123\n", SECS(10));
+        assert_eq!(r.code(), 0, "{ep}: {}", r.stderr);
+        assert_eq!(r.out(), "HELLO, WORLD! 123\n", "{ep}");
+    }
+}
+
+#[test]
+fn pipe_preserves_every_byte_value_and_large_input() {
+    let srv = Server::start(&["tcp://127.0.0.1:0"], 1);
+    // 8 MiB of every byte value: far more than the kernel buffers hold, so a
+    // client that wrote before reading would deadlock.
+    let input: Vec<u8> = (0..8 << 20)
+        .map(|i: u32| (i.wrapping_mul(2_654_435_761) >> 13) as u8)
+        .collect();
+    let r = upcase_run(&["send", srv.addr(0)], &input, SECS(30));
+    assert_eq!(r.code(), 0, "{}", r.stderr);
+    let expect: Vec<u8> = input.iter().map(|b| b.to_ascii_uppercase()).collect();
+    assert!(
+        r.stdout == expect,
+        "reply differs from the uppercased input"
+    );
+}
+
+#[test]
+fn empty_input_gets_an_empty_reply() {
+    let srv = Server::start(&["tcp://127.0.0.1:0"], 1);
+    let r = upcase_run(&["send", srv.addr(0)], b"", SECS(10));
+    assert_eq!((r.code(), r.stdout.len()), (0, 0), "{}", r.stderr);
+}
+
+#[test]
+fn streams_one_gibibyte_verified() {
+    let srv = Server::start(&["tcp://127.0.0.1:0", "-q"], 1);
+    let r = upcase_run(&["send", srv.addr(0), "--bytes", "1G"], b"", SECS(120));
+    assert_eq!(r.code(), 0, "{}\n{}", r.out(), r.stderr);
+    assert_eq!(r.num("sent"), 1 << 30);
+    assert_eq!(r.num("received"), 1 << 30);
+    assert_eq!(r.num("wrong"), 0);
+    eprintln!("1 GiB: {} MB/s", r.field("MB/s"));
+}
+
+#[test]
+fn stream_json_summary_over_unix() {
+    let path = sock_path("json");
+    let unix = format!("unix:{}", path.display());
+    let srv = Server::start(&[&unix], 1);
+    let r = upcase_run(
+        &["send", srv.addr(0), "--bytes", "3M", "--json"],
+        b"",
+        SECS(30),
+    );
+    assert_eq!(r.code(), 0, "{}", r.stderr);
+    let v: serde_json::Value = serde_json::from_slice(&r.stdout).expect("one JSON object");
+    assert_eq!(v["sent"], 3 << 20);
+    assert_eq!(v["received"], 3 << 20);
+    assert_eq!(v["wrong"], 0);
+    assert!(v["mb_per_s"].as_f64().unwrap() > 0.0);
+}
+
+#[test]
+fn naive_client_small_size_completes() {
+    let srv = Server::start(&["tcp://127.0.0.1:0"], 1);
+    let r = upcase_run(
+        &["send", srv.addr(0), "--bytes", "32", "--naive"],
+        b"",
+        SECS(10),
+    );
+    assert_eq!(r.code(), 0, "{}", r.stderr);
+    assert_eq!(
+        (r.num("sent"), r.num("received"), r.num("wrong")),
+        (32, 32, 0)
+    );
+    assert!(
+        r.stderr.contains("CAPITALIZE THIS!CAPITALIZE THIS!"),
+        "{}",
+        r.stderr
+    );
+}
+
+#[test]
+fn naive_client_large_size_stalls_and_is_diagnosed() {
+    let srv = Server::start(&["tcp://127.0.0.1:0"], 1);
+    let r = upcase_run(
+        &[
+            "send",
+            srv.addr(0),
+            "--bytes",
+            "256M",
+            "--naive",
+            "--stall",
+            "1.5",
+        ],
+        b"",
+        SECS(60),
+    );
+    assert_eq!(r.code(), 3, "expected the stall exit code: {}", r.stderr);
+    assert!(r.stderr.contains("stalled"), "{}", r.stderr);
+    assert!(r.stderr.contains("nobody reads"), "{}", r.stderr);
+    let field = |k: &str| -> u64 {
+        r.stderr
+            .lines()
+            .find_map(|l| l.trim().strip_prefix(k))
+            .and_then(|v| v.split_whitespace().next())
+            .and_then(|n| n.parse().ok())
+            .unwrap_or_else(|| panic!("no {k} in {}", r.stderr))
+    };
+    let sent = field("bytes sent:");
+    assert!(sent > 0 && sent < 256 << 20, "sent {sent}");
+    assert_eq!(
+        field("bytes received:"),
+        0,
+        "the naive client reads nothing before the end"
+    );
+    // The kernel queues are what the diagnosis is about: ours hold data.
+    assert!(
+        field("send queue:") > 0 || field("receive queue:") > 0,
+        "{}",
+        r.stderr
+    );
+    // Well bounded: stall detection, not a hang.
+    assert!(r.elapsed < SECS(45), "took {:?}", r.elapsed);
+    // The server survives and serves the next client.
+    let ok = upcase_run(&["send", srv.addr(0)], b"still here", SECS(10));
+    assert_eq!(ok.out(), "STILL HERE");
+}
+
+#[test]
+fn a_client_that_never_reads_does_not_block_others() {
+    let srv = Server::start(&["tcp://127.0.0.1:0", "-q"], 1);
+    let hostport = srv.hostport(0).to_string();
+    let written = Arc::new(AtomicU64::new(0));
+    let hog = TcpStream::connect(&hostport).expect("connect hog");
+    {
+        let mut hog = hog.try_clone().expect("clone");
+        let written = written.clone();
+        // Writes up to 512 MiB and never reads; blocks once buffers fill.
+        thread::spawn(move || {
+            let block = vec![b'x'; 64 * 1024];
+            for _ in 0..8192 {
+                if hog.write_all(&block).is_err() {
+                    break;
+                }
+                written.fetch_add(block.len() as u64, Ordering::Relaxed);
+            }
+        });
+    }
+    // Wait until the hog is stuck: its count still for half a second.
+    let (mut last, mut still) = (u64::MAX, 0);
+    for _ in 0..200 {
+        thread::sleep(Duration::from_millis(50));
+        let now = written.load(Ordering::Relaxed);
+        still = if now == last { still + 1 } else { 0 };
+        last = now;
+        if still >= 10 {
+            break;
+        }
+    }
+    assert!(
+        still >= 10,
+        "the hog never got stuck: the server keeps reading from it"
+    );
+
+    let r = upcase_run(&["send", srv.addr(0), "--bytes", "64M"], b"", SECS(60));
+    assert_eq!(
+        r.code(),
+        0,
+        "second client failed while the hog hung on: {}",
+        r.stderr
+    );
+    assert_eq!(r.num("received"), 64 << 20);
+
+    // Backpressure, not buffering: the server's memory stays small.
+    let rss_kb = rss_kib(srv.pid());
+    assert!(
+        rss_kb < 64 * 1024,
+        "server RSS {rss_kb} KiB while a client never reads"
+    );
+    // Only kernel buffers (a few MB, autotuned) ever took the hog's bytes.
+    let hog_total = written.load(Ordering::Relaxed);
+    assert!(
+        hog_total < 128 << 20,
+        "the server took {hog_total} bytes from a client that never reads"
+    );
+    drop(hog);
+}
+
+fn rss_kib(pid: i32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).expect("status");
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.split_whitespace().next())
+        .and_then(|n| n.parse().ok())
+        .expect("VmRSS")
+}
+
+#[test]
+fn half_close_gets_the_whole_reply_then_eof() {
+    let srv = Server::start(&["tcp://127.0.0.1:0"], 1);
+    let mut s = TcpStream::connect(srv.hostport(0)).expect("connect");
+    s.set_read_timeout(Some(SECS(10))).unwrap();
+    let msg = b"capitalize this!".repeat(10_000);
+    s.write_all(&msg).unwrap();
+    s.shutdown(std::net::Shutdown::Write).unwrap();
+    let mut reply = Vec::new();
+    s.read_to_end(&mut reply).expect("read to EOF");
+    assert_eq!(reply, b"CAPITALIZE THIS!".repeat(10_000));
+}
+
+#[test]
+fn udp_lines_and_verified_datagrams() {
+    let srv = Server::start(&["udp://127.0.0.1:0", "udp://[::1]:0"], 2);
+    for ep in &srv.endpoints {
+        let r = upcase_run(&["send", ep], b"one\ntwo words\n\nlast", SECS(10));
+        assert_eq!(r.code(), 0, "{}", r.stderr);
+        assert_eq!(r.out(), "ONE\nTWO WORDS\n\nLAST\n");
+    }
+    let r = upcase_run(
+        &["send", srv.addr(0), "--bytes", "1M", "--size", "4K"],
+        b"",
+        SECS(60),
+    );
+    assert_eq!(r.code(), 0, "{}\n{}", r.out(), r.stderr);
+    assert_eq!(r.num("sent"), 256);
+    assert_eq!(r.num("answered"), 256);
+    assert_eq!((r.num("lost"), r.num("wrong")), (0, 0));
+    // The largest datagram there is.
+    let r = upcase_run(
+        &[
+            "send",
+            srv.addr(0),
+            "--bytes",
+            "65507",
+            "--size",
+            "65507",
+            "--json",
+        ],
+        b"",
+        SECS(10),
+    );
+    assert_eq!(r.code(), 0, "{}", r.stderr);
+    let v: serde_json::Value = serde_json::from_slice(&r.stdout).unwrap();
+    assert_eq!(
+        (v["answered"].as_u64(), v["lost"].as_u64()),
+        (Some(1), Some(0))
+    );
+}
+
+#[test]
+fn udp_without_a_server_is_reported() {
+    // Bind a UDP port and close it, so that nothing listens there.
+    let port = std::net::UdpSocket::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let ep = format!("udp://127.0.0.1:{port}");
+    let r = upcase_run(
+        &["send", &ep, "--timeout", "50ms", "--retries", "1"],
+        b"hi\n",
+        SECS(10),
+    );
+    assert_ne!(r.code(), 0);
+    assert!(
+        r.stderr.contains("refused") || r.stderr.contains("no reply"),
+        "{}",
+        r.stderr
+    );
+}
+
+#[test]
+fn chat_over_tcp_and_udp() {
+    let srv = Server::start(&["tcp://127.0.0.1:0", "udp://127.0.0.1:0"], 2);
+    for ep in &srv.endpoints {
+        let r = upcase_run(
+            &["chat", ep],
+            b"hello\nworld of sockets\n\nignored\n",
+            SECS(10),
+        );
+        assert_eq!(r.code(), 0, "{ep}: {}", r.stderr);
+        assert_eq!(
+            r.out(),
+            "Input: Output: HELLO\nInput: Output: WORLD OF SOCKETS\nInput: \n",
+            "{ep}"
+        );
+    }
+    // A reply longer than one recv(1024) is read whole.
+    let long = "x".repeat(5000);
+    let r = upcase_run(
+        &["chat", srv.addr(0)],
+        format!("{long}\n").as_bytes(),
+        SECS(10),
+    );
+    assert_eq!(
+        r.out(),
+        format!("Input: Output: {}\nInput: \n", long.to_uppercase())
+    );
+}
+
+#[test]
+fn sigterm_and_sigint_exit_zero_and_remove_the_unix_socket() {
+    for sig in [libc::SIGTERM, libc::SIGINT] {
+        let path = sock_path("term");
+        let unix = format!("unix:{}", path.display());
+        let mut srv = Server::start(&[&unix, "tcp://127.0.0.1:0"], 2);
+        assert!(path.exists());
+        let r = upcase_run(&["send", srv.addr(1)], b"x", SECS(10));
+        assert_eq!(r.out(), "X");
+        let status = srv.signal_and_wait(sig, SECS(10));
+        assert_eq!(status.code(), Some(0), "signal {sig}: {}", srv.logs());
+        assert!(!path.exists(), "socket file left behind");
+    }
+}
+
+#[test]
+fn unix_socket_stale_file_is_replaced_live_one_is_an_error() {
+    let path = sock_path("stale");
+    // A stale socket file: bound, then its listener gone.
+    drop(std::os::unix::net::UnixListener::bind(&path).unwrap());
+    assert!(path.exists());
+    let unix = format!("unix:{}", path.display());
+    let srv = Server::start(&[&unix], 1);
+    let r = upcase_run(&["send", &unix], b"abc", SECS(10));
+    assert_eq!(r.out(), "ABC");
+    // A second server on the same live socket refuses to steal it.
+    let r = upcase_run(&["serve", &unix], b"", SECS(10));
+    assert_eq!(r.code(), 1);
+    assert!(r.stderr.contains("already listening"), "{}", r.stderr);
+    drop(srv);
+}
+
+#[test]
+fn default_listeners_are_the_seeds_port() {
+    // Only checks the help text: port 1060 may be taken on a shared machine.
+    let r = upcase_run(&["serve", "--help"], b"", SECS(10));
+    assert!(r.out().contains("tcp://127.0.0.1:1060"), "{}", r.out());
+    assert!(r.out().contains("udp://127.0.0.1:1060"), "{}", r.out());
+}
