@@ -58,7 +58,7 @@ fn run_udp(cfg: &SendConfig) -> anyhow::Result<Outcome> {
                     Reply::Wrong
                 }
             })
-            .with_context(|| format!("udp request to {}", cfg.endpoint))?;
+            .map_err(|e| super::udp::request_error(cfg, e))?;
         match answer {
             Answer::Good(r) | Answer::Wrong(r) => output(&r)?,
             Answer::Lost => {

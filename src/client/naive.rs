@@ -183,10 +183,8 @@ fn print_stall(r: &StallReport, json: bool) {
         "  receive queue:  {} (this socket's kernel receive buffer, replies not yet read)",
         q(r.recv_queue)
     );
-    eprintln!(
-        "  why: this client writes everything before it reads anything. The server's replies \
-         filled our receive buffer and the server's send buffer, so the server stopped reading, \
-         so our send buffer filled too: both sides' buffers are full and nobody reads. \
-         Run without --naive to send and receive at once."
-    );
+    eprintln!("  why: this client writes everything before it reads anything. The server's");
+    eprintln!("       replies filled our receive buffer and its own send buffer, so it stopped");
+    eprintln!("       reading, so our send buffer filled too: both sides' buffers are full and");
+    eprintln!("       nobody reads. Without --naive, upcase sends and receives at once.");
 }

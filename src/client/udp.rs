@@ -174,7 +174,7 @@ pub fn send_lines(cfg: &SendConfig) -> anyhow::Result<Outcome> {
         let expect = transform::upper(&line);
         let answer = req
             .request(&line, |r| classify_line(r, &expect, &recent))
-            .with_context(|| format!("udp request to {}", cfg.endpoint))?;
+            .map_err(|e| request_error(cfg, e))?;
         match answer {
             Answer::Good(r) | Answer::Wrong(r) => {
                 out.write_all(&r).context("writing to stdout")?;
@@ -206,6 +206,18 @@ pub fn send_lines(cfg: &SendConfig) -> anyhow::Result<Outcome> {
         }
     }
     Ok(req.report.outcome())
+}
+
+/// A refused port (ICMP port unreachable) means no server listens there.
+pub fn request_error(cfg: &SendConfig, e: io::Error) -> anyhow::Error {
+    if e.kind() == io::ErrorKind::ConnectionRefused {
+        net::NetError::Refused {
+            endpoint: cfg.endpoint.clone(),
+        }
+        .into()
+    } else {
+        anyhow::Error::new(e).context(format!("udp request to {}", cfg.endpoint))
+    }
 }
 
 fn classify_line(reply: &[u8], expect: &[u8], recent: &[Vec<u8>]) -> Reply {
@@ -241,7 +253,7 @@ pub fn send_bytes(cfg: &SendConfig, total: u64) -> anyhow::Result<Outcome> {
                 Reply::Wrong
             }
         })
-        .with_context(|| format!("udp request to {}", cfg.endpoint))?;
+        .map_err(|e| request_error(cfg, e))?;
         offset += len as u64;
         seq += 1;
     }
