@@ -98,6 +98,10 @@ pub struct ServeArgs {
     /// After SIGTERM/SIGINT, how long streams in progress may finish.
     #[arg(long, value_name = "DURATION", default_value = "10s", value_parser = units::parse_duration)]
     pub drain_timeout: Duration,
+    /// Threads of the pool model, event loops of epoll, runtime threads of
+    /// async [default: pool 16, others one per core].
+    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u32).range(1..=4096))]
+    pub workers: Option<u32>,
     #[command(flatten)]
     pub listen: ListenOpts,
     #[command(flatten)]
@@ -259,7 +263,17 @@ impl ServeArgs {
                 .max_conns
                 .map_or_else(server::default_max_conns, |n| n as usize),
             drain_timeout: self.drain_timeout,
+            workers: self
+                .workers
+                .map_or_else(|| default_workers(self.model), |n| n as usize),
         }
+    }
+}
+
+fn default_workers(model: Model) -> usize {
+    match model {
+        Model::Pool => 16,
+        _ => std::thread::available_parallelism().map_or(1, |n| n.get()),
     }
 }
 

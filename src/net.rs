@@ -10,6 +10,7 @@
 
 use std::io;
 use std::net::{SocketAddr, TcpListener, TcpStream, UdpSocket};
+use std::os::fd::AsRawFd;
 use std::os::unix::fs::{FileTypeExt, MetadataExt};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
@@ -434,5 +435,73 @@ impl io::Write for Stream {
 
     fn flush(&mut self) -> io::Result<()> {
         Ok(())
+    }
+}
+
+impl Listener {
+    /// Accepts one TCP or Unix connection, with a name for the logs. The
+    /// accepted socket is blocking whatever the listener is (Linux does not
+    /// inherit O_NONBLOCK through accept).
+    pub fn accept(&self) -> io::Result<(Stream, String)> {
+        match self {
+            Listener::Tcp(l) => {
+                let (s, peer) = l.accept()?;
+                Ok((Stream::Tcp(s), format!("tcp://{}", HostPort::from(peer))))
+            }
+            Listener::Unix(l, _) => {
+                let (s, _) = l.accept()?;
+                let name = unix_peer_name(s.as_raw_fd());
+                Ok((Stream::Unix(s), name))
+            }
+            Listener::Udp(_) => Err(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                "accept on a UDP socket",
+            )),
+        }
+    }
+
+    pub fn is_stream(&self) -> bool {
+        !matches!(self, Listener::Udp(_))
+    }
+
+    pub fn set_nonblocking(&self, on: bool) -> io::Result<()> {
+        match self {
+            Listener::Tcp(l) => l.set_nonblocking(on),
+            Listener::Udp(u) => u.set_nonblocking(on),
+            Listener::Unix(l, _) => l.set_nonblocking(on),
+        }
+    }
+}
+
+/// Unix clients are usually unnamed: name them by their descriptor.
+pub fn unix_peer_name(fd: std::os::fd::RawFd) -> String {
+    format!("unix client (fd {fd})")
+}
+
+impl std::os::fd::AsFd for Listener {
+    fn as_fd(&self) -> std::os::fd::BorrowedFd<'_> {
+        match self {
+            Listener::Tcp(l) => l.as_fd(),
+            Listener::Udp(u) => u.as_fd(),
+            Listener::Unix(l, _) => l.as_fd(),
+        }
+    }
+}
+
+impl Stream {
+    pub fn set_nonblocking(&self, on: bool) -> io::Result<()> {
+        match self {
+            Stream::Tcp(s) => s.set_nonblocking(on),
+            Stream::Unix(s) => s.set_nonblocking(on),
+        }
+    }
+
+    /// Applies the per-connection options (TCP only).
+    pub fn tune(&self, opts: &SockOpts) {
+        if let Stream::Tcp(s) = self
+            && let Err(e) = tune_tcp(SockRef::from(s), opts)
+        {
+            tracing::warn!("setting socket options: {e}");
+        }
     }
 }

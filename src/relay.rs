@@ -152,3 +152,117 @@ pub async fn relay_async<S: AsyncRead + AsyncWrite + Unpin>(
     stream.write_all(transform.finish()).await?;
     stream.shutdown().await
 }
+
+/// What a non-blocking connection needs next.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Step {
+    /// Wait until the socket is readable.
+    WaitRead,
+    /// Wait until the socket is writable (output is pending).
+    WaitWrite,
+    /// Still ready, but this connection used its turn: come back soon.
+    Again,
+    /// Finished: the reply is sent and the write side shut down.
+    Done,
+}
+
+/// Reads per turn before a busy connection yields to the others.
+const TURN: usize = 16;
+
+/// The contract for readiness loops (`select`, `epoll`), as a state machine.
+///
+/// Reads go into a buffer the loop shares between all its connections; a
+/// connection keeps bytes of its own only when a write was partial, so an
+/// idle connection costs this struct and nothing more. While output is
+/// pending the connection asks for writability, not readability: it reads
+/// nothing more until the client has taken what it was sent.
+pub struct ReadyConn {
+    pending: Vec<u8>,
+    sent: usize,
+    eof: bool,
+    finished: bool,
+    transform: Transformer,
+    pub log: ConnLog,
+}
+
+impl ReadyConn {
+    pub fn new(transform: Transformer, log: ConnLog) -> Self {
+        ReadyConn {
+            pending: Vec::new(),
+            sent: 0,
+            eof: false,
+            finished: false,
+            transform,
+            log,
+        }
+    }
+
+    /// Makes as much progress as the socket allows, within one turn.
+    /// `shutdown` half-closes the socket's write side.
+    pub fn drive<S: Read + Write>(
+        &mut self,
+        s: &mut S,
+        scratch: &mut [u8],
+        shutdown: impl FnOnce(&S) -> io::Result<()>,
+    ) -> io::Result<Step> {
+        for _ in 0..TURN {
+            if !self.flush(s)? {
+                return Ok(Step::WaitWrite);
+            }
+            if self.eof {
+                if !self.finished {
+                    self.finished = true;
+                    self.pending.extend_from_slice(self.transform.finish());
+                    continue;
+                }
+                shutdown(s)?;
+                return Ok(Step::Done);
+            }
+            let n = match s.read(scratch) {
+                Ok(0) => {
+                    self.eof = true;
+                    continue;
+                }
+                Ok(n) => n,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(Step::WaitRead),
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                Err(e) => return Err(e),
+            };
+            self.log.add(n);
+            let out = self.transform.push(&mut scratch[..n]);
+            // Write straight from the shared buffer; keep only what is left.
+            let mut done = 0;
+            while done < out.len() {
+                match s.write(&out[done..]) {
+                    Ok(k) => done += k,
+                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
+                    Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                    Err(e) => return Err(e),
+                }
+            }
+            if done < out.len() {
+                self.pending.extend_from_slice(&out[done..]);
+                return Ok(Step::WaitWrite);
+            }
+        }
+        Ok(Step::Again)
+    }
+
+    /// Writes pending output; true when none is left.
+    fn flush<S: Write>(&mut self, s: &mut S) -> io::Result<bool> {
+        while self.sent < self.pending.len() {
+            match s.write(&self.pending[self.sent..]) {
+                Ok(k) => self.sent += k,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(false),
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                Err(e) => return Err(e),
+            }
+        }
+        if !self.pending.is_empty() {
+            // Give the memory back: most connections never need it again.
+            self.pending = Vec::new();
+            self.sent = 0;
+        }
+        Ok(true)
+    }
+}

@@ -7,7 +7,15 @@
 //! relays bytes through [`crate::relay`] and stops on the same [`Shutdown`]
 //! signal.
 
+pub mod blocking;
+pub mod epoll;
+pub mod fork;
+pub mod iterative;
+pub mod pool;
+pub mod select;
+pub mod shutdown;
 pub mod tasks;
+pub mod threads;
 pub mod udp;
 
 use std::io::Write;
@@ -22,10 +30,46 @@ use crate::transform::Mode;
 /// How the server waits for many clients at once.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, clap::ValueEnum)]
 pub enum Model {
+    /// One client at a time; the others wait in the backlog (tcp_deadlock.py).
+    Iterative,
+    /// A child process per connection (server-fork.py).
+    Fork,
+    /// A thread per connection (the seeds' ClientSocket thread).
+    Threads,
+    /// A fixed pool of --workers threads sharing the listeners (the seeds' pool).
+    Pool,
+    /// One thread, non-blocking sockets, one poll(2) loop (the select() server).
+    Select,
+    /// An epoll event loop (mio) per --workers, sharing the listeners.
+    Epoll,
     /// A task per connection on tokio's multi-threaded runtime (lecture 3's
     /// event loop, on every core).
     #[default]
     Async,
+}
+
+impl Model {
+    pub const ALL: [Model; 7] = [
+        Model::Iterative,
+        Model::Fork,
+        Model::Threads,
+        Model::Pool,
+        Model::Select,
+        Model::Epoll,
+        Model::Async,
+    ];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Model::Iterative => "iterative",
+            Model::Fork => "fork",
+            Model::Threads => "threads",
+            Model::Pool => "pool",
+            Model::Select => "select",
+            Model::Epoll => "epoll",
+            Model::Async => "async",
+        }
+    }
 }
 
 /// Everything `serve` needs, validated.
@@ -41,6 +85,8 @@ pub struct Config {
     pub max_conns: usize,
     /// How long streams in progress may finish after SIGTERM/SIGINT.
     pub drain_timeout: Duration,
+    /// Threads of the pool, event loops of epoll, runtime workers of async.
+    pub workers: usize,
 }
 
 /// The default listeners: the seeds' port, on loopback.
@@ -113,6 +159,12 @@ pub fn run(config: Config) -> anyhow::Result<()> {
     let listeners = bind_all(&config)?;
     announce(&listeners)?;
     match config.model {
+        Model::Iterative => iterative::run(config, listeners),
+        Model::Fork => fork::run(config, listeners),
+        Model::Threads => threads::run(config, listeners),
+        Model::Pool => pool::run(config, listeners),
+        Model::Select => select::run(config, listeners),
+        Model::Epoll => epoll::run(config, listeners),
         Model::Async => tasks::run(config, listeners),
     }
 }

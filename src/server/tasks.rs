@@ -40,6 +40,7 @@ pub enum Phase {
 
 pub fn run(config: Config, listeners: Vec<Listener>) -> anyhow::Result<()> {
     let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(config.workers.max(1))
         .enable_all()
         .thread_name("upcase-worker")
         .build()
@@ -206,9 +207,8 @@ async fn accept(listener: &Accepting) -> io::Result<(Conn, String)> {
         }
         Accepting::Unix(l) => {
             let (s, _) = l.accept().await?;
-            // Unix clients are usually unnamed; name them by descriptor.
             use std::os::fd::AsRawFd;
-            let name = format!("unix client (fd {})", s.as_raw_fd());
+            let name = net::unix_peer_name(s.as_raw_fd());
             Ok((Conn::Unix(s), name))
         }
     }

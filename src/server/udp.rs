@@ -63,3 +63,74 @@ async fn send(sock: &UdpSocket, data: &[u8], peer: std::net::SocketAddr) -> io::
     }
     Ok(())
 }
+
+/// Counters of one UDP listener outside tokio.
+#[derive(Debug, Default)]
+pub struct UdpCounters {
+    pub answered: u64,
+    pub failed: u64,
+}
+
+/// Answers the datagrams waiting on a non-blocking socket, at most `budget`
+/// of them; returns true if it stopped because none were left.
+pub fn answer_ready(
+    sock: &std::net::UdpSocket,
+    buf: &mut [u8],
+    mode: Mode,
+    counters: &mut UdpCounters,
+    budget: usize,
+) -> bool {
+    for _ in 0..budget {
+        let (n, peer) = match sock.recv_from(buf) {
+            Ok(x) => x,
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => return true,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+            Err(e) => {
+                counters.failed += 1;
+                tracing::debug!("udp receive: {e}");
+                continue;
+            }
+        };
+        let mut t = Transformer::new(mode);
+        let reply = t.push(&mut buf[..n]);
+        match sock.send_to(reply, peer) {
+            Ok(k) if k == reply.len() => counters.answered += 1,
+            Ok(k) => {
+                counters.failed += 1;
+                tracing::warn!("udp: reply to {peer} truncated to {k} bytes");
+            }
+            Err(e) => {
+                // A full send buffer (WouldBlock) drops the reply, as UDP may.
+                counters.failed += 1;
+                tracing::debug!("udp: reply to {peer} failed: {e}");
+            }
+        }
+    }
+    false
+}
+
+/// A UDP listener on a thread of its own, for the thread-based models:
+/// waits in poll(2) for a datagram or the shutdown broadcast.
+pub fn serve_blocking(
+    sock: std::net::UdpSocket,
+    mode: Mode,
+    shutdown: std::sync::Arc<super::shutdown::Shutdown>,
+) -> io::Result<()> {
+    use std::os::fd::AsFd;
+    sock.set_nonblocking(true)?;
+    let mut buf = vec![0u8; MAX_DATAGRAM + 1];
+    let mut counters = UdpCounters::default();
+    loop {
+        let ready = super::shutdown::wait_readable(&[sock.as_fd(), shutdown.fd()], None)?;
+        if ready[1] {
+            break;
+        }
+        answer_ready(&sock, &mut buf, mode, &mut counters, 64);
+    }
+    tracing::info!(
+        "udp: {} datagrams answered, {} failed",
+        counters.answered,
+        counters.failed
+    );
+    Ok(())
+}

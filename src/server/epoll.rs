@@ -1,0 +1,356 @@
+//! The `epoll` model: event loops on epoll (via mio), one per `--workers`
+//! (default: one per core), all watching the same listening sockets.
+//!
+//! This is the `select` model made to scale: epoll reports only the sockets
+//! that changed (edge-triggered), so a loop's cost follows the active
+//! connections, not all of them. Each loop owns its connections outright (no
+//! locks on the data path) and reads into one buffer it shares among them;
+//! a connection keeps bytes of its own only after a partial write (see
+//! [`ReadyConn`]), so an idle connection costs a few hundred bytes.
+//!
+//! Every loop registers every listener: a new client wakes the loops, one
+//! wins the accept and the others find nothing (on two cores, at most one
+//! wasted wake-up). The alternative, SO_REUSEPORT with a socket per loop,
+//! lets the kernel pin a client to a loop by hash, which can leave one loop
+//! idle while another is saturated; we chose sharing and measured it in
+//! docs/BENCHMARKS.md. UDP sockets are served by the first loop.
+//!
+//! `--max-conns` is counted across loops; at the limit a loop stops
+//! accepting and retries whenever one of its connections closes.
+
+use std::io::{self, Read, Write};
+use std::os::fd::AsRawFd;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::Duration;
+
+use anyhow::Context;
+use mio::net::{TcpListener, TcpStream, UnixListener, UnixStream};
+use mio::unix::SourceFd;
+use mio::{Events, Interest, Poll, Registry, Token};
+use slab::Slab;
+use socket2::SockRef;
+
+use super::Config;
+use super::shutdown::Shutdown;
+use super::udp::{MAX_DATAGRAM, UdpCounters, answer_ready};
+use crate::addr::HostPort;
+use crate::net::{self, Listener};
+use crate::relay::{ConnLog, ReadyConn, Step};
+use crate::transform::Transformer;
+
+const SHUTDOWN: Token = Token(usize::MAX - 1);
+const CONN_BASE: usize = 1 << 20;
+
+pub fn run(config: Config, listeners: Vec<Listener>) -> anyhow::Result<()> {
+    let shutdown = Shutdown::new().context("creating the shutdown pipe")?;
+    shutdown
+        .watch_signals(config.drain_timeout)
+        .context("installing signal handlers")?;
+    let config = Arc::new(config);
+    let total = Arc::new(AtomicUsize::new(0));
+    let loops = config.workers.max(1);
+    tracing::info!("{loops} event loop(s)");
+    let mut handles = Vec::new();
+    for id in 0..loops {
+        let mine = clone_for_loop(&listeners, id == 0).context("sharing the listeners")?;
+        let (config, shutdown, total) = (config.clone(), shutdown.clone(), total.clone());
+        let h = std::thread::Builder::new()
+            .name(format!("upcase-epoll-{id}"))
+            .spawn(move || {
+                if let Err(e) =
+                    EventLoop::new(mine, &config, &shutdown, &total).and_then(|l| l.run())
+                {
+                    tracing::error!("event loop {id} failed: {e}");
+                }
+            })
+            .context("starting the event loops")?;
+        handles.push(h);
+    }
+    for h in handles {
+        let _ = h.join();
+    }
+    // The listeners (and Unix socket files) go away only now.
+    drop(listeners);
+    tracing::info!("all connections finished");
+    Ok(())
+}
+
+enum Source {
+    Tcp(TcpListener),
+    Unix(UnixListener),
+    /// Kept as a std socket (registered by descriptor) so that the UDP
+    /// code is shared with the other models.
+    Udp(std::net::UdpSocket),
+}
+
+/// Each loop gets its own descriptors for the shared sockets (dup), in
+/// non-blocking mode; UDP only for the first loop.
+fn clone_for_loop(listeners: &[Listener], with_udp: bool) -> io::Result<Vec<Source>> {
+    let mut out = Vec::new();
+    for l in listeners {
+        match l {
+            Listener::Tcp(t) => {
+                let t = t.try_clone()?;
+                t.set_nonblocking(true)?;
+                out.push(Source::Tcp(TcpListener::from_std(t)));
+            }
+            Listener::Unix(u, _) => {
+                let u = u.try_clone()?;
+                u.set_nonblocking(true)?;
+                out.push(Source::Unix(UnixListener::from_std(u)));
+            }
+            Listener::Udp(u) if with_udp => {
+                let u = u.try_clone()?;
+                u.set_nonblocking(true)?;
+                out.push(Source::Udp(u));
+            }
+            Listener::Udp(_) => {}
+        }
+    }
+    Ok(out)
+}
+
+enum Sock {
+    Tcp(TcpStream),
+    Unix(UnixStream),
+}
+
+impl Read for Sock {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        match self {
+            Sock::Tcp(s) => s.read(buf),
+            Sock::Unix(s) => s.read(buf),
+        }
+    }
+}
+
+impl Write for Sock {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        match self {
+            Sock::Tcp(s) => s.write(buf),
+            Sock::Unix(s) => s.write(buf),
+        }
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        Ok(())
+    }
+}
+
+impl Sock {
+    fn shutdown_write(&self) -> io::Result<()> {
+        match self {
+            Sock::Tcp(s) => s.shutdown(std::net::Shutdown::Write),
+            Sock::Unix(s) => s.shutdown(std::net::Shutdown::Write),
+        }
+    }
+
+    fn register(&mut self, r: &Registry, t: Token) -> io::Result<()> {
+        let i = Interest::READABLE | Interest::WRITABLE;
+        match self {
+            Sock::Tcp(s) => r.register(s, t, i),
+            Sock::Unix(s) => r.register(s, t, i),
+        }
+    }
+}
+
+struct Conn {
+    sock: Sock,
+    conn: ReadyConn,
+}
+
+struct EventLoop<'a> {
+    poll: Poll,
+    sources: Vec<Source>,
+    conns: Slab<Conn>,
+    /// Connections that used their turn and are still ready.
+    again: Vec<usize>,
+    scratch: Vec<u8>,
+    udp_buf: Vec<u8>,
+    udp: UdpCounters,
+    config: &'a Config,
+    shutdown: &'a Shutdown,
+    total: &'a AtomicUsize,
+    draining: bool,
+    /// Stopped accepting at --max-conns.
+    paused: bool,
+}
+
+impl<'a> EventLoop<'a> {
+    fn new(
+        mut sources: Vec<Source>,
+        config: &'a Config,
+        shutdown: &'a Shutdown,
+        total: &'a AtomicUsize,
+    ) -> io::Result<Self> {
+        let poll = Poll::new()?;
+        for (i, s) in sources.iter_mut().enumerate() {
+            let (r, t) = (poll.registry(), Token(i));
+            match s {
+                Source::Tcp(l) => r.register(l, t, Interest::READABLE)?,
+                Source::Unix(l) => r.register(l, t, Interest::READABLE)?,
+                Source::Udp(u) => {
+                    r.register(&mut SourceFd(&u.as_raw_fd()), t, Interest::READABLE)?
+                }
+            }
+        }
+        let fd = shutdown.fd().as_raw_fd();
+        poll.registry()
+            .register(&mut SourceFd(&fd), SHUTDOWN, Interest::READABLE)?;
+        let udp_buf = if sources.iter().any(|s| matches!(s, Source::Udp(_))) {
+            vec![0u8; MAX_DATAGRAM + 1]
+        } else {
+            Vec::new()
+        };
+        Ok(EventLoop {
+            poll,
+            sources,
+            conns: Slab::new(),
+            again: Vec::new(),
+            scratch: vec![0u8; config.block],
+            udp_buf,
+            udp: UdpCounters::default(),
+            config,
+            shutdown,
+            total,
+            draining: false,
+            paused: false,
+        })
+    }
+
+    fn run(mut self) -> io::Result<()> {
+        let mut events = Events::with_capacity(1024);
+        loop {
+            if self.shutdown.is_draining() && !self.draining {
+                self.draining = true;
+                self.sources.clear();
+            }
+            if self.draining && self.conns.is_empty() {
+                break;
+            }
+            let timeout = (!self.again.is_empty()).then_some(Duration::ZERO);
+            match self.poll.poll(&mut events, timeout) {
+                Ok(()) => {}
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                Err(e) => return Err(e),
+            }
+            let again = std::mem::take(&mut self.again);
+            for ev in events.iter() {
+                match ev.token() {
+                    SHUTDOWN => {} // handled at the top of the loop
+                    Token(i) if i >= CONN_BASE => self.drive(i - CONN_BASE),
+                    Token(i) => self.source_ready(i),
+                }
+            }
+            for key in again {
+                self.drive(key);
+            }
+        }
+        if self.udp.answered + self.udp.failed > 0 {
+            tracing::info!(
+                "udp: {} datagrams answered, {} failed",
+                self.udp.answered,
+                self.udp.failed
+            );
+        }
+        Ok(())
+    }
+
+    fn source_ready(&mut self, i: usize) {
+        if self.draining || i >= self.sources.len() {
+            return;
+        }
+        if let Source::Udp(u) = &self.sources[i] {
+            // Edge-triggered: read until empty, or the next datagram would
+            // never be reported.
+            while !answer_ready(u, &mut self.udp_buf, self.config.mode, &mut self.udp, 64) {}
+            return;
+        }
+        self.accept_all(i);
+    }
+
+    /// Accepts until the listener is empty or the limit is reached.
+    fn accept_all(&mut self, i: usize) {
+        loop {
+            if self.total.load(Ordering::Relaxed) >= self.config.max_conns {
+                if !self.paused {
+                    self.paused = true;
+                    tracing::warn!(
+                        "at --max-conns {}: new connections wait in the backlog",
+                        self.config.max_conns
+                    );
+                }
+                return;
+            }
+            let accepted = match &self.sources[i] {
+                Source::Tcp(l) => l.accept().map(|(s, peer)| {
+                    let _ = net::tune_tcp(SockRef::from(&s), &self.config.sockopts);
+                    (Sock::Tcp(s), format!("tcp://{}", HostPort::from(peer)))
+                }),
+                Source::Unix(l) => l.accept().map(|(s, _)| {
+                    let name = net::unix_peer_name(s.as_raw_fd());
+                    (Sock::Unix(s), name)
+                }),
+                Source::Udp(_) => return,
+            };
+            let (mut sock, peer) = match accepted {
+                Ok(x) => x,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                Err(e) => {
+                    // EMFILE and friends: back off (this loop only).
+                    super::blocking::accept_error(&e);
+                    return;
+                }
+            };
+            let entry = self.conns.vacant_entry();
+            let key = entry.key();
+            if let Err(e) = sock.register(self.poll.registry(), Token(CONN_BASE + key)) {
+                tracing::warn!("{peer}: cannot register: {e}");
+                continue;
+            }
+            self.total.fetch_add(1, Ordering::Relaxed);
+            entry.insert(Conn {
+                sock,
+                conn: ReadyConn::new(Transformer::new(self.config.mode), ConnLog::new(peer)),
+            });
+            // Data may have arrived with the handshake: drive it now.
+            self.again.push(key);
+        }
+    }
+
+    fn drive(&mut self, key: usize) {
+        let Some(c) = self.conns.get_mut(key) else {
+            return; // closed earlier in this round
+        };
+        let result = c
+            .conn
+            .drive(&mut c.sock, &mut self.scratch, |s| s.shutdown_write());
+        match result {
+            Ok(Step::WaitRead | Step::WaitWrite) => {}
+            Ok(Step::Again) => self.again.push(key),
+            done => {
+                let c = self.conns.remove(key);
+                c.conn.log.finish(&done.map(|_| ()));
+                drop(c); // deregisters and closes
+                self.total.fetch_sub(1, Ordering::Relaxed);
+                self.resume_accepting();
+            }
+        }
+    }
+
+    /// A slot was freed: clients left waiting at the limit can come in now
+    /// (edge-triggered listeners will not report them again).
+    fn resume_accepting(&mut self) {
+        if self.draining || !self.paused {
+            return;
+        }
+        self.paused = false;
+        for i in 0..self.sources.len() {
+            if !matches!(self.sources[i], Source::Udp(_)) {
+                self.accept_all(i);
+            }
+        }
+    }
+}

@@ -1,0 +1,42 @@
+//! The `iterative` model: one client at a time (tcp_deadlock.py's server).
+//!
+//! ```python
+//! while True:
+//!     sc, sockname = s.accept()
+//!     while True:
+//!         message = sc.recv(1024)
+//!         if not message: break
+//!         sc.sendall(message.upper())
+//!     sc.close()
+//! ```
+//!
+//! The same loop, keeping the contract (bounded blocks, half-close at end
+//! of file). Other clients wait in the listen backlog until the current one
+//! is done: a client that never reads blocks everyone. That is the lesson of
+//! this model, so `--max-conns` means nothing here (it is always 1) and a
+//! drain simply lets the current client finish (within `--drain-timeout`).
+//! UDP listeners are answered on threads of their own.
+
+use anyhow::Context;
+
+use super::Config;
+use super::blocking;
+use super::shutdown::{Gauge, Shutdown, Slot, drain};
+use crate::net::Listener;
+
+pub fn run(config: Config, listeners: Vec<Listener>) -> anyhow::Result<()> {
+    let shutdown = Shutdown::new().context("creating the shutdown pipe")?;
+    shutdown
+        .watch_signals(config.drain_timeout)
+        .context("installing signal handlers")?;
+    let listeners = blocking::start(listeners, &config, &shutdown)?;
+    let gauge = Gauge::new(1);
+    while let Some((conn, peer)) = blocking::next_client(&listeners, &shutdown) {
+        if gauge.try_acquire() {
+            let _slot = Slot(gauge.clone());
+            blocking::serve(conn, peer, &config);
+        }
+    }
+    drain(&gauge, config.drain_timeout);
+    Ok(())
+}

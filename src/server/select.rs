@@ -1,0 +1,198 @@
+//! The `select` model: one thread, non-blocking sockets, one readiness loop
+//! (the seeds' select() server), using poll(2), which unlike select(2) is
+//! not limited to descriptors below 1024.
+//!
+//! ```python
+//! while True:
+//!     r, w, x = select.select([srv] + clisocks.keys(), [], [])
+//!     if srv in r: ...accept...
+//!     for conn in [i for i in r if i != srv]:
+//!         data = conn.recv(1024)
+//!         if data: conn.send(data.upper())
+//!         else: ...drop...
+//! ```
+//!
+//! The seed's `conn.send()` may send only part of the reply, and a blocking
+//! `sendall()` in its place would let one client that does not read stall
+//! the whole loop. Here each connection is a [`ReadyConn`]: what a write
+//! could not take waits in that connection's pending buffer, the loop waits
+//! for *writability* on it and stops reading it meanwhile, and everyone
+//! else goes on. A busy connection yields after a turn, so none starves the
+//! others. At `--max-conns` the listeners leave the poll set and new clients
+//! wait in the backlog.
+
+use std::io;
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd};
+
+use anyhow::Context;
+
+use super::Config;
+use super::shutdown::Shutdown;
+use super::udp::{MAX_DATAGRAM, UdpCounters, answer_ready};
+use crate::net::{Listener, Stream};
+use crate::relay::{ConnLog, ReadyConn, Step};
+use crate::transform::Transformer;
+
+struct Client {
+    sock: Stream,
+    conn: ReadyConn,
+    step: Step,
+}
+
+#[derive(Clone, Copy)]
+enum Slot {
+    Shutdown,
+    Listener(usize),
+    Client(usize),
+}
+
+pub fn run(config: Config, listeners: Vec<Listener>) -> anyhow::Result<()> {
+    let shutdown = Shutdown::new().context("creating the shutdown pipe")?;
+    shutdown
+        .watch_signals(config.drain_timeout)
+        .context("installing signal handlers")?;
+    for l in &listeners {
+        l.set_nonblocking(true)?;
+    }
+    let mut listeners = listeners;
+    let mut clients: Vec<Client> = Vec::new();
+    let mut scratch = vec![0u8; config.block];
+    let mut udp_buf = vec![0u8; MAX_DATAGRAM + 1];
+    let mut udp = UdpCounters::default();
+    let mut draining = false;
+
+    loop {
+        if shutdown.is_draining() && !draining {
+            draining = true;
+            listeners.clear(); // stop accepting; removes Unix socket files
+            if !clients.is_empty() {
+                tracing::info!(
+                    "shutting down: {} connection(s) may finish within {:?} (signal again to stop now)",
+                    clients.len(),
+                    config.drain_timeout
+                );
+            }
+        }
+        if draining && clients.is_empty() {
+            break;
+        }
+
+        // Build the interest set, as the seed builds its rlist.
+        let accepting = clients.len() < config.max_conns;
+        let mut pfds: Vec<libc::pollfd> = Vec::with_capacity(clients.len() + listeners.len() + 1);
+        let mut slots: Vec<Slot> = Vec::with_capacity(pfds.capacity());
+        let mut push = |fd: BorrowedFd<'_>, events: libc::c_short, slot: Slot| {
+            pfds.push(libc::pollfd {
+                fd: fd.as_raw_fd(),
+                events,
+                revents: 0,
+            });
+            slots.push(slot);
+        };
+        if !draining {
+            push(shutdown.fd(), libc::POLLIN, Slot::Shutdown);
+        }
+        for (i, l) in listeners.iter().enumerate() {
+            if accepting || !l.is_stream() {
+                push(l.as_fd(), libc::POLLIN, Slot::Listener(i));
+            }
+        }
+        let mut again = false;
+        for (i, c) in clients.iter().enumerate() {
+            match c.step {
+                Step::WaitRead => push(c.sock.as_fd(), libc::POLLIN, Slot::Client(i)),
+                Step::WaitWrite => push(c.sock.as_fd(), libc::POLLOUT, Slot::Client(i)),
+                Step::Again | Step::Done => again = true,
+            }
+        }
+        poll(&mut pfds, if again { 0 } else { -1 }).context("poll")?;
+
+        // Connections first (reverse order, so swap_remove keeps indices valid).
+        let mut ready: Vec<bool> = vec![false; clients.len()];
+        for (p, s) in pfds.iter().zip(&slots) {
+            if let (Slot::Client(i), true) = (s, p.revents != 0) {
+                ready[*i] = true;
+            }
+        }
+        for i in (0..clients.len()).rev() {
+            if !(ready[i] || clients[i].step == Step::Again) {
+                continue;
+            }
+            let c = &mut clients[i];
+            match c
+                .conn
+                .drive(&mut c.sock, &mut scratch, |s| s.shutdown_write())
+            {
+                Ok(Step::Done) => {
+                    c.conn.log.finish(&Ok(()));
+                    clients.swap_remove(i);
+                }
+                Ok(step) => c.step = step,
+                Err(e) => {
+                    c.conn.log.finish(&Err(e));
+                    clients.swap_remove(i);
+                }
+            }
+        }
+        for (p, s) in pfds.iter().zip(&slots) {
+            let Slot::Listener(i) = *s else { continue };
+            if p.revents == 0 {
+                continue;
+            }
+            match &listeners[i] {
+                Listener::Udp(u) => {
+                    answer_ready(u, &mut udp_buf, config.mode, &mut udp, 64);
+                }
+                l => accept_some(l, &mut clients, &config),
+            }
+        }
+    }
+    // The drain timeout is enforced by the signal thread, which exits.
+    tracing::info!("all connections finished");
+    tracing::info!(
+        "udp: {} datagrams answered, {} failed",
+        udp.answered,
+        udp.failed
+    );
+    Ok(())
+}
+
+/// Accepts the clients waiting on `l` (a few at a time, to stay fair).
+fn accept_some(l: &Listener, clients: &mut Vec<Client>, config: &Config) {
+    for _ in 0..64 {
+        if clients.len() >= config.max_conns {
+            return;
+        }
+        match l.accept() {
+            Ok((sock, peer)) => {
+                if let Err(e) = sock.set_nonblocking(true) {
+                    tracing::warn!("{peer}: {e}");
+                    continue;
+                }
+                sock.tune(&config.sockopts);
+                clients.push(Client {
+                    sock,
+                    conn: ReadyConn::new(Transformer::new(config.mode), ConnLog::new(peer)),
+                    // Data may already be waiting: drive it next round.
+                    step: Step::Again,
+                });
+            }
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => return,
+            Err(e) => return super::blocking::accept_error(&e),
+        }
+    }
+}
+
+fn poll(pfds: &mut [libc::pollfd], timeout_ms: i32) -> io::Result<usize> {
+    loop {
+        // SAFETY: pfds is a valid array of initialised pollfd of that length.
+        let r = unsafe { libc::poll(pfds.as_mut_ptr(), pfds.len() as libc::nfds_t, timeout_ms) };
+        if r >= 0 {
+            return Ok(r as usize);
+        }
+        let e = io::Error::last_os_error();
+        if e.kind() != io::ErrorKind::Interrupted {
+            return Err(e);
+        }
+    }
+}

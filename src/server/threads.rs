@@ -1,0 +1,55 @@
+//! The `threads` model: a thread per connection (the seeds' ClientSocket
+//! thread).
+//!
+//! ```python
+//! while True:
+//!     conn, addr = srv.accept()
+//!     ClientSocket(conn, addr).start()   # create the thread and forget it
+//! ```
+//!
+//! The seeds warn that a thread per client invites malicious behaviour: a
+//! client can make the server create threads without end. Here a slot of
+//! `--max-conns` is taken *before* accepting, so past the limit new clients
+//! wait in the kernel's backlog and the thread count stays bounded; each
+//! thread has a small stack, since it only runs the relay loop.
+
+use anyhow::Context;
+
+use super::Config;
+use super::blocking;
+use super::shutdown::{Gauge, Shutdown, Slot, drain};
+use crate::net::Listener;
+
+/// The relay loop needs little stack; 8 MiB each would waste address space.
+const STACK: usize = 256 * 1024;
+
+pub fn run(config: Config, listeners: Vec<Listener>) -> anyhow::Result<()> {
+    let shutdown = Shutdown::new().context("creating the shutdown pipe")?;
+    shutdown
+        .watch_signals(config.drain_timeout)
+        .context("installing signal handlers")?;
+    let listeners = blocking::start(listeners, &config, &shutdown)?;
+    let config = std::sync::Arc::new(config);
+    let gauge = Gauge::new(config.max_conns);
+    while gauge.acquire(&shutdown) {
+        let slot = Slot(gauge.clone());
+        let Some((conn, peer)) = blocking::next_client(&listeners, &shutdown) else {
+            break;
+        };
+        let cfg = config.clone();
+        let spawned = std::thread::Builder::new()
+            .name("upcase-conn".into())
+            .stack_size(STACK)
+            .spawn(move || {
+                let _slot = slot;
+                blocking::serve(conn, peer, &cfg);
+            });
+        if let Err(e) = spawned {
+            // The connection (moved into the failed closure) is closed.
+            tracing::warn!("cannot start a thread: {e}; pausing accepts for 100 ms");
+            std::thread::sleep(std::time::Duration::from_millis(100));
+        }
+    }
+    drain(&gauge, config.drain_timeout);
+    Ok(())
+}
