@@ -266,3 +266,116 @@ impl ReadyConn {
         Ok(true)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::transform::Mode;
+
+    /// An in-memory socket: reads come from `input` in chunks of `read_max`
+    /// (then WouldBlock until `closed`); writes take at most `room` bytes
+    /// before WouldBlock, and `room` is refilled by the test.
+    struct FakeSock {
+        input: Vec<u8>,
+        pos: usize,
+        read_max: usize,
+        closed: bool,
+        room: usize,
+        output: Vec<u8>,
+    }
+
+    impl Read for FakeSock {
+        fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+            let left = self.input.len() - self.pos;
+            if left == 0 {
+                return if self.closed {
+                    Ok(0)
+                } else {
+                    Err(io::ErrorKind::WouldBlock.into())
+                };
+            }
+            let n = left.min(buf.len()).min(self.read_max);
+            buf[..n].copy_from_slice(&self.input[self.pos..self.pos + n]);
+            self.pos += n;
+            Ok(n)
+        }
+    }
+
+    impl Write for FakeSock {
+        fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+            if self.room == 0 {
+                return Err(io::ErrorKind::WouldBlock.into());
+            }
+            let n = buf.len().min(self.room);
+            self.room -= n;
+            self.output.extend_from_slice(&buf[..n]);
+            Ok(n)
+        }
+        fn flush(&mut self) -> io::Result<()> {
+            Ok(())
+        }
+    }
+
+    fn conn() -> ReadyConn {
+        ReadyConn::new(Transformer::new(Mode::Ascii), ConnLog::new("test".into()))
+    }
+
+    #[test]
+    fn backpressure_stops_reading_until_the_peer_takes_output() {
+        let input: Vec<u8> = b"capitalize this!".repeat(4096); // 64 KiB
+        let mut s = FakeSock {
+            input: input.clone(),
+            pos: 0,
+            read_max: 1000,
+            closed: true,
+            room: 3000,
+            output: Vec::new(),
+        };
+        let mut c = conn();
+        let mut scratch = vec![0u8; 4096];
+        let mut rounds = 0;
+        loop {
+            let step = c.drive(&mut s, &mut scratch, |_| Ok(())).unwrap();
+            if step == Step::Done {
+                break;
+            }
+            if step == Step::WaitWrite {
+                // Never more read than written plus one block in flight.
+                assert!(s.pos <= s.output.len() + 1000 + c.pending.len());
+                assert!(c.pending.len() <= 1000, "pending is at most one block");
+                s.room = 3000; // the peer reads
+            }
+            rounds += 1;
+            assert!(rounds < 10_000, "no progress");
+        }
+        assert_eq!(s.output, crate::transform::upper(&input));
+    }
+
+    #[test]
+    fn half_close_after_everything_is_sent() {
+        let mut s = FakeSock {
+            input: b"abc".to_vec(),
+            pos: 0,
+            read_max: 2,
+            closed: false,
+            room: usize::MAX,
+            output: Vec::new(),
+        };
+        let mut c = conn();
+        let mut scratch = vec![0u8; 16];
+        let mut shut = false;
+        assert_eq!(
+            c.drive(&mut s, &mut scratch, |_| Ok(())).unwrap(),
+            Step::WaitRead
+        );
+        assert_eq!(s.output, b"ABC");
+        s.closed = true; // the client half-closes
+        let step = c
+            .drive(&mut s, &mut scratch, |_| {
+                shut = true;
+                Ok(())
+            })
+            .unwrap();
+        assert_eq!((step, shut), (Step::Done, true));
+    }
+}
