@@ -505,3 +505,51 @@ impl Stream {
         }
     }
 }
+
+/// A non-blocking stream registered with mio: what event loops (the `epoll`
+/// model, the load generator) hold.
+pub enum MioStream {
+    Tcp(mio::net::TcpStream),
+    Unix(mio::net::UnixStream),
+}
+
+impl io::Read for MioStream {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        match self {
+            MioStream::Tcp(s) => s.read(buf),
+            MioStream::Unix(s) => s.read(buf),
+        }
+    }
+}
+
+impl io::Write for MioStream {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        match self {
+            MioStream::Tcp(s) => s.write(buf),
+            MioStream::Unix(s) => s.write(buf),
+        }
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        Ok(())
+    }
+}
+
+impl MioStream {
+    pub fn shutdown_write(&self) -> io::Result<()> {
+        match self {
+            MioStream::Tcp(s) => s.shutdown(std::net::Shutdown::Write),
+            MioStream::Unix(s) => s.shutdown(std::net::Shutdown::Write),
+        }
+    }
+
+    /// Registers for both readiness kinds once (edge-triggered), so no
+    /// re-registration is ever needed.
+    pub fn register(&mut self, r: &mio::Registry, t: mio::Token) -> io::Result<()> {
+        let i = mio::Interest::READABLE | mio::Interest::WRITABLE;
+        match self {
+            MioStream::Tcp(s) => r.register(s, t, i),
+            MioStream::Unix(s) => r.register(s, t, i),
+        }
+    }
+}

@@ -18,16 +18,16 @@
 //! `--max-conns` is counted across loops; at the limit a loop stops
 //! accepting and retries whenever one of its connections closes.
 
-use std::io::{self, Read, Write};
+use std::io;
 use std::os::fd::AsRawFd;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
 use anyhow::Context;
-use mio::net::{TcpListener, TcpStream, UnixListener, UnixStream};
+use mio::net::{TcpListener, UnixListener};
 use mio::unix::SourceFd;
-use mio::{Events, Interest, Poll, Registry, Token};
+use mio::{Events, Interest, Poll, Token};
 use slab::Slab;
 use socket2::SockRef;
 
@@ -35,7 +35,7 @@ use super::Config;
 use super::shutdown::Shutdown;
 use super::udp::{MAX_DATAGRAM, UdpCounters, answer_ready};
 use crate::addr::HostPort;
-use crate::net::{self, Listener};
+use crate::net::{self, Listener, MioStream};
 use crate::relay::{ConnLog, ReadyConn, Step};
 use crate::transform::Transformer;
 
@@ -111,52 +111,8 @@ fn clone_for_loop(listeners: &[Listener], with_udp: bool) -> io::Result<Vec<Sour
     Ok(out)
 }
 
-enum Sock {
-    Tcp(TcpStream),
-    Unix(UnixStream),
-}
-
-impl Read for Sock {
-    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
-        match self {
-            Sock::Tcp(s) => s.read(buf),
-            Sock::Unix(s) => s.read(buf),
-        }
-    }
-}
-
-impl Write for Sock {
-    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
-        match self {
-            Sock::Tcp(s) => s.write(buf),
-            Sock::Unix(s) => s.write(buf),
-        }
-    }
-
-    fn flush(&mut self) -> io::Result<()> {
-        Ok(())
-    }
-}
-
-impl Sock {
-    fn shutdown_write(&self) -> io::Result<()> {
-        match self {
-            Sock::Tcp(s) => s.shutdown(std::net::Shutdown::Write),
-            Sock::Unix(s) => s.shutdown(std::net::Shutdown::Write),
-        }
-    }
-
-    fn register(&mut self, r: &Registry, t: Token) -> io::Result<()> {
-        let i = Interest::READABLE | Interest::WRITABLE;
-        match self {
-            Sock::Tcp(s) => r.register(s, t, i),
-            Sock::Unix(s) => r.register(s, t, i),
-        }
-    }
-}
-
 struct Conn {
-    sock: Sock,
+    sock: MioStream,
     conn: ReadyConn,
 }
 
@@ -239,12 +195,17 @@ impl<'a> EventLoop<'a> {
             for ev in events.iter() {
                 match ev.token() {
                     SHUTDOWN => {} // handled at the top of the loop
-                    Token(i) if i >= CONN_BASE => self.drive(i - CONN_BASE),
+                    Token(i) if i >= CONN_BASE => {
+                        // An event that reports the peer's end of file will
+                        // not come again: then read until EAGAIN or EOF.
+                        let trust = !(ev.is_read_closed() || ev.is_error());
+                        self.drive(i - CONN_BASE, trust)
+                    }
                     Token(i) => self.source_ready(i),
                 }
             }
             for key in again {
-                self.drive(key);
+                self.drive(key, false);
             }
         }
         if self.udp.answered + self.udp.failed > 0 {
@@ -286,11 +247,11 @@ impl<'a> EventLoop<'a> {
             let accepted = match &self.sources[i] {
                 Source::Tcp(l) => l.accept().map(|(s, peer)| {
                     let _ = net::tune_tcp(SockRef::from(&s), &self.config.sockopts);
-                    (Sock::Tcp(s), format!("tcp://{}", HostPort::from(peer)))
+                    (MioStream::Tcp(s), format!("tcp://{}", HostPort::from(peer)))
                 }),
                 Source::Unix(l) => l.accept().map(|(s, _)| {
                     let name = net::unix_peer_name(s.as_raw_fd());
-                    (Sock::Unix(s), name)
+                    (MioStream::Unix(s), name)
                 }),
                 Source::Udp(_) => return,
             };
@@ -320,13 +281,15 @@ impl<'a> EventLoop<'a> {
         }
     }
 
-    fn drive(&mut self, key: usize) {
+    fn drive(&mut self, key: usize, short_read_drains: bool) {
         let Some(c) = self.conns.get_mut(key) else {
             return; // closed earlier in this round
         };
         let result = c
             .conn
-            .drive(&mut c.sock, &mut self.scratch, |s| s.shutdown_write());
+            .drive(&mut c.sock, &mut self.scratch, short_read_drains, |s| {
+                s.shutdown_write()
+            });
         match result {
             Ok(Step::WaitRead | Step::WaitWrite) => {}
             Ok(Step::Again) => self.again.push(key),

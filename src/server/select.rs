@@ -18,7 +18,8 @@
 //! could not take waits in that connection's pending buffer, the loop waits
 //! for *writability* on it and stops reading it meanwhile, and everyone
 //! else goes on. A busy connection yields after a turn, so none starves the
-//! others. At `--max-conns` the listeners leave the poll set and new clients
+//! others. poll(2) is level-triggered, so a short read is taken to mean
+//! "nothing more for now" without asking again. At `--max-conns` the listeners leave the poll set and new clients
 //! wait in the backlog.
 
 use std::io;
@@ -121,7 +122,7 @@ pub fn run(config: Config, listeners: Vec<Listener>) -> anyhow::Result<()> {
             let c = &mut clients[i];
             match c
                 .conn
-                .drive(&mut c.sock, &mut scratch, |s| s.shutdown_write())
+                .drive(&mut c.sock, &mut scratch, true, |s| s.shutdown_write())
             {
                 Ok(Step::Done) => {
                     c.conn.log.finish(&Ok(()));
