@@ -10,6 +10,8 @@ use std::time::Duration;
 use clap::{Args, Parser, Subcommand};
 
 use crate::addr::Endpoint;
+use crate::bench::compare::CompareConfig;
+use crate::bench::{BenchConfig, Workload};
 use crate::client::{SendConfig, UdpRetry};
 use crate::net::SockOpts;
 use crate::server::{self, Model};
@@ -64,6 +66,7 @@ pub enum Command {
     Serve(ServeArgs),
     Send(SendArgs),
     Chat(ChatArgs),
+    Bench(BenchArgs),
 }
 
 /// Run the uppercase server.
@@ -319,4 +322,158 @@ impl ChatArgs {
             progress: false,
         }
     }
+}
+
+/// Load generator: measure a server (or compare all models) with verified replies.
+#[derive(Debug, Args)]
+#[command(
+    long_about = "Load generator: measure a server, verifying every reply.\n\n\
+Workloads (--mode): stream (each connection streams; MB/s), rr (request/response \
+on open connections; messages/s and latency percentiles), crr (connect, one \
+request/response, close; connections/s), udp (datagram request/response; \
+datagrams/s, loss, latency), hold (hold --conns idle connections while \
+--active connections run rr; with the server's pid, its memory per held \
+connection). A wrong byte is an error, never a faster number. Without --rate \
+the load is closed-loop; with --rate it is open-loop and latency counts from \
+each request's scheduled time (no coordinated omission).\n\n\
+Prints a line a second on stderr and a table on stdout (--json: one JSON object). \
+With --compare, starts `upcase serve --model M` for each model (and each \
+--server command) on port 0 and runs the same workloads against each.",
+    after_help = "EXAMPLES:\n  \
+upcase bench 127.0.0.1:1060 --mode stream --duration 5s\n  \
+upcase bench 127.0.0.1:1060 --mode rr --conns 50 --size 512\n  \
+upcase bench 127.0.0.1:1060 --mode rr --conns 50 --rate 50000\n  \
+upcase bench --compare --workloads stream,rr --duration 3s\n  \
+upcase bench --compare --models epoll,async --server 'python3 tests/peers/tcp_deadlock.py server 127.0.0.1 {port}'"
+)]
+pub struct BenchArgs {
+    /// Server address (not with --compare).
+    #[arg(value_name = "ADDR", required_unless_present = "compare")]
+    pub endpoint: Option<Endpoint>,
+    /// Workload.
+    #[arg(long, value_enum, default_value_t = Workload::Rr)]
+    pub mode: Workload,
+    /// Connections [default: stream 1, rr 50, crr 50, udp 1, hold 10000].
+    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u32).range(1..=1_000_000))]
+    pub conns: Option<u32>,
+    /// hold: connections that run rr while the others are held idle.
+    #[arg(long, value_name = "N", default_value_t = 10, value_parser = clap::value_parser!(u32).range(1..))]
+    pub active: u32,
+    /// How long each workload runs.
+    #[arg(long, value_name = "DURATION", default_value = "5s", value_parser = units::parse_positive_duration)]
+    pub duration: Duration,
+    /// Message size for rr, crr, udp and hold.
+    #[arg(long, value_name = "SIZE", default_value = "512", value_parser = parse_datagram_size)]
+    pub size: usize,
+    /// Total requests per second, open loop (rr, crr, udp, hold).
+    #[arg(long, value_name = "R")]
+    pub rate: Option<f64>,
+    /// Load-generator threads (each an event loop).
+    #[arg(long, value_name = "N", default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..=256))]
+    pub threads: u32,
+    /// udp: wait this long for a reply before counting it lost.
+    #[arg(long, value_name = "DURATION", default_value = "200ms", value_parser = units::parse_positive_duration)]
+    pub timeout: Duration,
+    /// The server's process id, to report its CPU and memory.
+    #[arg(long, value_name = "PID")]
+    pub server_pid: Option<i32>,
+    /// Print the result as JSON on stdout.
+    #[arg(long)]
+    pub json: bool,
+    /// No per-second lines on stderr.
+    #[arg(long)]
+    pub no_intervals: bool,
+    /// Compare server models side by side (and --server commands).
+    #[arg(long)]
+    pub compare: bool,
+    /// With --compare: models to run [default: all].
+    #[arg(long, value_enum, value_delimiter = ',', requires = "compare")]
+    pub models: Vec<Model>,
+    /// With --compare: an outside server, as 'COMMAND {port}' or 'NAME=COMMAND {port}'.
+    #[arg(long = "server", value_name = "COMMAND", requires = "compare")]
+    pub servers: Vec<String>,
+    /// With --compare: workloads to run, in order.
+    #[arg(
+        long,
+        value_enum,
+        value_delimiter = ',',
+        default_value = "stream,rr",
+        requires = "compare"
+    )]
+    pub workloads: Vec<Workload>,
+    /// With --compare: write compare.json and compare.svg here.
+    #[arg(long, value_name = "DIR", requires = "compare")]
+    pub out: Option<std::path::PathBuf>,
+    #[command(flatten)]
+    pub sock: SockArgs,
+}
+
+impl BenchArgs {
+    pub fn into_config(self) -> Result<BenchCommand, String> {
+        if let Some(r) = self.rate
+            && !(r.is_finite() && r > 0.0)
+        {
+            return Err(format!(
+                "--rate {r}: must be a positive number of requests per second"
+            ));
+        }
+        if self.rate.is_some() && self.mode == Workload::Stream && !self.compare {
+            return Err("--rate applies to rr, crr, udp and hold, not stream".into());
+        }
+        let endpoint = self
+            .endpoint
+            .clone()
+            .unwrap_or_else(|| "127.0.0.1:1".parse().expect("literal"));
+        let conns = self.conns.map(|n| n as usize);
+        let base = BenchConfig {
+            endpoint,
+            workload: self.mode,
+            conns: conns.unwrap_or_else(|| self.mode.default_conns()),
+            active: self.active as usize,
+            duration: self.duration,
+            size: self.size,
+            rate: self.rate,
+            threads: self.threads as usize,
+            timeout: self.timeout,
+            sockopts: self.sock.into_opts(),
+            server_pid: self.server_pid,
+            intervals: !self.no_intervals && !self.compare,
+        };
+        if !self.compare {
+            return Ok(BenchCommand::One(base, self.json));
+        }
+        let models = if self.models.is_empty() {
+            Model::ALL.to_vec()
+        } else {
+            self.models
+        };
+        let servers = self
+            .servers
+            .iter()
+            .map(|s| match s.split_once('=') {
+                Some((name, cmd)) if !name.contains(' ') => (name.to_string(), cmd.to_string()),
+                _ => (
+                    s.split_whitespace().next().unwrap_or("server").to_string(),
+                    s.clone(),
+                ),
+            })
+            .collect();
+        Ok(BenchCommand::Compare(
+            CompareConfig {
+                models,
+                servers,
+                workloads: self.workloads,
+                base,
+                conns,
+                out: self.out,
+            },
+            self.json,
+        ))
+    }
+}
+
+/// What `bench` was asked to do.
+pub enum BenchCommand {
+    One(BenchConfig, bool),
+    Compare(CompareConfig, bool),
 }

@@ -10,9 +10,11 @@
 //! - [`net`]: sockets, options, binding and connecting;
 //! - [`relay`]: the connection contract every server model keeps;
 //! - [`server`]: `upcase serve` and its models;
-//! - [`client`]: `upcase send` and `upcase chat`.
+//! - [`client`]: `upcase send` and `upcase chat`;
+//! - [`bench`]: `upcase bench`, the load generator and the model comparison.
 
 pub mod addr;
+pub mod bench;
 pub mod cli;
 pub mod client;
 pub mod net;

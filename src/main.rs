@@ -4,7 +4,8 @@ use std::io::IsTerminal;
 
 use clap::Parser;
 use tracing_subscriber::EnvFilter;
-use upcase::cli::{Cli, Command};
+use upcase::bench;
+use upcase::cli::{BenchCommand, Cli, Command};
 use upcase::client::{self, exit};
 use upcase::server;
 
@@ -21,6 +22,13 @@ fn main() {
             Err(msg) => usage_error(&msg),
         },
         Command::Chat(args) => client::chat::run(&args.into_config()).map(|o| o.exit_code()),
+        Command::Bench(args) => match args.into_config() {
+            Ok(cmd) => {
+                server::raise_fd_limit();
+                bench_main(cmd)
+            }
+            Err(msg) => usage_error(&msg),
+        },
     };
     let code = match result {
         Ok(code) => code,
@@ -30,6 +38,33 @@ fn main() {
         }
     };
     std::process::exit(code);
+}
+
+fn bench_main(cmd: BenchCommand) -> anyhow::Result<i32> {
+    let errors = match cmd {
+        BenchCommand::One(cfg, json) => {
+            let report = bench::run(&cfg)?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&report)?);
+            } else {
+                report.print();
+            }
+            report.errors
+        }
+        BenchCommand::Compare(cfg, json) => {
+            let rows = bench::compare::run(&cfg)?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&rows)?);
+            } else {
+                print!("{}", bench::compare::table(&rows, &cfg.workloads));
+            }
+            if let Some(dir) = &cfg.out {
+                bench::compare::write_out(dir, &rows, &cfg.workloads)?;
+            }
+            rows.iter().flat_map(|r| &r.reports).map(|r| r.errors).sum()
+        }
+    };
+    Ok(if errors > 0 { exit::MISMATCH } else { exit::OK })
 }
 
 fn usage_error(msg: &str) -> ! {

@@ -553,3 +553,45 @@ impl MioStream {
         }
     }
 }
+
+/// Starts a non-blocking connect for an event loop: TCP returns at once
+/// (the connection completes later; until then reads and writes say
+/// EAGAIN, and a refusal shows up as the first read or write error), so a
+/// server that never accepts cannot stall the caller. Unix connects, which
+/// complete or fail at once, are made directly.
+pub fn connect_nonblocking(endpoint: &Endpoint, opts: &SockOpts) -> Result<MioStream, NetError> {
+    match endpoint {
+        Endpoint::Tcp(hp) => {
+            let addr = first_addr(hp)?;
+            let io_err = |what, e| NetError::io(endpoint, what, e);
+            let sock = Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP))
+                .map_err(|e| io_err("socket", e))?;
+            sock.set_nonblocking(true)
+                .map_err(|e| io_err("O_NONBLOCK", e))?;
+            if let Some(n) = opts.rcvbuf {
+                sock.set_recv_buffer_size(n)
+                    .map_err(|e| io_err("SO_RCVBUF", e))?;
+            }
+            if let Some(n) = opts.sndbuf {
+                sock.set_send_buffer_size(n)
+                    .map_err(|e| io_err("SO_SNDBUF", e))?;
+            }
+            match sock.connect(&addr.into()) {
+                Ok(()) => {}
+                Err(e) if e.raw_os_error() == Some(libc::EINPROGRESS) => {}
+                Err(e) => return Err(io_err("connect", e)),
+            }
+            tune_tcp(SockRef::from(&sock), opts).map_err(|e| io_err("socket options", e))?;
+            Ok(MioStream::Tcp(mio::net::TcpStream::from_std(sock.into())))
+        }
+        _ => {
+            let s = connect(endpoint, opts)?;
+            s.set_nonblocking(true)
+                .map_err(|e| NetError::io(endpoint, "O_NONBLOCK", e))?;
+            Ok(match s {
+                Stream::Tcp(t) => MioStream::Tcp(mio::net::TcpStream::from_std(t)),
+                Stream::Unix(u) => MioStream::Unix(mio::net::UnixStream::from_std(u)),
+            })
+        }
+    }
+}

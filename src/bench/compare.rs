@@ -1,0 +1,279 @@
+//! `upcase bench --compare`: the same workloads against every server model
+//! (each started as `upcase serve --model M` on port 0) and against outside
+//! servers (`--server 'COMMAND {port}'`), one after the other, in one table.
+
+use std::io::{BufRead, BufReader};
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, bail};
+use serde::Serialize;
+
+use super::{BenchConfig, Report, Workload};
+use crate::addr::Endpoint;
+use crate::server::Model;
+
+#[derive(Debug, Clone)]
+pub struct CompareConfig {
+    pub models: Vec<Model>,
+    /// (name, command with `{port}`).
+    pub servers: Vec<(String, String)>,
+    pub workloads: Vec<Workload>,
+    /// Template for every run: duration, size, rate, threads, ...
+    pub base: BenchConfig,
+    /// Connections per workload; `None`: each workload's default.
+    pub conns: Option<usize>,
+    pub out: Option<PathBuf>,
+}
+
+/// One server's results.
+#[derive(Debug, Clone, Serialize)]
+pub struct Row {
+    pub server: String,
+    pub reports: Vec<Report>,
+}
+
+pub fn run(cfg: &CompareConfig) -> anyhow::Result<Vec<Row>> {
+    let mut rows = Vec::new();
+    let mut targets: Vec<(String, Target)> = cfg
+        .models
+        .iter()
+        .map(|m| (m.name().to_string(), Target::Model(*m)))
+        .collect();
+    targets.extend(
+        cfg.servers
+            .iter()
+            .map(|(name, cmd)| (name.clone(), Target::Command(cmd.clone()))),
+    );
+    for (name, target) in targets {
+        eprintln!("== {name}");
+        let server = Running::start(&target).with_context(|| format!("starting {name}"))?;
+        let mut reports = Vec::new();
+        for &w in &cfg.workloads {
+            let endpoint = match (w, &server.udp) {
+                (Workload::Udp, Some(u)) => u.clone(),
+                (Workload::Udp, None) => {
+                    eprintln!("   {name}: no UDP listener, skipping udp");
+                    continue;
+                }
+                _ => server.tcp.clone(),
+            };
+            let bc = BenchConfig {
+                endpoint,
+                workload: w,
+                conns: cfg.conns.unwrap_or_else(|| w.default_conns()),
+                server_pid: Some(server.pid()),
+                ..cfg.base.clone()
+            };
+            let r = super::run(&bc).with_context(|| format!("{name}: {}", w.name()))?;
+            eprintln!("   {}", summary(&r));
+            reports.push(r);
+        }
+        server.stop();
+        rows.push(Row {
+            server: name,
+            reports,
+        });
+    }
+    Ok(rows)
+}
+
+enum Target {
+    Model(Model),
+    Command(String),
+}
+
+struct Running {
+    child: Child,
+    tcp: Endpoint,
+    udp: Option<Endpoint>,
+}
+
+impl Running {
+    fn start(target: &Target) -> anyhow::Result<Running> {
+        match target {
+            Target::Model(m) => {
+                let exe = std::env::current_exe().context("finding the upcase binary")?;
+                let mut child = Command::new(exe)
+                    .args(["serve", "--model", m.name(), "-q"])
+                    .args(["tcp://127.0.0.1:0", "udp://127.0.0.1:0"])
+                    .stdin(Stdio::null())
+                    .stdout(Stdio::piped())
+                    .stderr(Stdio::inherit())
+                    .spawn()
+                    .context("spawning upcase serve")?;
+                let out = child.stdout.take().context("server stdout")?;
+                let mut lines = BufReader::new(out).lines();
+                let mut eps = Vec::new();
+                while eps.len() < 2 {
+                    let line = lines
+                        .next()
+                        .context("the server exited before listening")??;
+                    let ep = line
+                        .strip_prefix("listening ")
+                        .with_context(|| format!("unexpected server output {line:?}"))?;
+                    eps.push(ep.parse::<Endpoint>()?);
+                }
+                Ok(Running {
+                    child,
+                    tcp: eps[0].clone(),
+                    udp: Some(eps[1].clone()),
+                })
+            }
+            Target::Command(cmd) => {
+                let port = std::net::TcpListener::bind("127.0.0.1:0")?
+                    .local_addr()?
+                    .port();
+                let cmd = cmd.replace("{port}", &port.to_string());
+                let child = Command::new("sh")
+                    .args(["-c", &format!("exec {cmd}")])
+                    .stdin(Stdio::null())
+                    .stdout(Stdio::null())
+                    .stderr(Stdio::inherit())
+                    .spawn()
+                    .with_context(|| format!("spawning {cmd}"))?;
+                let tcp: Endpoint = format!("127.0.0.1:{port}").parse()?;
+                let deadline = Instant::now() + Duration::from_secs(10);
+                while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+                    if Instant::now() > deadline {
+                        bail!("{cmd} did not listen on port {port} within 10 s");
+                    }
+                    std::thread::sleep(Duration::from_millis(50));
+                }
+                Ok(Running {
+                    child,
+                    tcp,
+                    udp: None,
+                })
+            }
+        }
+    }
+
+    fn pid(&self) -> i32 {
+        self.child.id() as i32
+    }
+
+    fn stop(mut self) {
+        // SAFETY: signalling our own child.
+        unsafe { libc::kill(self.pid(), libc::SIGTERM) };
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while Instant::now() < deadline {
+            if let Ok(Some(_)) = self.child.try_wait() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn summary(r: &Report) -> String {
+    let p99 = r
+        .latency_us
+        .as_ref()
+        .map_or(String::new(), |l| format!(", p99 {:.0} us", l.p99));
+    format!(
+        "{}: {:.1} MB/s, {:.0} msg/s{p99}, errors {}",
+        r.workload.name(),
+        r.mb_per_s,
+        r.msgs_per_s,
+        r.errors
+    )
+}
+
+/// The side-by-side table (Markdown, so it pastes into docs as it is).
+pub fn table(rows: &[Row], workloads: &[Workload]) -> String {
+    let mut head = vec!["server".to_string()];
+    for w in workloads {
+        let n = w.name();
+        match w {
+            Workload::Stream => head.push(format!("{n} MB/s")),
+            Workload::Rr | Workload::Hold => {
+                head.push(format!("{n} msg/s"));
+                head.push(format!("{n} p99 us"));
+            }
+            Workload::Crr => {
+                head.push(format!("{n} conn/s"));
+                head.push(format!("{n} p99 us"));
+            }
+            Workload::Udp => {
+                head.push(format!("{n} dgram/s"));
+                head.push(format!("{n} lost"));
+            }
+        }
+        if *w == Workload::Hold {
+            head.push("hold B/conn".into());
+        }
+        head.push(format!("{n} srv cpu"));
+    }
+    let mut out = format!("| {} |\n|{}\n", head.join(" | "), "---|".repeat(head.len()));
+    for row in rows {
+        let mut cells = vec![row.server.clone()];
+        for w in workloads {
+            let r = row.reports.iter().find(|r| r.workload == *w);
+            let p99 = |r: &Report| {
+                r.latency_us
+                    .as_ref()
+                    .map_or("-".into(), |l| format!("{:.0}", l.p99))
+            };
+            let bad = |r: &Report, s: String| {
+                if r.errors > 0 {
+                    format!("{s} ({} errors)", r.errors)
+                } else {
+                    s
+                }
+            };
+            match (w, r) {
+                (_, None) => {
+                    let n = match w {
+                        Workload::Stream => 2,
+                        Workload::Hold => 4,
+                        _ => 3,
+                    };
+                    cells.extend(std::iter::repeat_n("-".to_string(), n));
+                    continue;
+                }
+                (Workload::Stream, Some(r)) => cells.push(bad(r, format!("{:.0}", r.mb_per_s))),
+                (Workload::Udp, Some(r)) => {
+                    cells.push(bad(r, format!("{:.0}", r.msgs_per_s)));
+                    cells.push(r.lost.to_string());
+                }
+                (_, Some(r)) => {
+                    cells.push(bad(r, format!("{:.0}", r.msgs_per_s)));
+                    cells.push(p99(r));
+                }
+            }
+            if let (Workload::Hold, Some(r)) = (w, r) {
+                cells.push(
+                    r.server_bytes_per_held_conn
+                        .map_or("-".into(), |b| format!("{b:.0}")),
+                );
+            }
+            cells.push(
+                r.and_then(|r| r.server_cpu)
+                    .map_or("-".into(), |c| format!("{c:.2}")),
+            );
+        }
+        out.push_str(&format!("| {} |\n", cells.join(" | ")));
+    }
+    out
+}
+
+/// Writes compare.json (and the table as compare.md) into `dir`.
+pub fn write_out(
+    dir: &std::path::Path,
+    rows: &[Row],
+    workloads: &[Workload],
+) -> anyhow::Result<()> {
+    std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    let json = dir.join("compare.json");
+    std::fs::write(&json, serde_json::to_string_pretty(rows)?)
+        .with_context(|| format!("writing {}", json.display()))?;
+    let md = dir.join("compare.md");
+    std::fs::write(&md, table(rows, workloads))
+        .with_context(|| format!("writing {}", md.display()))?;
+    eprintln!("wrote {} and {}", json.display(), md.display());
+    Ok(())
+}

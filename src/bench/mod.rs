@@ -1,0 +1,397 @@
+//! `upcase bench`: a load generator that verifies every reply.
+//!
+//! The workloads ([`Workload`]) run on `--threads` event loops
+//! ([`load`], [`udp`]); this module splits the connections among them,
+//! prints an interval line every second on stderr (as iperf3 does), and
+//! gathers one [`Report`]: throughput, latency percentiles from an
+//! hdrhistogram, the client's CPU use and, when the server's process is
+//! known, the server's CPU and memory. [`compare`] runs the same workloads
+//! against every server model side by side.
+
+pub mod compare;
+pub mod load;
+pub mod proc;
+pub mod udp;
+
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::{Duration, Instant};
+
+use anyhow::Context;
+use serde::Serialize;
+
+use crate::addr::Endpoint;
+use crate::net::SockOpts;
+use load::{Job, Live, ThreadResult};
+
+/// What the load generator does.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Workload {
+    /// Each connection streams without pause; MB/s.
+    Stream,
+    /// Request/response on open connections; messages/s and latency.
+    Rr,
+    /// Connect, one request/response, close; connections/s and latency.
+    Crr,
+    /// Datagram request/response; datagrams/s, loss and latency.
+    Udp,
+    /// Hold --conns idle connections while --active connections run rr.
+    Hold,
+}
+
+impl Workload {
+    pub fn name(self) -> &'static str {
+        match self {
+            Workload::Stream => "stream",
+            Workload::Rr => "rr",
+            Workload::Crr => "crr",
+            Workload::Udp => "udp",
+            Workload::Hold => "hold",
+        }
+    }
+
+    /// Connections used when none are given.
+    pub fn default_conns(self) -> usize {
+        match self {
+            Workload::Stream | Workload::Udp => 1,
+            Workload::Rr | Workload::Crr => 50,
+            Workload::Hold => 10_000,
+        }
+    }
+}
+
+/// Everything one bench run needs, validated.
+#[derive(Debug, Clone)]
+pub struct BenchConfig {
+    pub endpoint: Endpoint,
+    pub workload: Workload,
+    pub conns: usize,
+    /// hold: connections running rr while the others are held.
+    pub active: usize,
+    pub duration: Duration,
+    pub size: usize,
+    /// Total requests per second (open loop), or closed loop.
+    pub rate: Option<f64>,
+    pub threads: usize,
+    /// UDP: how long to wait for a reply before counting it lost.
+    pub timeout: Duration,
+    pub sockopts: SockOpts,
+    /// The server's process, for its CPU and memory (optional).
+    pub server_pid: Option<i32>,
+    /// Print a line a second on stderr.
+    pub intervals: bool,
+}
+
+/// Latency percentiles, in microseconds.
+#[derive(Debug, Clone, Serialize)]
+pub struct Latency {
+    pub p50: f64,
+    pub p90: f64,
+    pub p99: f64,
+    pub p999: f64,
+    pub max: f64,
+    pub mean: f64,
+}
+
+/// The result of one run.
+#[derive(Debug, Clone, Serialize)]
+pub struct Report {
+    pub workload: Workload,
+    pub endpoint: String,
+    pub conns: usize,
+    pub size: usize,
+    pub rate: Option<f64>,
+    pub seconds: f64,
+    pub bytes: u64,
+    pub messages: u64,
+    pub errors: u64,
+    pub lost: u64,
+    pub mb_per_s: f64,
+    pub msgs_per_s: f64,
+    /// stream: slowest and fastest connection, MB/s.
+    pub conn_mb_per_s_min: Option<f64>,
+    pub conn_mb_per_s_max: Option<f64>,
+    pub latency_us: Option<Latency>,
+    /// CPU time over wall time: 1.0 is one core busy.
+    pub client_cpu: f64,
+    pub server_cpu: Option<f64>,
+    /// hold: connections held idle, and the server's memory for each.
+    pub held: Option<usize>,
+    pub server_bytes_per_held_conn: Option<f64>,
+    pub first_error: Option<String>,
+}
+
+/// Runs one workload against one server.
+pub fn run(cfg: &BenchConfig) -> anyhow::Result<Report> {
+    if cfg.workload == Workload::Hold {
+        return hold(cfg);
+    }
+    let live = Arc::new(Live::default());
+    let threads = cfg.threads.clamp(1, cfg.conns.max(1));
+    let per_conn_rate = cfg.rate.map(|r| r / cfg.conns as f64);
+    let client_before = proc::self_cpu();
+    let server_before = cfg.server_pid.and_then(proc::cpu_seconds);
+    let start = Instant::now();
+    let deadline = start + cfg.duration;
+
+    let mut handles = Vec::new();
+    let mut first = 0;
+    for t in 0..threads {
+        let n = cfg.conns / threads + usize::from(t < cfg.conns % threads);
+        let job = Job {
+            workload: cfg.workload,
+            endpoint: cfg.endpoint.clone(),
+            sockopts: cfg.sockopts.clone(),
+            conns: n,
+            first,
+            total_conns: cfg.conns,
+            size: cfg.size,
+            per_conn_rate,
+            deadline,
+        };
+        first += n;
+        let (live, timeout) = (live.clone(), cfg.timeout);
+        let h = std::thread::Builder::new()
+            .name(format!("upcase-bench-{t}"))
+            .spawn(move || match job.workload {
+                Workload::Udp => udp::run(job, timeout, live),
+                _ => (load::run(job, live), 0),
+            })
+            .context("starting load threads")?;
+        handles.push(h);
+    }
+    if cfg.intervals {
+        intervals(&live, start, deadline, cfg.workload);
+    }
+    let mut results: Vec<(ThreadResult, u64)> = Vec::new();
+    for h in handles {
+        results.push(
+            h.join()
+                .map_err(|_| anyhow::anyhow!("a load thread panicked"))?,
+        );
+    }
+    // The measured span ends at the deadline, not after the graceful close.
+    let seconds = deadline
+        .min(Instant::now())
+        .duration_since(start)
+        .as_secs_f64();
+    let client_cpu = (proc::self_cpu() - client_before) / seconds;
+    let server_cpu = match (server_before, cfg.server_pid.and_then(proc::cpu_seconds)) {
+        (Some(a), Some(b)) => Some((b - a) / seconds),
+        _ => None,
+    };
+    Ok(summarise(cfg, results, seconds, client_cpu, server_cpu))
+}
+
+fn summarise(
+    cfg: &BenchConfig,
+    results: Vec<(ThreadResult, u64)>,
+    seconds: f64,
+    client_cpu: f64,
+    server_cpu: Option<f64>,
+) -> Report {
+    let mut hist = load::new_hist();
+    let (mut bytes, mut messages, mut errors, mut lost) = (0, 0, 0, 0);
+    let mut per_conn = Vec::new();
+    let mut first_error = None;
+    for (r, l) in results {
+        let _ = hist.add(&r.hist);
+        bytes += r.bytes;
+        messages += r.messages;
+        errors += r.errors;
+        lost += l;
+        per_conn.extend(r.per_conn);
+        if first_error.is_none() {
+            first_error = r.first_error;
+        }
+    }
+    let mbps = |b: u64| b as f64 / 1e6 / seconds;
+    let stream = cfg.workload == Workload::Stream;
+    let us = |ns: u64| ns as f64 / 1000.0;
+    let latency_us = (!stream && !hist.is_empty()).then(|| Latency {
+        p50: us(hist.value_at_quantile(0.50)),
+        p90: us(hist.value_at_quantile(0.90)),
+        p99: us(hist.value_at_quantile(0.99)),
+        p999: us(hist.value_at_quantile(0.999)),
+        max: us(hist.max()),
+        mean: hist.mean() / 1000.0,
+    });
+    Report {
+        workload: cfg.workload,
+        endpoint: cfg.endpoint.to_string(),
+        conns: cfg.conns,
+        size: cfg.size,
+        rate: cfg.rate,
+        seconds,
+        bytes,
+        messages,
+        errors,
+        lost,
+        mb_per_s: mbps(bytes),
+        msgs_per_s: messages as f64 / seconds,
+        conn_mb_per_s_min: stream
+            .then(|| per_conn.iter().copied().min().map(mbps))
+            .flatten(),
+        conn_mb_per_s_max: stream
+            .then(|| per_conn.iter().copied().max().map(mbps))
+            .flatten(),
+        latency_us,
+        client_cpu,
+        server_cpu,
+        held: None,
+        server_bytes_per_held_conn: None,
+        first_error,
+    }
+}
+
+/// One line a second on stderr, until the deadline.
+fn intervals(live: &Live, start: Instant, deadline: Instant, workload: Workload) {
+    let (mut last_b, mut last_m, mut last_t) = (0u64, 0u64, start);
+    while Instant::now() < deadline {
+        let next = (last_t + Duration::from_secs(1)).min(deadline);
+        std::thread::sleep(next.saturating_duration_since(Instant::now()));
+        let now = Instant::now();
+        let (b, m) = (
+            live.bytes.load(Ordering::Relaxed),
+            live.messages.load(Ordering::Relaxed),
+        );
+        let dt = now.duration_since(last_t).as_secs_f64().max(1e-9);
+        let t0 = last_t.duration_since(start).as_secs_f64();
+        let t1 = now.duration_since(start).as_secs_f64();
+        let errors = live.errors.load(Ordering::Relaxed);
+        match workload {
+            Workload::Stream => eprintln!(
+                "[{t0:5.1}-{t1:5.1} s] {:10.1} MB/s   errors {errors}",
+                (b - last_b) as f64 / 1e6 / dt
+            ),
+            _ => eprintln!(
+                "[{t0:5.1}-{t1:5.1} s] {:10.0} msg/s {:8.1} MB/s   errors {errors}",
+                (m - last_m) as f64 / dt,
+                (b - last_b) as f64 / 1e6 / dt
+            ),
+        }
+        (last_b, last_m, last_t) = (b, m, now);
+    }
+}
+
+/// Holds `conns` idle connections open, then runs rr on `active` others.
+fn hold(cfg: &BenchConfig) -> anyhow::Result<Report> {
+    let before = cfg.server_pid.and_then(proc::rss_bytes);
+    let held = open_idle(&cfg.endpoint, &cfg.sockopts, cfg.conns)?;
+    // Let the server accept them all before measuring its memory.
+    std::thread::sleep(Duration::from_millis(500));
+    let after = cfg.server_pid.and_then(proc::rss_bytes);
+    if cfg.intervals {
+        eprintln!("holding {} idle connections", held.len());
+    }
+    let rr = BenchConfig {
+        workload: Workload::Rr,
+        conns: cfg.active,
+        ..cfg.clone()
+    };
+    let mut report = run(&rr)?;
+    report.workload = Workload::Hold;
+    report.held = Some(held.len());
+    report.server_bytes_per_held_conn = match (before, after) {
+        (Some(b), Some(a)) if !held.is_empty() => {
+            Some(a.saturating_sub(b) as f64 / held.len() as f64)
+        }
+        _ => None,
+    };
+    drop(held);
+    Ok(report)
+}
+
+impl Report {
+    /// The final table on stdout.
+    pub fn print(&self) {
+        println!(
+            "workload:    {} ({} conns, {} B)",
+            self.workload.name(),
+            self.conns,
+            self.size
+        );
+        println!("endpoint:    {}", self.endpoint);
+        if let Some(r) = self.rate {
+            println!("rate:        {r:.0}/s (open loop)");
+        }
+        println!("seconds:     {:.2}", self.seconds);
+        println!("MB/s:        {:.1}", self.mb_per_s);
+        if let (Some(lo), Some(hi)) = (self.conn_mb_per_s_min, self.conn_mb_per_s_max) {
+            println!("per conn:    {lo:.1} .. {hi:.1} MB/s");
+        }
+        if self.workload != Workload::Stream {
+            println!("msgs/s:      {:.0}", self.msgs_per_s);
+        }
+        if let Some(l) = &self.latency_us {
+            println!(
+                "latency us:  p50 {:.1}  p90 {:.1}  p99 {:.1}  p99.9 {:.1}  max {:.1}",
+                l.p50, l.p90, l.p99, l.p999, l.max
+            );
+        }
+        if self.workload == Workload::Udp {
+            println!("lost:        {}", self.lost);
+        }
+        if let Some(h) = self.held {
+            println!("held:        {h} idle connections");
+        }
+        if let Some(b) = self.server_bytes_per_held_conn {
+            println!("server mem:  {b:.0} bytes per held connection");
+        }
+        println!("errors:      {}", self.errors);
+        print!("cpu:         client {:.2} cores", self.client_cpu);
+        match self.server_cpu {
+            Some(s) => println!(", server {s:.2} cores"),
+            None => println!(),
+        }
+        if let Some(e) = &self.first_error {
+            println!("first error: {e}");
+        }
+    }
+}
+
+/// Ephemeral ports per source address we use before moving to the next
+/// loopback address (Linux offers about 28,000 by default).
+const PORTS_PER_SOURCE: usize = 20_000;
+
+/// Opens `n` idle connections. Past [`PORTS_PER_SOURCE`] connections to an
+/// IPv4 loopback server, each further batch comes from the next loopback
+/// source address (127.0.0.2, 127.0.0.3, ...), so ephemeral ports never
+/// run out.
+pub fn open_idle(
+    endpoint: &Endpoint,
+    opts: &SockOpts,
+    n: usize,
+) -> anyhow::Result<Vec<std::net::TcpStream>> {
+    let Endpoint::Tcp(hp) = endpoint else {
+        anyhow::bail!("hold needs a TCP address");
+    };
+    let addr = hp.resolve()?[0];
+    let mut held = Vec::with_capacity(n);
+    for i in 0..n {
+        let sock = socket2::Socket::new(
+            socket2::Domain::for_address(addr),
+            socket2::Type::STREAM,
+            None,
+        )
+        .context("socket (is the open-file limit high enough? ulimit -n)")?;
+        if let std::net::IpAddr::V4(ip) = addr.ip()
+            && ip.is_loopback()
+            && i >= PORTS_PER_SOURCE
+        {
+            let k = (i / PORTS_PER_SOURCE) as u8;
+            let src = std::net::SocketAddr::from(([127, 0, 0, 1 + k], 0));
+            sock.bind(&src.into())
+                .with_context(|| format!("binding source address {src}"))?;
+        }
+        if let Some(b) = opts.rcvbuf {
+            let _ = sock.set_recv_buffer_size(b);
+        }
+        sock.connect(&addr.into()).with_context(|| {
+            format!("connecting idle connection {} of {n} to {endpoint}", i + 1)
+        })?;
+        held.push(sock.into());
+    }
+    Ok(held)
+}

@@ -1,0 +1,200 @@
+//! `upcase bench`: every workload against the real server, verification
+//! that catches a wrong server, and the side-by-side comparison.
+
+mod common;
+
+use std::process::{Command, Stdio};
+
+use common::*;
+
+fn bench_json(args: &[&str]) -> (Run, serde_json::Value) {
+    let mut all = vec!["bench", "--json", "--no-intervals"];
+    all.extend_from_slice(args);
+    let r = upcase_run(&all, b"", SECS(60));
+    let v = serde_json::from_slice(&r.stdout)
+        .unwrap_or_else(|e| panic!("{e}: {}\n{}", r.out(), r.stderr));
+    (r, v)
+}
+
+#[test]
+fn every_workload_runs_and_verifies() {
+    let srv = Server::start(&["-q", "tcp://127.0.0.1:0", "udp://127.0.0.1:0"], 2);
+    let pid = srv.pid().to_string();
+    for (mode, ep) in [
+        ("stream", srv.addr(0)),
+        ("rr", srv.addr(0)),
+        ("crr", srv.addr(0)),
+        ("udp", srv.addr(1)),
+    ] {
+        let (r, v) = bench_json(&[ep, "--mode", mode, "--duration", "1s", "--server-pid", &pid]);
+        assert_eq!(r.code(), 0, "{mode}: {}", r.stderr);
+        assert_eq!(v["errors"], 0, "{mode}: {v}");
+        assert!(v["bytes"].as_u64().unwrap() > 0, "{mode}: {v}");
+        if mode != "stream" {
+            assert!(v["messages"].as_u64().unwrap() > 0, "{mode}: {v}");
+            let lat = &v["latency_us"];
+            assert!(
+                lat["p50"].as_f64().unwrap() <= lat["p99"].as_f64().unwrap(),
+                "{v}"
+            );
+        }
+        assert!(
+            v["server_cpu"].as_f64().is_some(),
+            "{mode}: server CPU measured"
+        );
+    }
+}
+
+#[test]
+fn open_loop_rate_is_kept() {
+    let srv = Server::start(&["-q", "tcp://127.0.0.1:0"], 1);
+    let (r, v) = bench_json(&[
+        srv.addr(0),
+        "--mode",
+        "rr",
+        "--conns",
+        "4",
+        "--rate",
+        "2000",
+        "--duration",
+        "1s",
+    ]);
+    assert_eq!(r.code(), 0, "{}", r.stderr);
+    let n = v["messages"].as_u64().unwrap();
+    // 2000/s for one second: the schedule, not the server, sets the count.
+    assert!(
+        (1500..=2100).contains(&n),
+        "{n} messages at --rate 2000 for 1 s"
+    );
+}
+
+#[test]
+fn hold_reports_memory_per_held_connection() {
+    let srv = Server::start(&["-q", "--model", "epoll", "tcp://127.0.0.1:0"], 1);
+    let pid = srv.pid().to_string();
+    let (r, v) = bench_json(&[
+        srv.addr(0),
+        "--mode",
+        "hold",
+        "--conns",
+        "500",
+        "--active",
+        "2",
+        "--duration",
+        "1s",
+        "--server-pid",
+        &pid,
+    ]);
+    assert_eq!(r.code(), 0, "{}", r.stderr);
+    assert_eq!(v["held"], 500);
+    assert!(v["messages"].as_u64().unwrap() > 0);
+    assert!(v["server_bytes_per_held_conn"].as_f64().is_some(), "{v}");
+}
+
+/// Starts tests/peers/wrong_server.py in `mode` at byte `at`.
+fn wrong_server(mode: &str, at: u64) -> (std::process::Child, String) {
+    require("python3", "python3");
+    let mut child = Command::new("python3")
+        .arg(peer("wrong_server.py"))
+        .args(["127.0.0.1", "0", mode, &at.to_string()])
+        .stdout(Stdio::piped())
+        .spawn()
+        .expect("spawn wrong_server.py");
+    use std::io::BufRead;
+    let mut line = String::new();
+    std::io::BufReader::new(child.stdout.take().unwrap())
+        .read_line(&mut line)
+        .unwrap();
+    let port = line
+        .trim()
+        .trim_end_matches(')')
+        .rsplit(", ")
+        .next()
+        .unwrap()
+        .to_string();
+    (child, format!("127.0.0.1:{port}"))
+}
+
+#[test]
+fn a_wrong_byte_is_an_error_never_a_faster_number() {
+    let (mut child, ep) = wrong_server("wrong", 100_000);
+    let (r, v) = bench_json(&[&ep, "--mode", "stream", "--duration", "1s"]);
+    let send = upcase_run(&["send", &ep, "--bytes", "1M"], b"", SECS(30));
+    let _ = child.kill();
+    assert_eq!(r.code(), 4, "{}", r.stderr);
+    assert!(v["errors"].as_u64().unwrap() >= 1, "{v}");
+    assert!(
+        v["first_error"].as_str().unwrap().contains("wrong reply"),
+        "{v}"
+    );
+    assert_eq!(send.code(), 4, "{}", send.stderr);
+    assert_eq!(send.num("wrong"), 1);
+    assert!(
+        send.stderr.contains("first at offset 100000"),
+        "{}",
+        send.stderr
+    );
+}
+
+#[test]
+fn a_truncated_reply_is_reported() {
+    let (mut child, ep) = wrong_server("truncate", 5000);
+    let send = upcase_run(&["send", &ep, "--bytes", "1M"], b"", SECS(30));
+    let _ = child.kill();
+    // The server closed with our data unread, so its kernel reset the
+    // connection: an error (exit 1) that says how far the reply got.
+    assert_eq!(send.code(), 1, "{}", send.stderr);
+    assert!(send.stderr.contains("reset by peer"), "{}", send.stderr);
+    let got: u64 = send
+        .stderr
+        .split("received ")
+        .nth(1)
+        .and_then(|s| s.split_whitespace().next())
+        .and_then(|n| n.parse().ok())
+        .unwrap_or_else(|| panic!("no byte count in {}", send.stderr));
+    assert!(got <= 5000, "received {got} of a reply cut at 5000");
+
+    // A server that closes cleanly after part of the reply: incomplete (4).
+    let (mut child, ep) = wrong_server("short", 5000);
+    let r = upcase_run(&["send", &ep, "--bytes", "1M"], b"", SECS(30));
+    let _ = child.kill();
+    assert_eq!(r.code(), 4, "{}", r.stderr);
+    assert_eq!((r.num("sent"), r.num("received")), (1 << 20, 5000));
+    assert!(r.stderr.contains("incomplete"), "{}", r.stderr);
+}
+
+#[test]
+fn compare_two_models_and_write_the_results() {
+    let dir = std::env::temp_dir().join(format!("upcase-compare-{}", std::process::id()));
+    let r = upcase_run(
+        &[
+            "bench",
+            "--compare",
+            "--models",
+            "select,async",
+            "--workloads",
+            "stream,rr",
+            "--duration",
+            "1s",
+            "--out",
+            dir.to_str().unwrap(),
+        ],
+        b"",
+        SECS(120),
+    );
+    assert_eq!(r.code(), 0, "{}", r.stderr);
+    let table = r.out();
+    assert!(
+        table.contains("| select |") && table.contains("| async |"),
+        "{table}"
+    );
+    let rows: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(dir.join("compare.json")).unwrap()).unwrap();
+    assert_eq!(rows.as_array().unwrap().len(), 2);
+    for row in rows.as_array().unwrap() {
+        for rep in row["reports"].as_array().unwrap() {
+            assert_eq!(rep["errors"], 0, "{rep}");
+        }
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+}
