@@ -101,6 +101,11 @@ pub struct ServeArgs {
     /// After SIGTERM/SIGINT, how long streams in progress may finish.
     #[arg(long, value_name = "DURATION", default_value = "10s", value_parser = units::parse_duration)]
     pub drain_timeout: Duration,
+    /// Uppercase UTF-8 text fully, as Python's str.upper() (ß to SS, é to É),
+    /// also across block boundaries; invalid bytes pass through, or with
+    /// --utf8=strict end the connection with a logged error.
+    #[arg(long, value_enum, value_name = "STRICTNESS", num_args = 0..=1, require_equals = true, default_missing_value = "lenient")]
+    pub utf8: Option<Utf8Arg>,
     /// Threads of the pool model, event loops of epoll, runtime threads of
     /// async [default: pool 16, others one per core].
     #[arg(long, value_name = "N", value_parser = clap::value_parser!(u32).range(1..=4096))]
@@ -174,8 +179,12 @@ pub struct SendArgs {
     #[arg(long, value_name = "N", value_parser = units::parse_nonzero_size)]
     pub bytes: Option<u64>,
     /// The seeds' deadlocking client: write everything, then read.
-    #[arg(long, requires = "bytes")]
+    #[arg(long, requires = "bytes", conflicts_with = "utf8")]
     pub naive: bool,
+    /// The server runs --utf8: send UTF-8 text with --bytes (rounded up to
+    /// whole messages) and verify replies by the Unicode mapping.
+    #[arg(long, value_enum, value_name = "STRICTNESS", num_args = 0..=1, require_equals = true, default_missing_value = "lenient")]
+    pub utf8: Option<Utf8Arg>,
     /// With --naive: give up and diagnose after this long without progress.
     #[arg(long, value_name = "DURATION", default_value = "2", value_parser = units::parse_positive_duration)]
     pub stall: Duration,
@@ -217,10 +226,31 @@ pub struct ChatArgs {
     /// Server address.
     #[arg(value_name = "ADDR")]
     pub endpoint: Endpoint,
+    /// The server runs --utf8: expect Unicode-uppercased replies.
+    #[arg(long, value_enum, value_name = "STRICTNESS", num_args = 0..=1, require_equals = true, default_missing_value = "lenient")]
+    pub utf8: Option<Utf8Arg>,
     #[command(flatten)]
     pub udp: UdpArgs,
     #[command(flatten)]
     pub sock: SockArgs,
+}
+
+/// How strict `--utf8` is about invalid UTF-8.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum Utf8Arg {
+    /// Pass invalid bytes through unchanged.
+    Lenient,
+    /// Close the connection (log the offset) at the first invalid byte.
+    Strict,
+}
+
+fn mode_of(utf8: Option<Utf8Arg>) -> Mode {
+    match utf8 {
+        None => Mode::Ascii,
+        Some(u) => Mode::Utf8 {
+            strict: u == Utf8Arg::Strict,
+        },
+    }
 }
 
 fn parse_datagram_size(s: &str) -> Result<usize, String> {
@@ -261,7 +291,7 @@ impl ServeArgs {
             model: self.model,
             sockopts,
             block: self.block,
-            mode: Mode::Ascii,
+            mode: mode_of(self.utf8),
             max_conns: self
                 .max_conns
                 .map_or_else(server::default_max_conns, |n| n as usize),
@@ -304,6 +334,7 @@ impl SendArgs {
             udp: self.udp.into_retry(),
             json: self.json,
             progress: !self.no_progress,
+            mode: mode_of(self.utf8),
         })
     }
 }
@@ -320,6 +351,7 @@ impl ChatArgs {
             udp: self.udp.into_retry(),
             json: false,
             progress: false,
+            mode: mode_of(self.utf8),
         }
     }
 }
@@ -380,6 +412,11 @@ pub struct BenchArgs {
     /// Print the result as JSON on stdout.
     #[arg(long)]
     pub json: bool,
+    /// Send UTF-8 text and verify by the Unicode mapping (serve --utf8);
+    /// rr sizes round up to whole messages. With --compare, the models run
+    /// with --utf8 too.
+    #[arg(long)]
+    pub utf8: bool,
     /// No per-second lines on stderr.
     #[arg(long)]
     pub no_intervals: bool,
@@ -438,6 +475,11 @@ impl BenchArgs {
             sockopts: self.sock.into_opts(),
             server_pid: self.server_pid,
             intervals: !self.no_intervals && !self.compare,
+            mode: if self.utf8 {
+                Mode::Utf8 { strict: false }
+            } else {
+                Mode::Ascii
+            },
         };
         if !self.compare {
             return Ok(BenchCommand::One(base, self.json));

@@ -3,46 +3,73 @@
 //! tcp_deadlock.py sends `capitalize this!` over and over. Byte `i` of the
 //! stream is `MESSAGE[i % 16]`, so any position can be generated or checked
 //! without state beyond the offset; both sides slice one precomputed buffer,
-//! and checking a block is a `memcmp`.
+//! and checking a block is a `memcmp`. In `--utf8` mode the message is
+//! [`UTF8_MESSAGE`], whose uppercase form is longer: the reply stream is
+//! the uppercased message repeated, with a period of its own.
 
-use crate::transform;
+use crate::transform::{self, Mode};
 
 /// The seeds' 16-byte message.
 pub const MESSAGE: &[u8; 16] = b"capitalize this!";
-const PERIOD: usize = MESSAGE.len();
+
+/// The message of `--utf8` streams: Latin, German, French, Greek, a
+/// ligature and a letter whose uppercase has two characters.
+pub const UTF8_MESSAGE: &str = "capitalize this: straße, élan, ωμέγα, ﬁne ŉ! ";
 
 /// Largest slice [`Pattern::slice`] hands out at once.
 pub const MAX_SLICE: usize = 256 * 1024;
 
-/// A precomputed run of the repeated message (or of its uppercase form).
+/// A precomputed run of a repeated message (or of its uppercase form).
 #[derive(Clone)]
 pub struct Pattern {
     buf: Vec<u8>,
+    period: usize,
 }
 
 impl Pattern {
-    /// The stream the client sends.
-    pub fn plain() -> Self {
+    /// `msg` repeated.
+    pub fn repeat(msg: &[u8]) -> Self {
+        assert!(!msg.is_empty());
         Pattern {
-            buf: MESSAGE
+            buf: msg
                 .iter()
                 .copied()
                 .cycle()
-                .take(MAX_SLICE + PERIOD)
+                .take(MAX_SLICE + msg.len())
                 .collect(),
+            period: msg.len(),
         }
+    }
+
+    /// The stream the client sends.
+    pub fn plain() -> Self {
+        Self::repeat(MESSAGE)
     }
 
     /// The stream the server must send back.
     pub fn upper() -> Self {
-        let mut p = Self::plain();
-        transform::upper_in_place(&mut p.buf);
-        p
+        Self::repeat(&transform::upper(MESSAGE))
+    }
+
+    /// The request and expected reply streams for a transform mode.
+    pub fn pair(mode: Mode) -> (Pattern, Pattern) {
+        match mode {
+            Mode::Ascii => (Self::plain(), Self::upper()),
+            Mode::Utf8 { .. } => {
+                let up = transform::apply(mode, UTF8_MESSAGE.as_bytes()).expect("valid text");
+                (Self::repeat(UTF8_MESSAGE.as_bytes()), Self::repeat(&up))
+            }
+        }
+    }
+
+    /// Bytes in one repetition.
+    pub fn period(&self) -> usize {
+        self.period
     }
 
     /// The stream's bytes from `offset`, at most `max` (and [`MAX_SLICE`]) long.
     pub fn slice(&self, offset: u64, max: usize) -> &[u8] {
-        let start = (offset % PERIOD as u64) as usize;
+        let start = (offset % self.period as u64) as usize;
         &self.buf[start..start + max.min(MAX_SLICE)]
     }
 }
@@ -58,8 +85,13 @@ pub struct Verifier {
 impl Verifier {
     /// Verifies replies to the seeds' stream.
     pub fn new() -> Self {
+        Self::against(Pattern::upper())
+    }
+
+    /// Verifies a reply that must be `expected`.
+    pub fn against(expected: Pattern) -> Self {
         Verifier {
-            expected: Pattern::upper(),
+            expected,
             received: 0,
             wrong: 0,
             first_wrong: None,
@@ -133,6 +165,14 @@ mod tests {
                 (1000, 2, Some(5))
             );
         }
+    }
+
+    #[test]
+    fn utf8_pair_has_its_own_periods() {
+        let (req, rep) = Pattern::pair(Mode::Utf8 { strict: true });
+        assert_eq!(req.period(), UTF8_MESSAGE.len());
+        let up = std::str::from_utf8(rep.slice(0, rep.period())).unwrap();
+        assert_eq!(up, "CAPITALIZE THIS: STRASSE, ÉLAN, ΩΜΈΓΑ, FINE ʼN! ");
     }
 
     #[test]

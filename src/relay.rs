@@ -126,10 +126,10 @@ pub fn relay_blocking<S: Read + Write>(
             Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
             Err(e) => return Err(e),
         };
-        stream.write_all(transform.push(buf.filled(n)))?;
+        stream.write_all(transform.push(buf.filled(n))?)?;
         log.add(n);
     }
-    stream.write_all(transform.finish())?;
+    stream.write_all(transform.finish()?)?;
     shutdown(stream)
 }
 
@@ -146,10 +146,10 @@ pub async fn relay_async<S: AsyncRead + AsyncWrite + Unpin>(
         if n == 0 {
             break;
         }
-        stream.write_all(transform.push(buf.filled(n))).await?;
+        stream.write_all(transform.push(buf.filled(n))?).await?;
         log.add(n);
     }
-    stream.write_all(transform.finish()).await?;
+    stream.write_all(transform.finish()?).await?;
     stream.shutdown().await
 }
 
@@ -220,7 +220,7 @@ impl ReadyConn {
             if self.eof {
                 if !self.finished {
                     self.finished = true;
-                    self.pending.extend_from_slice(self.transform.finish());
+                    self.pending.extend_from_slice(self.transform.finish()?);
                     continue;
                 }
                 shutdown(s)?;
@@ -237,7 +237,7 @@ impl ReadyConn {
                 Err(e) => return Err(e),
             };
             self.log.add(n);
-            let out = self.transform.push(&mut scratch[..n]);
+            let out = self.transform.push(&mut scratch[..n])?;
             // Write straight from the shared buffer; keep only what is left.
             let mut done = 0;
             while done < out.len() {

@@ -48,7 +48,8 @@ pub fn run(cfg: &CompareConfig) -> anyhow::Result<Vec<Row>> {
     );
     for (name, target) in targets {
         eprintln!("== {name}");
-        let server = Running::start(&target).with_context(|| format!("starting {name}"))?;
+        let server =
+            Running::start(&target, cfg.base.mode).with_context(|| format!("starting {name}"))?;
         let mut reports = Vec::new();
         for &w in &cfg.workloads {
             let endpoint = match (w, &server.udp) {
@@ -91,12 +92,16 @@ struct Running {
 }
 
 impl Running {
-    fn start(target: &Target) -> anyhow::Result<Running> {
+    fn start(target: &Target, mode: crate::transform::Mode) -> anyhow::Result<Running> {
         match target {
             Target::Model(m) => {
                 let exe = std::env::current_exe().context("finding the upcase binary")?;
                 let mut child = Command::new(exe)
                     .args(["serve", "--model", m.name(), "-q"])
+                    .args(match mode {
+                        crate::transform::Mode::Ascii => None,
+                        crate::transform::Mode::Utf8 { .. } => Some("--utf8"),
+                    })
                     .args(["tcp://127.0.0.1:0", "udp://127.0.0.1:0"])
                     .stdin(Stdio::null())
                     .stdout(Stdio::piped())

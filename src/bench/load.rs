@@ -60,7 +60,13 @@ pub struct Job {
     /// Index of this thread's first connection (for staggering the schedule).
     pub first: usize,
     pub total_conns: usize,
+    /// Request and reply sizes (they differ in UTF-8 mode).
     pub size: usize,
+    pub reply_size: usize,
+    /// The request stream, and the reply stream it must produce.
+    pub request: Pattern,
+    pub reply: Pattern,
+    pub mode: crate::transform::Mode,
     /// Requests per second per connection (open loop), or closed loop.
     pub per_conn_rate: Option<f64>,
     pub deadline: Instant,
@@ -103,8 +109,7 @@ fn connect(job: &Job) -> io::Result<MioStream> {
 fn drive(job: &Job, live: &Live, r: &mut ThreadResult) -> io::Result<()> {
     let mut poll = Poll::new()?;
     let mut events = Events::with_capacity(1024);
-    let request = Pattern::plain();
-    let reply = Pattern::upper();
+    let (request, reply) = (&job.request, &job.reply);
     let start = Instant::now();
     let interval = job
         .per_conn_rate
@@ -135,7 +140,7 @@ fn drive(job: &Job, live: &Live, r: &mut ThreadResult) -> io::Result<()> {
         }
         for i in std::mem::take(&mut ready) {
             let c = &mut conns[i];
-            match step(job, c, &request, &reply, &mut buf, interval, r, live) {
+            match step(job, c, request, reply, &mut buf, interval, r, live) {
                 Ok(()) => {}
                 Err(e) => {
                     r.errors += 1;
@@ -258,6 +263,7 @@ fn step(
         return Ok(());
     };
     let size = job.size as u64;
+    let reply_size = job.reply_size as u64;
     loop {
         if !c.in_flight {
             // Start the next message, if it is due.
@@ -287,8 +293,8 @@ fn step(
             return Ok(());
         }
         // Read until the whole reply is there, verifying it.
-        while c.got < size {
-            let want = ((size - c.got) as usize).min(buf.len());
+        while c.got < reply_size {
+            let want = ((reply_size - c.got) as usize).min(buf.len());
             match sock.read(&mut buf[..want]) {
                 Ok(0) => return Err(early_eof(c.got)),
                 Ok(n) => {

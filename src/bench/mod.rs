@@ -81,6 +81,8 @@ pub struct BenchConfig {
     pub server_pid: Option<i32>,
     /// Print a line a second on stderr.
     pub intervals: bool,
+    /// The server's transform (`--utf8` sends UTF-8 text).
+    pub mode: crate::transform::Mode,
 }
 
 /// Latency percentiles, in microseconds.
@@ -130,6 +132,15 @@ pub fn run(cfg: &BenchConfig) -> anyhow::Result<Report> {
     let live = Arc::new(Live::default());
     let threads = cfg.threads.clamp(1, cfg.conns.max(1));
     let per_conn_rate = cfg.rate.map(|r| r / cfg.conns as f64);
+    let (request, reply) = crate::pattern::Pattern::pair(cfg.mode);
+    // UTF-8 requests are whole messages, so no character is cut.
+    let (req_size, reply_size) = match cfg.mode {
+        crate::transform::Mode::Utf8 { .. } if cfg.workload != Workload::Udp => {
+            let n = cfg.size.div_ceil(request.period());
+            (n * request.period(), n * reply.period())
+        }
+        _ => (cfg.size, cfg.size),
+    };
     let client_before = proc::self_cpu();
     let server_before = cfg.server_pid.and_then(proc::cpu_seconds);
     let start = Instant::now();
@@ -146,7 +157,11 @@ pub fn run(cfg: &BenchConfig) -> anyhow::Result<Report> {
             conns: n,
             first,
             total_conns: cfg.conns,
-            size: cfg.size,
+            size: req_size,
+            reply_size,
+            request: request.clone(),
+            reply: reply.clone(),
+            mode: cfg.mode,
             per_conn_rate,
             deadline,
         };

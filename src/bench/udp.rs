@@ -15,7 +15,6 @@ use super::load::{Job, Live, ThreadResult, new_hist};
 use crate::client::udp::numbered;
 use crate::net;
 use crate::pattern::Pattern;
-use crate::transform;
 
 struct Sock {
     sock: mio::net::UdpSocket,
@@ -102,7 +101,7 @@ fn drive(
                 s.due = now;
             }
             let d = numbered(s.seq, job.size, &body);
-            s.expect = transform::upper(&d);
+            s.expect = crate::client::udp::expected(job.mode, &d);
             match s.sock.send(&d) {
                 Ok(_) => {
                     s.sent_at = Some(now);

@@ -16,7 +16,6 @@ use super::udp::{Answer, Reply, Requester};
 use super::{Outcome, SendConfig};
 use crate::addr::Endpoint;
 use crate::net;
-use crate::transform;
 
 pub fn run(cfg: &SendConfig) -> anyhow::Result<Outcome> {
     if let Endpoint::Udp(_) = cfg.endpoint {
@@ -27,7 +26,7 @@ pub fn run(cfg: &SendConfig) -> anyhow::Result<Outcome> {
     while let Some(line) = prompt()? {
         sock.write_all(&line)
             .with_context(|| format!("sending to {}", cfg.endpoint))?;
-        reply.resize(transform::upper(&line).len(), 0);
+        reply.resize(super::udp::expected(cfg.mode, &line).len(), 0);
         sock.read_exact(&mut reply).with_context(|| {
             format!(
                 "reading the reply from {} (did the server close?)",
@@ -49,7 +48,7 @@ fn run_udp(cfg: &SendConfig) -> anyhow::Result<Outcome> {
     let mut req = Requester::connect(cfg)?;
     let mut outcome = Outcome::Ok;
     while let Some(line) = prompt()? {
-        let expect = transform::upper(&line);
+        let expect = super::udp::expected(cfg.mode, &line);
         let answer = req
             .request(&line, |r| {
                 if r == expect.as_slice() {

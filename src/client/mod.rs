@@ -62,6 +62,8 @@ pub struct SendConfig {
     pub udp: UdpRetry,
     pub json: bool,
     pub progress: bool,
+    /// The server's transform, to know what a correct reply is.
+    pub mode: crate::transform::Mode,
 }
 
 /// The textbook's UDP client: wait `timeout`, then resend and double the

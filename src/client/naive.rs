@@ -74,7 +74,7 @@ pub fn run(cfg: &SendConfig, total: u64) -> anyhow::Result<Outcome> {
         mb_per_s: mb_per_s(verifier.received(), seconds),
     };
     report.print(cfg.json);
-    Ok(report.outcome(total))
+    Ok(report.outcome(total, total))
 }
 
 /// The seed's client: all the writes, the half-close, then all the reads.

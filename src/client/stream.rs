@@ -46,7 +46,7 @@ impl StreamReport {
     }
 
     /// Success means every byte sent came back, uppercased, and no more.
-    pub fn outcome(&self, total: u64) -> Outcome {
+    pub fn outcome(&self, total: u64, expect: u64) -> Outcome {
         if self.wrong > 0 {
             eprintln!(
                 "upcase: the reply was wrong: {} wrong byte(s), the first at offset {}",
@@ -54,9 +54,9 @@ impl StreamReport {
                 self.first_wrong.unwrap_or(0)
             );
             Outcome::Mismatch
-        } else if self.received != total || self.sent != total {
+        } else if self.received != expect || self.sent != total {
             eprintln!(
-                "upcase: the reply was incomplete: sent {} and received {} of {total} bytes",
+                "upcase: the reply was incomplete: sent {} of {total} and received {} of {expect} bytes",
                 self.sent, self.received
             );
             Outcome::Mismatch
@@ -67,6 +67,16 @@ impl StreamReport {
 }
 
 pub fn run(cfg: &SendConfig, total: u64) -> anyhow::Result<Outcome> {
+    let (request, reply) = Pattern::pair(cfg.mode);
+    // UTF-8 text is sent in whole messages, so no character is cut at the
+    // end; the seeds' ASCII stream may stop anywhere.
+    let (total, expect) = match cfg.mode {
+        crate::transform::Mode::Ascii => (total, total),
+        crate::transform::Mode::Utf8 { .. } => {
+            let n = total.div_ceil(request.period() as u64);
+            (n * request.period() as u64, n * reply.period() as u64)
+        }
+    };
     let mut reader = net::connect(&cfg.endpoint, &cfg.sockopts)?;
     let writer = reader.try_clone().context("cloning the socket")?;
     let progress = Progress::new(total, cfg.progress);
@@ -76,11 +86,11 @@ pub fn run(cfg: &SendConfig, total: u64) -> anyhow::Result<Outcome> {
         let progress = progress.clone();
         thread::Builder::new()
             .name("upcase-send".into())
-            .spawn(move || send_pattern(writer, total, &progress))
+            .spawn(move || send_pattern(writer, &request, total, &progress))
             .context("starting the sender thread")?
     };
 
-    let mut verifier = Verifier::new();
+    let mut verifier = Verifier::against(reply);
     let mut buf = vec![0u8; READ_BUF];
     let read_result = loop {
         match reader.read(&mut buf) {
@@ -94,7 +104,7 @@ pub fn run(cfg: &SendConfig, total: u64) -> anyhow::Result<Outcome> {
         }
     };
     let seconds = start.elapsed().as_secs_f64();
-    if verifier.received() < total {
+    if verifier.received() < expect {
         // The server stopped early: unblock a writer stuck on a full buffer.
         let _ = shutdown_both(&reader);
     }
@@ -128,12 +138,16 @@ pub fn run(cfg: &SendConfig, total: u64) -> anyhow::Result<Outcome> {
         );
     }
     report.print(cfg.json);
-    Ok(report.outcome(total))
+    Ok(report.outcome(total, expect))
 }
 
 /// Writes `total` bytes of the pattern, then half-closes.
-fn send_pattern(mut w: Stream, total: u64, progress: &Progress) -> (u64, io::Result<()>) {
-    let pattern = Pattern::plain();
+fn send_pattern(
+    mut w: Stream,
+    pattern: &Pattern,
+    total: u64,
+    progress: &Progress,
+) -> (u64, io::Result<()>) {
     let mut sent = 0u64;
     while sent < total {
         let want = (total - sent).min(WRITE_CHUNK as u64) as usize;

@@ -171,7 +171,7 @@ pub fn send_lines(cfg: &SendConfig) -> anyhow::Result<Outcome> {
         if line.last() == Some(&b'\r') {
             line.pop();
         }
-        let expect = transform::upper(&line);
+        let expect = expected(cfg.mode, &line);
         let answer = req
             .request(&line, |r| classify_line(r, &expect, &recent))
             .map_err(|e| request_error(cfg, e))?;
@@ -242,7 +242,7 @@ pub fn send_bytes(cfg: &SendConfig, total: u64) -> anyhow::Result<Outcome> {
     while offset < total {
         let len = (total - offset).min(size) as usize;
         let datagram = numbered(seq, len, &body);
-        let expect = transform::upper(&datagram);
+        let expect = expected(cfg.mode, &datagram);
         let header = header_len(len);
         req.request(&datagram, |r| {
             if r == expect.as_slice() {
@@ -267,6 +267,16 @@ pub fn send_bytes(cfg: &SendConfig, total: u64) -> anyhow::Result<Outcome> {
         );
     }
     Ok(outcome)
+}
+
+/// What the server must answer to `request`. Invalid UTF-8 in a request
+/// is expected back unchanged (the lenient server's answer).
+pub fn expected(mode: crate::transform::Mode, request: &[u8]) -> Vec<u8> {
+    let lenient = match mode {
+        crate::transform::Mode::Utf8 { .. } => crate::transform::Mode::Utf8 { strict: false },
+        m => m,
+    };
+    transform::apply(lenient, request).unwrap_or_else(|_| request.to_vec())
 }
 
 fn finish(report: &mut UdpReport, start: Instant) {

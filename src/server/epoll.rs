@@ -33,7 +33,7 @@ use socket2::SockRef;
 
 use super::Config;
 use super::shutdown::Shutdown;
-use super::udp::{MAX_DATAGRAM, UdpCounters, answer_ready};
+use super::udp::{UdpState, answer_ready};
 use crate::addr::HostPort;
 use crate::net::{self, Listener, MioStream};
 use crate::relay::{ConnLog, ReadyConn, Step};
@@ -123,8 +123,7 @@ struct EventLoop<'a> {
     /// Connections that used their turn and are still ready.
     again: Vec<usize>,
     scratch: Vec<u8>,
-    udp_buf: Vec<u8>,
-    udp: UdpCounters,
+    udp: UdpState,
     config: &'a Config,
     shutdown: &'a Shutdown,
     total: &'a AtomicUsize,
@@ -154,19 +153,13 @@ impl<'a> EventLoop<'a> {
         let fd = shutdown.fd().as_raw_fd();
         poll.registry()
             .register(&mut SourceFd(&fd), SHUTDOWN, Interest::READABLE)?;
-        let udp_buf = if sources.iter().any(|s| matches!(s, Source::Udp(_))) {
-            vec![0u8; MAX_DATAGRAM + 1]
-        } else {
-            Vec::new()
-        };
         Ok(EventLoop {
             poll,
             sources,
             conns: Slab::new(),
             again: Vec::new(),
             scratch: vec![0u8; config.block],
-            udp_buf,
-            udp: UdpCounters::default(),
+            udp: UdpState::default(),
             config,
             shutdown,
             total,
@@ -209,11 +202,7 @@ impl<'a> EventLoop<'a> {
             }
         }
         if self.udp.answered + self.udp.failed > 0 {
-            tracing::info!(
-                "udp: {} datagrams answered, {} failed",
-                self.udp.answered,
-                self.udp.failed
-            );
+            self.udp.log_totals();
         }
         Ok(())
     }
@@ -225,7 +214,7 @@ impl<'a> EventLoop<'a> {
         if let Source::Udp(u) = &self.sources[i] {
             // Edge-triggered: read until empty, or the next datagram would
             // never be reported.
-            while !answer_ready(u, &mut self.udp_buf, self.config.mode, &mut self.udp, 64) {}
+            while !answer_ready(u, &mut self.udp, self.config.mode, 64) {}
             return;
         }
         self.accept_all(i);

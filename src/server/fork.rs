@@ -31,7 +31,7 @@ use std::time::{Duration, Instant};
 use anyhow::Context;
 
 use super::shutdown::{SignalPipe, wait_readable};
-use super::udp::{MAX_DATAGRAM, UdpCounters, answer_ready};
+use super::udp::{UdpState, answer_ready};
 use super::{Config, blocking};
 use crate::net::{Listener, Stream};
 
@@ -44,8 +44,7 @@ pub fn run(config: Config, listeners: Vec<Listener>) -> anyhow::Result<()> {
     }
     let mut listeners = Some(listeners);
     let mut children: HashMap<libc::pid_t, String> = HashMap::new();
-    let mut udp_buf = vec![0u8; MAX_DATAGRAM + 1];
-    let mut udp = UdpCounters::default();
+    let mut udp = UdpState::default();
     let mut signals = 0;
     let mut deadline: Option<Instant> = None;
     let mut at_limit_logged = false;
@@ -89,7 +88,7 @@ pub fn run(config: Config, listeners: Vec<Listener>) -> anyhow::Result<()> {
         for (l, _) in polled.iter().zip(&ready[2..]).filter(|(_, r)| **r) {
             match l {
                 Listener::Udp(u) => {
-                    answer_ready(u, &mut udp_buf, config.mode, &mut udp, 64);
+                    answer_ready(u, &mut udp, config.mode, 64);
                 }
                 _ => accept_and_fork(
                     l,
@@ -121,11 +120,7 @@ pub fn run(config: Config, listeners: Vec<Listener>) -> anyhow::Result<()> {
             }
         }
     }
-    tracing::info!(
-        "udp: {} datagrams answered, {} failed",
-        udp.answered,
-        udp.failed
-    );
+    udp.log_totals();
     Ok(())
 }
 

@@ -29,7 +29,7 @@ use anyhow::Context;
 
 use super::Config;
 use super::shutdown::Shutdown;
-use super::udp::{MAX_DATAGRAM, UdpCounters, answer_ready};
+use super::udp::{UdpState, answer_ready};
 use crate::net::{Listener, Stream};
 use crate::relay::{ConnLog, ReadyConn, Step};
 use crate::transform::Transformer;
@@ -58,8 +58,7 @@ pub fn run(config: Config, listeners: Vec<Listener>) -> anyhow::Result<()> {
     let mut listeners = listeners;
     let mut clients: Vec<Client> = Vec::new();
     let mut scratch = vec![0u8; config.block];
-    let mut udp_buf = vec![0u8; MAX_DATAGRAM + 1];
-    let mut udp = UdpCounters::default();
+    let mut udp = UdpState::default();
     let mut draining = false;
 
     loop {
@@ -142,7 +141,7 @@ pub fn run(config: Config, listeners: Vec<Listener>) -> anyhow::Result<()> {
             }
             match &listeners[i] {
                 Listener::Udp(u) => {
-                    answer_ready(u, &mut udp_buf, config.mode, &mut udp, 64);
+                    answer_ready(u, &mut udp, config.mode, 64);
                 }
                 l => accept_some(l, &mut clients, &config),
             }
@@ -150,11 +149,7 @@ pub fn run(config: Config, listeners: Vec<Listener>) -> anyhow::Result<()> {
     }
     // The drain timeout is enforced by the signal thread, which exits.
     tracing::info!("all connections finished");
-    tracing::info!(
-        "udp: {} datagrams answered, {} failed",
-        udp.answered,
-        udp.failed
-    );
+    udp.log_totals();
     Ok(())
 }
 

@@ -13,7 +13,7 @@ use tokio::net::UdpSocket;
 use tokio::sync::watch;
 
 use super::tasks::Phase;
-use crate::transform::{Mode, Transformer};
+use crate::transform::Mode;
 
 /// Largest UDP payload over IPv4 (65,535 − 8 UDP − 20 IP header bytes).
 pub const MAX_DATAGRAM: usize = 65_507;
@@ -22,6 +22,7 @@ pub async fn serve(sock: UdpSocket, mode: Mode, mut phase: watch::Receiver<Phase
     // One byte more than the maximum lets us tell a full datagram from a
     // truncated one (IPv6 jumbograms aside, nothing larger arrives).
     let mut buf = vec![0u8; MAX_DATAGRAM + 1];
+    let mut scratch = Vec::new();
     let mut answered: u64 = 0;
     let mut failed: u64 = 0;
     loop {
@@ -40,8 +41,14 @@ pub async fn serve(sock: UdpSocket, mode: Mode, mut phase: watch::Receiver<Phase
         if n == 0 {
             tracing::debug!("udp: empty datagram (goodbye) from {peer}");
         }
-        let mut t = Transformer::new(mode);
-        let reply = t.push(&mut buf[..n]);
+        let reply = match reply(mode, &mut buf[..n], &mut scratch) {
+            Ok(r) => r,
+            Err(e) => {
+                failed += 1;
+                tracing::warn!("udp: datagram from {peer} not answered: {e}");
+                continue;
+            }
+        };
         match send(&sock, reply, peer).await {
             Ok(()) => answered += 1,
             Err(e) => {
@@ -51,6 +58,33 @@ pub async fn serve(sock: UdpSocket, mode: Mode, mut phase: watch::Receiver<Phase
         }
     }
     tracing::info!("udp: {answered} datagrams answered, {failed} failed");
+}
+
+/// The reply to one datagram, transformed on its own. A reply that would
+/// not fit in a datagram (UTF-8 can grow up to 3x) is an error, never a
+/// truncation; so is invalid UTF-8 in strict mode.
+pub fn reply<'a>(
+    mode: Mode,
+    data: &'a mut [u8],
+    scratch: &'a mut Vec<u8>,
+) -> Result<&'a [u8], String> {
+    let out: &[u8] = match mode {
+        Mode::Ascii => {
+            crate::transform::upper_in_place(data);
+            data
+        }
+        Mode::Utf8 { .. } => {
+            *scratch = crate::transform::apply(mode, data).map_err(|e| e.to_string())?;
+            scratch
+        }
+    };
+    if out.len() > MAX_DATAGRAM {
+        return Err(format!(
+            "the reply would be {} bytes, over the UDP maximum of {MAX_DATAGRAM}",
+            out.len()
+        ));
+    }
+    Ok(out)
 }
 
 async fn send(sock: &UdpSocket, data: &[u8], peer: std::net::SocketAddr) -> io::Result<()> {
@@ -64,44 +98,65 @@ async fn send(sock: &UdpSocket, data: &[u8], peer: std::net::SocketAddr) -> io::
     Ok(())
 }
 
-/// Counters of one UDP listener outside tokio.
+/// The buffers and counters of one UDP listener outside tokio.
 #[derive(Debug, Default)]
-pub struct UdpCounters {
+pub struct UdpState {
+    /// Allocated at the first datagram (most event loops never get one).
+    buf: Vec<u8>,
+    scratch: Vec<u8>,
     pub answered: u64,
     pub failed: u64,
+}
+
+impl UdpState {
+    pub fn log_totals(&self) {
+        tracing::info!(
+            "udp: {} datagrams answered, {} failed",
+            self.answered,
+            self.failed
+        );
+    }
 }
 
 /// Answers the datagrams waiting on a non-blocking socket, at most `budget`
 /// of them; returns true if it stopped because none were left.
 pub fn answer_ready(
     sock: &std::net::UdpSocket,
-    buf: &mut [u8],
+    st: &mut UdpState,
     mode: Mode,
-    counters: &mut UdpCounters,
     budget: usize,
 ) -> bool {
+    if st.buf.is_empty() {
+        st.buf = vec![0u8; MAX_DATAGRAM + 1];
+    }
     for _ in 0..budget {
-        let (n, peer) = match sock.recv_from(buf) {
+        let (n, peer) = match sock.recv_from(&mut st.buf) {
             Ok(x) => x,
             Err(e) if e.kind() == io::ErrorKind::WouldBlock => return true,
             Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
             Err(e) => {
-                counters.failed += 1;
+                st.failed += 1;
                 tracing::debug!("udp receive: {e}");
                 continue;
             }
         };
-        let mut t = Transformer::new(mode);
-        let reply = t.push(&mut buf[..n]);
+        let reply = match reply(mode, &mut st.buf[..n], &mut st.scratch) {
+            Ok(r) => r,
+            Err(e) => {
+                st.failed += 1;
+                tracing::warn!("udp: datagram from {peer} not answered: {e}");
+                continue;
+            }
+        };
         match sock.send_to(reply, peer) {
-            Ok(k) if k == reply.len() => counters.answered += 1,
+            Ok(k) if k == reply.len() => st.answered += 1,
             Ok(k) => {
-                counters.failed += 1;
+                st.failed += 1;
                 tracing::warn!("udp: reply to {peer} truncated to {k} bytes");
             }
             Err(e) => {
                 // A full send buffer (WouldBlock) drops the reply, as UDP may.
-                counters.failed += 1;
+                st.failed += 1;
                 tracing::debug!("udp: reply to {peer} failed: {e}");
             }
         }
@@ -118,19 +173,14 @@ pub fn serve_blocking(
 ) -> io::Result<()> {
     use std::os::fd::AsFd;
     sock.set_nonblocking(true)?;
-    let mut buf = vec![0u8; MAX_DATAGRAM + 1];
-    let mut counters = UdpCounters::default();
+    let mut st = UdpState::default();
     loop {
         let ready = super::shutdown::wait_readable(&[sock.as_fd(), shutdown.fd()], None)?;
         if ready[1] {
             break;
         }
-        answer_ready(&sock, &mut buf, mode, &mut counters, 64);
+        answer_ready(&sock, &mut st, mode, 64);
     }
-    tracing::info!(
-        "udp: {} datagrams answered, {} failed",
-        counters.answered,
-        counters.failed
-    );
+    st.log_totals();
     Ok(())
 }

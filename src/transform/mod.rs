@@ -1,45 +1,19 @@
 //! The transform: what the service does to the bytes. Pure, no I/O.
 //!
-//! The seeds call Python's `bytes.upper()`: `a`..=`z` become `A`..=`Z`, every
-//! other byte is left alone, and the length never changes. That runs on every
-//! byte the service moves, so it is written to vectorise: a branch-free
-//! select per byte that LLVM turns into SIMD compares and masks (measured
-//! against `memcpy` in `benches/transform.rs`).
+//! Two modes: [`ascii`], the seeds' byte-wise `bytes.upper()` (the default),
+//! and [`utf8`], Python 3's `str.upper()` on a stream of UTF-8.
 //!
 //! [`Transformer`] is the streaming interface every server model and client
-//! calls. It is stateful so that a mode which must carry bytes from one
-//! block to the next (UTF-8, where a block boundary can cut a character in
-//! two) fits behind the same two calls: [`Transformer::push`] for each block
-//! read, [`Transformer::finish`] at end of file.
+//! calls. It is stateful so that the UTF-8 mode, which must carry an
+//! unfinished character from one block to the next, fits behind the same two
+//! calls: [`Transformer::push`] for each block read, [`Transformer::finish`]
+//! at end of file.
 
-/// Uppercases ASCII letters in place; other bytes are unchanged.
-#[inline]
-pub fn upper_in_place(buf: &mut [u8]) {
-    for b in buf.iter_mut() {
-        // 0x20 is the case bit; subtracting it only from a..=z keeps every
-        // other byte (including non-ASCII) as it was.
-        let is_lower = b.wrapping_sub(b'a') < 26;
-        *b -= (is_lower as u8) << 5;
-    }
-}
+pub mod ascii;
+pub mod utf8;
 
-/// Uppercases `src` into `dst` (same length), for callers that must keep the
-/// original (the client's verifier). One pass, no separate copy.
-#[inline]
-pub fn upper_into(src: &[u8], dst: &mut [u8]) {
-    assert_eq!(src.len(), dst.len(), "upper_into: lengths differ");
-    for (d, &s) in dst.iter_mut().zip(src) {
-        let is_lower = s.wrapping_sub(b'a') < 26;
-        *d = s - ((is_lower as u8) << 5);
-    }
-}
-
-/// Returns an uppercased copy: for tests, the chat client and UDP replies.
-pub fn upper(src: &[u8]) -> Vec<u8> {
-    let mut v = src.to_vec();
-    upper_in_place(&mut v);
-    v
-}
+pub use ascii::{upper, upper_in_place, upper_into};
+pub use utf8::InvalidUtf8;
 
 /// Which transform a connection applies.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -47,41 +21,55 @@ pub enum Mode {
     /// The seeds' byte-wise ASCII uppercase; length-preserving.
     #[default]
     Ascii,
+    /// Full Unicode uppercase of UTF-8 text. Invalid sequences pass through,
+    /// or with `strict` end the stream with an error.
+    Utf8 { strict: bool },
 }
 
 /// A streaming transform for one connection (or one datagram).
-#[derive(Debug, Clone, Default)]
-pub struct Transformer {
-    mode: Mode,
+#[derive(Debug, Clone)]
+pub enum Transformer {
+    Ascii,
+    Utf8(utf8::Utf8Upper),
 }
 
 impl Transformer {
     pub fn new(mode: Mode) -> Self {
-        Transformer { mode }
-    }
-
-    pub fn mode(&self) -> Mode {
-        self.mode
+        match mode {
+            Mode::Ascii => Transformer::Ascii,
+            Mode::Utf8 { strict } => Transformer::Utf8(utf8::Utf8Upper::new(strict)),
+        }
     }
 
     /// Transforms one block just read and returns the bytes to send. The
-    /// ASCII mode works in place and hands `block` back, so the hot path
-    /// neither allocates nor copies.
+    /// ASCII mode (and the UTF-8 mode on ASCII text) works in place and
+    /// hands `block` back, so the hot path neither allocates nor copies.
+    /// Only strict UTF-8 fails.
     #[inline]
-    pub fn push<'a>(&'a mut self, block: &'a mut [u8]) -> &'a [u8] {
-        match self.mode {
-            Mode::Ascii => {
+    pub fn push<'a>(&'a mut self, block: &'a mut [u8]) -> Result<&'a [u8], InvalidUtf8> {
+        match self {
+            Transformer::Ascii => {
                 upper_in_place(block);
-                block
+                Ok(block)
             }
+            Transformer::Utf8(u) => u.push(block),
         }
     }
 
-    /// Called at end of input: the bytes still owed (none in ASCII mode).
-    pub fn finish(&mut self) -> &[u8] {
-        match self.mode {
-            Mode::Ascii => &[],
+    /// Called at end of input: the bytes still owed.
+    pub fn finish(&mut self) -> Result<&[u8], InvalidUtf8> {
+        match self {
+            Transformer::Ascii => Ok(&[]),
+            Transformer::Utf8(u) => u.finish(),
         }
+    }
+}
+
+/// Transforms a whole input (a datagram, a chat line) at once.
+pub fn apply(mode: Mode, input: &[u8]) -> Result<Vec<u8>, InvalidUtf8> {
+    match mode {
+        Mode::Ascii => Ok(upper(input)),
+        Mode::Utf8 { strict } => utf8::upper_all(input, strict),
     }
 }
 
@@ -125,10 +113,10 @@ mod tests {
             let mut buf = data.clone();
             let mut start = 0;
             for end in cuts.into_iter().chain(std::iter::once(data.len())) {
-                out.extend_from_slice(t.push(&mut buf[start..end]));
+                out.extend_from_slice(t.push(&mut buf[start..end]).unwrap());
                 start = end;
             }
-            out.extend_from_slice(t.finish());
+            out.extend_from_slice(t.finish().unwrap());
             prop_assert_eq!(&out, &expect);
 
             let mut dst = vec![0; data.len()];
