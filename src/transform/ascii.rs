@@ -16,6 +16,19 @@ pub fn upper_in_place(buf: &mut [u8]) {
     }
 }
 
+/// Uppercases in place and tells whether every byte was ASCII, in one pass
+/// (the UTF-8 mode's fast path: ASCII text costs it no second scan).
+#[inline]
+pub fn upper_in_place_is_ascii(buf: &mut [u8]) -> bool {
+    let mut seen = 0u8;
+    for b in buf.iter_mut() {
+        seen |= *b;
+        let is_lower = b.wrapping_sub(b'a') < 26;
+        *b -= (is_lower as u8) << 5;
+    }
+    seen < 0x80
+}
+
 /// Uppercases `src` into `dst` (same length), for callers that must keep the
 /// original. One pass, no separate copy.
 #[inline]

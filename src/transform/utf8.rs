@@ -49,8 +49,10 @@ impl Utf8Upper {
     /// Transforms the next block. The ASCII-only block with nothing pending
     /// (most text) is uppercased in place and handed back: no copy.
     pub fn push<'a>(&'a mut self, block: &'a mut [u8]) -> Result<&'a [u8], InvalidUtf8> {
-        if self.tail_len == 0 && block.is_ascii() {
-            super::ascii::upper_in_place(block);
+        // Uppercasing ASCII letters never changes other bytes, and the full
+        // mapping agrees with it on ASCII, so this pass is never wasted: a
+        // block that turns out not to be ASCII is decoded as it now is.
+        if super::ascii::upper_in_place_is_ascii(block) && self.tail_len == 0 {
             self.consumed += block.len() as u64;
             return Ok(block);
         }
@@ -172,6 +174,7 @@ impl Utf8Upper {
 /// characters through the Unicode tables.
 fn upper_str(out: &mut Vec<u8>, s: &str) {
     let bytes = s.as_bytes();
+    out.reserve(bytes.len());
     let mut i = 0;
     while i < bytes.len() {
         let run = bytes[i..]
@@ -186,10 +189,44 @@ fn upper_str(out: &mut Vec<u8>, s: &str) {
             continue;
         }
         // A non-ASCII character starts at i (s is valid, i is a boundary).
+        if let Some(&(len, ref up)) = two_byte_table().get(two_byte_index(&bytes[i..])) {
+            // Latin, Greek, Cyrillic, Armenian, Hebrew, Arabic...: a table
+            // lookup instead of a search of the case tables.
+            out.extend_from_slice(&up[..len as usize]);
+            i += 2;
+            continue;
+        }
         let c = s[i..].chars().next().expect("boundary");
         push_upper(out, c);
         i += c.len_utf8();
     }
+}
+
+/// Index of a two-byte character (U+0080..U+07FF) in [`two_byte_table`],
+/// or an index past its end for any other sequence.
+#[inline]
+fn two_byte_index(b: &[u8]) -> usize {
+    match b {
+        [b0 @ 0xC2..=0xDF, b1, ..] => (((*b0 as usize) & 0x1F) << 6 | (*b1 as usize & 0x3F)) - 0x80,
+        _ => usize::MAX,
+    }
+}
+
+/// The uppercase (UTF-8, at most 6 bytes) of every two-byte character,
+/// computed once from the same `char::to_uppercase`.
+fn two_byte_table() -> &'static [(u8, [u8; 6])] {
+    static TABLE: std::sync::OnceLock<Vec<(u8, [u8; 6])>> = std::sync::OnceLock::new();
+    TABLE.get_or_init(|| {
+        (0x80u32..0x800)
+            .map(|cp| {
+                let mut v = Vec::with_capacity(6);
+                push_upper(&mut v, char::from_u32(cp).expect("not a surrogate"));
+                let mut a = [0u8; 6];
+                a[..v.len()].copy_from_slice(&v);
+                (v.len() as u8, a)
+            })
+            .collect()
+    })
 }
 
 #[inline]
