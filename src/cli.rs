@@ -101,6 +101,10 @@ pub struct ServeArgs {
     /// After SIGTERM/SIGINT, how long streams in progress may finish.
     #[arg(long, value_name = "DURATION", default_value = "10s", value_parser = units::parse_duration)]
     pub drain_timeout: Duration,
+    /// Close a connection that sends nothing and accepts nothing for this
+    /// long (0: never).
+    #[arg(long, value_name = "DURATION", default_value = "5m", value_parser = units::parse_duration)]
+    pub idle_timeout: Duration,
     /// Uppercase UTF-8 text fully, as Python's str.upper() (ß to SS, é to É),
     /// also across block boundaries; invalid bytes pass through, or with
     /// --utf8=strict end the connection with a logged error.
@@ -299,6 +303,7 @@ impl ServeArgs {
             workers: self
                 .workers
                 .map_or_else(|| default_workers(self.model), |n| n as usize),
+            idle_timeout: (!self.idle_timeout.is_zero()).then_some(self.idle_timeout),
         }
     }
 }

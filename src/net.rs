@@ -496,6 +496,20 @@ impl Stream {
         }
     }
 
+    /// Read and write timeouts (None: block for ever).
+    pub fn set_io_timeout(&self, t: Option<Duration>) -> io::Result<()> {
+        match self {
+            Stream::Tcp(s) => {
+                s.set_read_timeout(t)?;
+                s.set_write_timeout(t)
+            }
+            Stream::Unix(s) => {
+                s.set_read_timeout(t)?;
+                s.set_write_timeout(t)
+            }
+        }
+    }
+
     /// Applies the per-connection options (TCP only).
     pub fn tune(&self, opts: &SockOpts) {
         if let Stream::Tcp(s) = self

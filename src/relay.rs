@@ -133,24 +133,61 @@ pub fn relay_blocking<S: Read + Write>(
     shutdown(stream)
 }
 
-/// The contract on a tokio stream.
+/// The contract on a tokio stream. With `idle`, a read or a write that
+/// makes no progress for that long ends the connection (`--idle-timeout`).
 pub async fn relay_async<S: AsyncRead + AsyncWrite + Unpin>(
     stream: &mut S,
     mut transform: Transformer,
     block: usize,
+    idle: Option<Duration>,
     log: &mut ConnLog,
 ) -> io::Result<()> {
     let mut buf = BlockBuf::new(block);
     loop {
-        let n = stream.read(buf.space()).await?;
+        let n = within(idle, stream.read(buf.space())).await??;
         if n == 0 {
             break;
         }
-        stream.write_all(transform.push(buf.filled(n))?).await?;
+        write_all_async(stream, transform.push(buf.filled(n))?, idle).await?;
         log.add(n);
     }
-    stream.write_all(transform.finish()?).await?;
-    stream.shutdown().await
+    write_all_async(stream, transform.finish()?, idle).await?;
+    within(idle, stream.shutdown()).await?
+}
+
+/// `write_all`, where each write must make progress within `idle`.
+async fn write_all_async<S: AsyncWrite + Unpin>(
+    stream: &mut S,
+    mut data: &[u8],
+    idle: Option<Duration>,
+) -> io::Result<()> {
+    while !data.is_empty() {
+        let n = within(idle, stream.write(data)).await??;
+        if n == 0 {
+            return Err(io::ErrorKind::WriteZero.into());
+        }
+        data = &data[n..];
+    }
+    Ok(())
+}
+
+/// Runs `f`, or fails with [`idle_error`] if it takes longer than `idle`.
+async fn within<F: Future>(idle: Option<Duration>, f: F) -> io::Result<F::Output> {
+    match idle {
+        None => Ok(f.await),
+        Some(d) => tokio::time::timeout(d, f).await.map_err(|_| idle_error(d)),
+    }
+}
+
+/// The error that ends a connection idle for `d` (`--idle-timeout`).
+pub fn idle_error(d: Duration) -> io::Error {
+    io::Error::new(
+        io::ErrorKind::TimedOut,
+        format!(
+            "idle for {}: closed (--idle-timeout)",
+            humantime::format_duration(d)
+        ),
+    )
 }
 
 /// What a non-blocking connection needs next.
@@ -177,6 +214,8 @@ const TURN: usize = 16;
 /// pending the connection asks for writability, not readability: it reads
 /// nothing more until the client has taken what it was sent.
 pub struct ReadyConn {
+    /// When a read or write last moved bytes (for `--idle-timeout`).
+    pub last_progress: Instant,
     pending: Vec<u8>,
     sent: usize,
     eof: bool,
@@ -188,6 +227,7 @@ pub struct ReadyConn {
 impl ReadyConn {
     pub fn new(transform: Transformer, log: ConnLog) -> Self {
         ReadyConn {
+            last_progress: Instant::now(),
             pending: Vec::new(),
             sent: 0,
             eof: false,
@@ -231,7 +271,10 @@ impl ReadyConn {
                     self.eof = true;
                     continue;
                 }
-                Ok(n) => n,
+                Ok(n) => {
+                    self.last_progress = Instant::now();
+                    n
+                }
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(Step::WaitRead),
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
                 Err(e) => return Err(e),
@@ -263,7 +306,10 @@ impl ReadyConn {
     fn flush<S: Write>(&mut self, s: &mut S) -> io::Result<bool> {
         while self.sent < self.pending.len() {
             match s.write(&self.pending[self.sent..]) {
-                Ok(k) => self.sent += k,
+                Ok(k) => {
+                    self.sent += k;
+                    self.last_progress = Instant::now();
+                }
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(false),
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
                 Err(e) => return Err(e),

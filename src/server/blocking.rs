@@ -6,8 +6,8 @@ use std::io;
 use std::os::fd::AsFd;
 use std::sync::Arc;
 
-use super::Config;
 use super::shutdown::{Shutdown, wait_readable};
+use super::{AcceptBackoff, Config};
 use crate::net::{Listener, Stream};
 use crate::relay::{ConnLog, relay_blocking};
 use crate::transform::Transformer;
@@ -42,9 +42,33 @@ pub fn start(
     Ok(streams)
 }
 
+/// The stream listeners of a blocking model, and how accepting is going.
+pub struct Acceptor {
+    pub listeners: Vec<Listener>,
+    backoff: AcceptBackoff,
+}
+
+impl Acceptor {
+    pub fn new(listeners: Vec<Listener>) -> Self {
+        Acceptor {
+            listeners,
+            backoff: AcceptBackoff::default(),
+        }
+    }
+
+    /// Waits for the next client; `None` once the drain has started.
+    pub fn next_client(&mut self, shutdown: &Shutdown) -> Option<(Stream, String)> {
+        next_client(&self.listeners, &mut self.backoff, shutdown)
+    }
+}
+
 /// Waits for the next client on any of `listeners`; `None` once the drain
 /// has started. Accept errors are logged and waited out, never fatal.
-pub fn next_client(listeners: &[Listener], shutdown: &Shutdown) -> Option<(Stream, String)> {
+fn next_client(
+    listeners: &[Listener],
+    backoff: &mut AcceptBackoff,
+    shutdown: &Shutdown,
+) -> Option<(Stream, String)> {
     loop {
         if shutdown.is_draining() {
             return None;
@@ -61,23 +85,20 @@ pub fn next_client(listeners: &[Listener], shutdown: &Shutdown) -> Option<(Strea
         };
         for (l, _) in listeners.iter().zip(&ready).filter(|(_, r)| **r) {
             match l.accept() {
-                Ok(c) => return Some(c),
+                Ok(c) => {
+                    backoff.succeeded();
+                    return Some(c);
+                }
                 // Another worker took it first.
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
-                Err(e) => accept_error(&e),
+                Err(e) => {
+                    if let Some(pause) = backoff.failed(&e) {
+                        // Still readable: waiting in poll would spin.
+                        std::thread::sleep(pause);
+                    }
+                }
             }
         }
-    }
-}
-
-/// Running out of descriptors or memory would fail again at once: pause.
-pub fn accept_error(e: &io::Error) {
-    match e.raw_os_error() {
-        Some(libc::EMFILE | libc::ENFILE | libc::ENOBUFS | libc::ENOMEM) => {
-            tracing::warn!("accept: {e}; pausing accepts for 100 ms");
-            std::thread::sleep(std::time::Duration::from_millis(100));
-        }
-        _ => tracing::debug!("accept: {e}"),
     }
 }
 
@@ -85,6 +106,11 @@ pub fn accept_error(e: &io::Error) {
 pub fn serve(mut conn: Stream, peer: String, config: &Config) {
     conn.tune(&config.sockopts);
     let mut log = ConnLog::new(peer);
+    // --idle-timeout: every blocking read and write must make progress in
+    // time (SO_RCVTIMEO, SO_SNDTIMEO), else it fails with EAGAIN.
+    if let Err(e) = conn.set_io_timeout(config.idle_timeout) {
+        tracing::warn!("setting the idle timeout: {e}");
+    }
     let result = relay_blocking(
         &mut conn,
         |s| s.shutdown_write(),
@@ -92,5 +118,11 @@ pub fn serve(mut conn: Stream, peer: String, config: &Config) {
         config.block,
         &mut log,
     );
+    let result = match (result, config.idle_timeout) {
+        (Err(e), Some(d)) if e.kind() == io::ErrorKind::WouldBlock => {
+            Err(crate::relay::idle_error(d))
+        }
+        (r, _) => r,
+    };
     log.finish(&result);
 }

@@ -22,7 +22,7 @@ use std::io;
 use std::os::fd::AsRawFd;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use anyhow::Context;
 use mio::net::{TcpListener, UnixListener};
@@ -31,9 +31,9 @@ use mio::{Events, Interest, Poll, Token};
 use slab::Slab;
 use socket2::SockRef;
 
-use super::Config;
 use super::shutdown::Shutdown;
 use super::udp::{UdpState, answer_ready};
+use super::{AcceptBackoff, Config};
 use crate::addr::HostPort;
 use crate::net::{self, Listener, MioStream};
 use crate::relay::{ConnLog, ReadyConn, Step};
@@ -130,6 +130,11 @@ struct EventLoop<'a> {
     draining: bool,
     /// Stopped accepting at --max-conns.
     paused: bool,
+    backoff: AcceptBackoff,
+    /// Accepting failed for want of resources: try again at this time.
+    retry_at: Option<Instant>,
+    /// When to look for idle connections next (with --idle-timeout).
+    next_sweep: Option<Instant>,
 }
 
 impl<'a> EventLoop<'a> {
@@ -165,6 +170,11 @@ impl<'a> EventLoop<'a> {
             total,
             draining: false,
             paused: false,
+            backoff: AcceptBackoff::default(),
+            retry_at: None,
+            next_sweep: config
+                .idle_timeout
+                .map(|d| Instant::now() + super::sweep_every(d)),
         })
     }
 
@@ -178,7 +188,18 @@ impl<'a> EventLoop<'a> {
             if self.draining && self.conns.is_empty() {
                 break;
             }
-            let timeout = (!self.again.is_empty()).then_some(Duration::ZERO);
+            let timeout = if !self.again.is_empty() {
+                Some(Duration::ZERO)
+            } else {
+                let sweep = (!self.conns.is_empty())
+                    .then_some(self.next_sweep)
+                    .flatten();
+                [self.retry_at, sweep]
+                    .into_iter()
+                    .flatten()
+                    .min()
+                    .map(|t| t.saturating_duration_since(Instant::now()))
+            };
             match self.poll.poll(&mut events, timeout) {
                 Ok(()) => {}
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
@@ -200,6 +221,17 @@ impl<'a> EventLoop<'a> {
             for key in again {
                 self.drive(key, false);
             }
+            if let Some(idle) = self.config.idle_timeout
+                && self.next_sweep.is_some_and(|t| Instant::now() >= t)
+            {
+                self.close_idle(idle);
+                self.next_sweep = Some(Instant::now() + super::sweep_every(idle));
+            }
+            if self.retry_at.is_some_and(|t| Instant::now() >= t) {
+                self.retry_at = None;
+                self.paused = true; // makes resume_accepting try every listener
+                self.resume_accepting();
+            }
         }
         if self.udp.answered + self.udp.failed > 0 {
             self.udp.log_totals();
@@ -207,9 +239,29 @@ impl<'a> EventLoop<'a> {
         Ok(())
     }
 
+    /// Closes the connections that moved no bytes for `idle`.
+    fn close_idle(&mut self, idle: Duration) {
+        let stale: Vec<usize> = self
+            .conns
+            .iter()
+            .filter(|(_, c)| c.conn.last_progress.elapsed() >= idle)
+            .map(|(k, _)| k)
+            .collect();
+        for key in stale {
+            let c = self.conns.remove(key);
+            c.conn.log.finish(&Err(crate::relay::idle_error(idle)));
+            drop(c);
+            self.total.fetch_sub(1, Ordering::Relaxed);
+        }
+        self.resume_accepting();
+    }
+
     fn source_ready(&mut self, i: usize) {
         if self.draining || i >= self.sources.len() {
             return;
+        }
+        if self.retry_at.is_some() && !matches!(self.sources[i], Source::Udp(_)) {
+            return; // accepting resumes when the pause ends
         }
         if let Source::Udp(u) = &self.sources[i] {
             // Edge-triggered: read until empty, or the next datagram would
@@ -245,12 +297,18 @@ impl<'a> EventLoop<'a> {
                 Source::Udp(_) => return,
             };
             let (mut sock, peer) = match accepted {
-                Ok(x) => x,
+                Ok(x) => {
+                    self.backoff.succeeded();
+                    x
+                }
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => return,
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
                 Err(e) => {
-                    // EMFILE and friends: back off (this loop only).
-                    super::blocking::accept_error(&e);
+                    // EMFILE and friends: try again later (edge-triggered,
+                    // the listener will not report these clients again).
+                    if let Some(pause) = self.backoff.failed(&e) {
+                        self.retry_at = Some(Instant::now() + pause);
+                    }
                     return;
                 }
             };

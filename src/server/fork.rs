@@ -32,7 +32,7 @@ use anyhow::Context;
 
 use super::shutdown::{SignalPipe, wait_readable};
 use super::udp::{UdpState, answer_ready};
-use super::{Config, blocking};
+use super::{AcceptBackoff, Config, blocking};
 use crate::net::{Listener, Stream};
 
 pub fn run(config: Config, listeners: Vec<Listener>) -> anyhow::Result<()> {
@@ -45,6 +45,7 @@ pub fn run(config: Config, listeners: Vec<Listener>) -> anyhow::Result<()> {
     let mut listeners = Some(listeners);
     let mut children: HashMap<libc::pid_t, String> = HashMap::new();
     let mut udp = UdpState::default();
+    let mut backoff = AcceptBackoff::default();
     let mut signals = 0;
     let mut deadline: Option<Instant> = None;
     let mut at_limit_logged = false;
@@ -95,6 +96,7 @@ pub fn run(config: Config, listeners: Vec<Listener>) -> anyhow::Result<()> {
                     listeners.as_deref().unwrap_or(&[]),
                     &config,
                     &mut children,
+                    &mut backoff,
                 ),
             }
         }
@@ -129,11 +131,21 @@ fn accept_and_fork(
     all: &[Listener],
     config: &Config,
     children: &mut HashMap<libc::pid_t, String>,
+    backoff: &mut AcceptBackoff,
 ) {
     let (conn, peer) = match listener.accept() {
-        Ok(c) => c,
+        Ok(c) => {
+            backoff.succeeded();
+            c
+        }
         Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => return,
-        Err(e) => return blocking::accept_error(&e),
+        Err(e) => {
+            if let Some(pause) = backoff.failed(&e) {
+                // Single-threaded: the pause also holds UDP, briefly.
+                std::thread::sleep(pause);
+            }
+            return;
+        }
     };
     // SAFETY: this process has a single thread (the model starts none), so
     // the child may run ordinary code after fork.

@@ -29,9 +29,9 @@ pub fn run(config: Config, listeners: Vec<Listener>) -> anyhow::Result<()> {
     shutdown
         .watch_signals(config.drain_timeout)
         .context("installing signal handlers")?;
-    let listeners = blocking::start(listeners, &config, &shutdown)?;
+    let mut acceptor = blocking::Acceptor::new(blocking::start(listeners, &config, &shutdown)?);
     let gauge = Gauge::new(1);
-    while let Some((conn, peer)) = blocking::next_client(&listeners, &shutdown) {
+    while let Some((conn, peer)) = acceptor.next_client(&shutdown) {
         if gauge.try_acquire() {
             let _slot = Slot(gauge.clone());
             blocking::serve(conn, peer, &config);

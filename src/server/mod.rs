@@ -87,6 +87,8 @@ pub struct Config {
     pub drain_timeout: Duration,
     /// Threads of the pool, event loops of epoll, runtime workers of async.
     pub workers: usize,
+    /// Close a connection that moves no bytes either way for this long.
+    pub idle_timeout: Option<Duration>,
 }
 
 /// The default listeners: the seeds' port, on loopback.
@@ -167,4 +169,56 @@ pub fn run(config: Config) -> anyhow::Result<()> {
         Model::Epoll => epoll::run(config, listeners),
         Model::Async => tasks::run(config, listeners),
     }
+}
+
+/// What every model does when accept(2) fails.
+///
+/// Running out of descriptors (EMFILE, ENFILE) or kernel memory would fail
+/// again at once, and a readiness loop would spin on the still-readable
+/// listener: so accepting pauses for [`AcceptBackoff::PAUSE`] while the
+/// connections already open are served, and resumes by itself. The warning
+/// is logged once per burst, with a line when accepting works again. Other
+/// errors (a client that reset before we accepted it) are passing.
+#[derive(Debug, Default)]
+pub struct AcceptBackoff {
+    failures: u64,
+}
+
+impl AcceptBackoff {
+    pub const PAUSE: Duration = Duration::from_millis(100);
+
+    /// Records a failed accept; returns how long to stop accepting.
+    pub fn failed(&mut self, e: &std::io::Error) -> Option<Duration> {
+        match e.raw_os_error() {
+            Some(libc::EMFILE | libc::ENFILE | libc::ENOBUFS | libc::ENOMEM) => {
+                if self.failures == 0 {
+                    tracing::warn!(
+                        "accept: {e}: pausing new connections (existing ones are still served); \
+                         raise the open-file limit or lower --max-conns"
+                    );
+                }
+                self.failures += 1;
+                Some(Self::PAUSE)
+            }
+            _ => {
+                tracing::debug!("accept: {e}");
+                None
+            }
+        }
+    }
+
+    /// Records a successful accept.
+    #[inline]
+    pub fn succeeded(&mut self) {
+        if self.failures > 0 {
+            tracing::info!("accepting again after {} failed attempt(s)", self.failures);
+            self.failures = 0;
+        }
+    }
+}
+
+/// How often readiness loops look for idle connections (`--idle-timeout`):
+/// often enough that one is closed at most a quarter of the timeout late.
+pub fn sweep_every(idle: Duration) -> Duration {
+    (idle / 4).clamp(Duration::from_millis(10), Duration::from_secs(1))
 }

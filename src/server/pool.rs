@@ -34,22 +34,23 @@ pub fn run(config: Config, listeners: Vec<Listener>) -> anyhow::Result<()> {
     shutdown
         .watch_signals(config.drain_timeout)
         .context("installing signal handlers")?;
-    let listeners = Arc::new(Mutex::new(blocking::start(listeners, &config, &shutdown)?));
+    let acceptor = blocking::Acceptor::new(blocking::start(listeners, &config, &shutdown)?);
+    let acceptor = Arc::new(Mutex::new(acceptor));
     let workers = config.workers.min(config.max_conns).max(1);
     let config = Arc::new(config);
     let gauge = Gauge::new(workers);
     tracing::info!("pool of {workers} workers");
     let mut handles = Vec::new();
     for i in 0..workers {
-        let (listeners, shutdown, gauge, config) = (
-            listeners.clone(),
+        let (acceptor, shutdown, gauge, config) = (
+            acceptor.clone(),
             shutdown.clone(),
             gauge.clone(),
             config.clone(),
         );
         let h = std::thread::Builder::new()
             .name(format!("upcase-pool-{i}"))
-            .spawn(move || worker(&listeners, &shutdown, &gauge, &config))
+            .spawn(move || worker(&acceptor, &shutdown, &gauge, &config))
             .context("starting the pool's workers")?;
         handles.push(h);
     }
@@ -61,21 +62,22 @@ pub fn run(config: Config, listeners: Vec<Listener>) -> anyhow::Result<()> {
         let _ = h.join();
     }
     // Dropping the listeners removes Unix socket files.
-    drop(listeners);
+    drop(acceptor);
     Ok(())
 }
 
 fn worker(
-    listeners: &Mutex<Vec<Listener>>,
+    acceptor: &Mutex<blocking::Acceptor>,
     shutdown: &Shutdown,
     gauge: &Arc<Gauge>,
     config: &Config,
 ) {
     loop {
-        let next = {
-            let guard = listeners.lock().unwrap_or_else(|e| e.into_inner());
-            blocking::next_client(&guard, shutdown)
-        };
+        // The seed's accept lock: one idle worker at a time waits for a client.
+        let next = acceptor
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .next_client(shutdown);
         let Some((conn, peer)) = next else { return };
         if !gauge.try_acquire() {
             return; // cannot happen: one slot per worker

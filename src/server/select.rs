@@ -24,12 +24,13 @@
 
 use std::io;
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd};
+use std::time::Instant;
 
 use anyhow::Context;
 
-use super::Config;
 use super::shutdown::Shutdown;
 use super::udp::{UdpState, answer_ready};
+use super::{AcceptBackoff, Config};
 use crate::net::{Listener, Stream};
 use crate::relay::{ConnLog, ReadyConn, Step};
 use crate::transform::Transformer;
@@ -60,6 +61,11 @@ pub fn run(config: Config, listeners: Vec<Listener>) -> anyhow::Result<()> {
     let mut scratch = vec![0u8; config.block];
     let mut udp = UdpState::default();
     let mut draining = false;
+    let mut backoff = AcceptBackoff::default();
+    let mut paused_until: Option<Instant> = None;
+    let mut next_sweep = config
+        .idle_timeout
+        .map(|d| Instant::now() + super::sweep_every(d));
 
     loop {
         if shutdown.is_draining() && !draining {
@@ -78,7 +84,10 @@ pub fn run(config: Config, listeners: Vec<Listener>) -> anyhow::Result<()> {
         }
 
         // Build the interest set, as the seed builds its rlist.
-        let accepting = clients.len() < config.max_conns;
+        if paused_until.is_some_and(|t| Instant::now() >= t) {
+            paused_until = None;
+        }
+        let accepting = clients.len() < config.max_conns && paused_until.is_none();
         let mut pfds: Vec<libc::pollfd> = Vec::with_capacity(clients.len() + listeners.len() + 1);
         let mut slots: Vec<Slot> = Vec::with_capacity(pfds.capacity());
         let mut push = |fd: BorrowedFd<'_>, events: libc::c_short, slot: Slot| {
@@ -105,7 +114,26 @@ pub fn run(config: Config, listeners: Vec<Listener>) -> anyhow::Result<()> {
                 Step::Again | Step::Done => again = true,
             }
         }
-        poll(&mut pfds, if again { 0 } else { -1 }).context("poll")?;
+        // Wake for the end of an accept pause and for the idle sweep.
+        let wake = [
+            paused_until,
+            (!clients.is_empty()).then_some(next_sweep).flatten(),
+        ]
+        .into_iter()
+        .flatten()
+        .min();
+        let timeout = match (again, wake) {
+            (true, _) => 0,
+            (false, Some(t)) => t.saturating_duration_since(Instant::now()).as_millis() as i32 + 1,
+            (false, None) => -1,
+        };
+        poll(&mut pfds, timeout).context("poll")?;
+        if let Some(idle) = config.idle_timeout
+            && next_sweep.is_some_and(|t| Instant::now() >= t)
+        {
+            close_idle(&mut clients, idle);
+            next_sweep = Some(Instant::now() + super::sweep_every(idle));
+        }
 
         // Connections first (reverse order, so swap_remove keeps indices valid).
         let mut ready: Vec<bool> = vec![false; clients.len()];
@@ -143,7 +171,7 @@ pub fn run(config: Config, listeners: Vec<Listener>) -> anyhow::Result<()> {
                 Listener::Udp(u) => {
                     answer_ready(u, &mut udp, config.mode, 64);
                 }
-                l => accept_some(l, &mut clients, &config),
+                l => accept_some(l, &mut clients, &config, &mut backoff, &mut paused_until),
             }
         }
     }
@@ -153,14 +181,31 @@ pub fn run(config: Config, listeners: Vec<Listener>) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// Closes the connections that moved no bytes for `idle`.
+fn close_idle(clients: &mut Vec<Client>, idle: std::time::Duration) {
+    for i in (0..clients.len()).rev() {
+        if clients[i].conn.last_progress.elapsed() >= idle {
+            let c = clients.swap_remove(i);
+            c.conn.log.finish(&Err(crate::relay::idle_error(idle)));
+        }
+    }
+}
+
 /// Accepts the clients waiting on `l` (a few at a time, to stay fair).
-fn accept_some(l: &Listener, clients: &mut Vec<Client>, config: &Config) {
+fn accept_some(
+    l: &Listener,
+    clients: &mut Vec<Client>,
+    config: &Config,
+    backoff: &mut AcceptBackoff,
+    paused_until: &mut Option<Instant>,
+) {
     for _ in 0..64 {
         if clients.len() >= config.max_conns {
             return;
         }
         match l.accept() {
             Ok((sock, peer)) => {
+                backoff.succeeded();
                 if let Err(e) = sock.set_nonblocking(true) {
                     tracing::warn!("{peer}: {e}");
                     continue;
@@ -174,7 +219,14 @@ fn accept_some(l: &Listener, clients: &mut Vec<Client>, config: &Config) {
                 });
             }
             Err(e) if e.kind() == io::ErrorKind::WouldBlock => return,
-            Err(e) => return super::blocking::accept_error(&e),
+            Err(e) => {
+                if let Some(pause) = backoff.failed(&e) {
+                    // The listener stays readable: leave it out of the poll
+                    // set for a while, or the loop would spin.
+                    *paused_until = Some(Instant::now() + pause);
+                }
+                return;
+            }
         }
     }
 }

@@ -23,7 +23,7 @@ use socket2::SockRef;
 use tokio::net::{TcpListener, UnixListener};
 use tokio::sync::{Semaphore, watch};
 
-use super::{Config, udp};
+use super::{AcceptBackoff, Config, udp};
 use crate::net::{self, Listener, SockOpts};
 use crate::relay::{ConnLog, relay_async};
 use crate::transform::Transformer;
@@ -154,6 +154,7 @@ async fn accept_loop(listener: Accepting, ctx: Ctx) {
         let _ = stop.wait_for(|p| *p != Phase::Running).await;
     };
     tokio::pin!(stopping);
+    let mut backoff = AcceptBackoff::default();
     loop {
         let permit = match ctx.permits.clone().try_acquire_owned() {
             Ok(p) => p,
@@ -177,6 +178,7 @@ async fn accept_loop(listener: Accepting, ctx: Ctx) {
         };
         match accepted {
             Ok((conn, peer)) => {
+                backoff.succeeded();
                 let config = ctx.config.clone();
                 let active = ctx.active.clone();
                 active.fetch_add(1, Ordering::Relaxed);
@@ -186,7 +188,11 @@ async fn accept_loop(listener: Accepting, ctx: Ctx) {
                     drop(permit);
                 });
             }
-            Err(e) => accept_error(e).await,
+            Err(e) => {
+                if let Some(pause) = backoff.failed(&e) {
+                    tokio::time::sleep(pause).await;
+                }
+            }
         }
     }
 }
@@ -214,27 +220,17 @@ async fn accept(listener: &Accepting) -> io::Result<(Conn, String)> {
     }
 }
 
-/// Accept errors never end the loop. Running out of descriptors (EMFILE,
-/// ENFILE) or memory would repeat at once, so back off instead of spinning.
-async fn accept_error(e: io::Error) {
-    match e.raw_os_error() {
-        Some(libc::EMFILE | libc::ENFILE | libc::ENOBUFS | libc::ENOMEM) => {
-            tracing::warn!("accept: {e}; pausing accepts for 100 ms");
-            tokio::time::sleep(Duration::from_millis(100)).await;
-        }
-        _ => tracing::debug!("accept: {e}"),
-    }
-}
-
 async fn handle(conn: Conn, peer: String, config: &Config) {
     let mut log = ConnLog::new(peer);
     let t = Transformer::new(config.mode);
     let result = match conn {
         Conn::Tcp(mut s) => {
             tune(&s, &config.sockopts);
-            relay_async(&mut s, t, config.block, &mut log).await
+            relay_async(&mut s, t, config.block, config.idle_timeout, &mut log).await
         }
-        Conn::Unix(mut s) => relay_async(&mut s, t, config.block, &mut log).await,
+        Conn::Unix(mut s) => {
+            relay_async(&mut s, t, config.block, config.idle_timeout, &mut log).await
+        }
     };
     log.finish(&result);
 }

@@ -28,12 +28,12 @@ pub fn run(config: Config, listeners: Vec<Listener>) -> anyhow::Result<()> {
     shutdown
         .watch_signals(config.drain_timeout)
         .context("installing signal handlers")?;
-    let listeners = blocking::start(listeners, &config, &shutdown)?;
+    let mut acceptor = blocking::Acceptor::new(blocking::start(listeners, &config, &shutdown)?);
     let config = std::sync::Arc::new(config);
     let gauge = Gauge::new(config.max_conns);
     while gauge.acquire(&shutdown) {
         let slot = Slot(gauge.clone());
-        let Some((conn, peer)) = blocking::next_client(&listeners, &shutdown) else {
+        let Some((conn, peer)) = acceptor.next_client(&shutdown) else {
             break;
         };
         let cfg = config.clone();
