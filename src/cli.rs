@@ -189,9 +189,10 @@ pub struct SendArgs {
     /// whole messages) and verify replies by the Unicode mapping.
     #[arg(long, value_enum, value_name = "STRICTNESS", num_args = 0..=1, require_equals = true, default_missing_value = "lenient")]
     pub utf8: Option<Utf8Arg>,
-    /// With --naive: give up and diagnose after this long without progress.
-    #[arg(long, value_name = "DURATION", default_value = "2", value_parser = units::parse_positive_duration)]
-    pub stall: Duration,
+    /// With --bytes: give up and diagnose when neither direction moves for
+    /// this long [default: 2 with --naive, else 10].
+    #[arg(long, value_name = "DURATION", value_parser = units::parse_positive_duration)]
+    pub stall: Option<Duration>,
     /// UDP with --bytes: bytes per datagram (at most 65507).
     #[arg(long, value_name = "SIZE", default_value = "1K", value_parser = parse_datagram_size)]
     pub size: usize,
@@ -334,7 +335,9 @@ impl SendArgs {
             sockopts: self.sock.into_opts(),
             bytes: self.bytes,
             naive: self.naive,
-            stall: self.stall,
+            stall: self
+                .stall
+                .unwrap_or(Duration::from_secs(if self.naive { 2 } else { 10 })),
             size: self.size,
             udp: self.udp.into_retry(),
             json: self.json,

@@ -10,6 +10,7 @@ pub mod pipe;
 pub mod progress;
 pub mod stream;
 pub mod udp;
+pub mod watchdog;
 
 use std::time::Duration;
 

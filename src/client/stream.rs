@@ -7,6 +7,7 @@
 //! flowing, so the server keeps reading, so the writer keeps writing.
 
 use std::io::{self, Read, Write};
+use std::sync::atomic::Ordering;
 use std::thread;
 use std::time::Instant;
 
@@ -14,6 +15,7 @@ use anyhow::Context;
 use serde::Serialize;
 
 use super::progress::Progress;
+use super::watchdog::{Counters, Watchdog, Why};
 use super::{Outcome, SendConfig, mb_per_s};
 use crate::net::{self, Stream};
 use crate::pattern::{Pattern, Verifier};
@@ -79,14 +81,17 @@ pub fn run(cfg: &SendConfig, total: u64) -> anyhow::Result<Outcome> {
     };
     let mut reader = net::connect(&cfg.endpoint, &cfg.sockopts)?;
     let writer = reader.try_clone().context("cloning the socket")?;
+    let probe = reader.try_clone().context("cloning the socket")?;
+    let watchdog = Watchdog::start(probe, total, cfg.stall, cfg.json, Why::Server)?;
+    let counters = watchdog.counters.clone();
     let progress = Progress::new(total, cfg.progress);
     let start = Instant::now();
 
     let sender = {
-        let progress = progress.clone();
+        let (progress, counters) = (progress.clone(), counters.clone());
         thread::Builder::new()
             .name("upcase-send".into())
-            .spawn(move || send_pattern(writer, &request, total, &progress))
+            .spawn(move || send_pattern(writer, &request, total, &progress, &counters))
             .context("starting the sender thread")?
     };
 
@@ -98,6 +103,7 @@ pub fn run(cfg: &SendConfig, total: u64) -> anyhow::Result<Outcome> {
             Ok(n) => {
                 verifier.check(&buf[..n]);
                 progress.add_received(n as u64);
+                counters.received.fetch_add(n as u64, Ordering::Relaxed);
             }
             Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
             Err(e) => break Err(e),
@@ -111,6 +117,7 @@ pub fn run(cfg: &SendConfig, total: u64) -> anyhow::Result<Outcome> {
     let (sent, send_result) = sender
         .join()
         .map_err(|_| anyhow::anyhow!("the sender thread panicked"))?;
+    watchdog.stop();
     progress.clear();
 
     let report = StreamReport {
@@ -147,6 +154,7 @@ fn send_pattern(
     pattern: &Pattern,
     total: u64,
     progress: &Progress,
+    counters: &Counters,
 ) -> (u64, io::Result<()>) {
     let mut sent = 0u64;
     while sent < total {
@@ -155,6 +163,7 @@ fn send_pattern(
             Ok(n) => {
                 sent += n as u64;
                 progress.add_sent(n as u64);
+                counters.sent.fetch_add(n as u64, Ordering::Relaxed);
             }
             Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
             Err(e) => return (sent, Err(e)),
