@@ -5,11 +5,15 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 # Real peers the tests talk to: Python 3 (ports of the seeds), OpenBSD
-# netcat (nc -N), socat. Installed only when missing.
+# netcat (nc -N), socat; and for the UDP loss test, ip (network
+# namespaces), tc and nft (loss inside the test's own namespace).
+# Installed only when missing.
 need=()
 command -v python3 >/dev/null || need+=(python3)
 nc -h 2>&1 | grep -q -- '-N' || need+=(netcat-openbsd)
 command -v socat >/dev/null || need+=(socat)
+command -v ip >/dev/null && command -v tc >/dev/null || need+=(iproute2)
+command -v nft >/dev/null || need+=(nftables)
 if ((${#need[@]})); then
   echo "installing: ${need[*]}"
   sudo=""

@@ -20,8 +20,8 @@
 
 use std::io;
 use std::os::fd::AsRawFd;
-use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use anyhow::Context;
@@ -52,15 +52,25 @@ pub fn run(config: Config, listeners: Vec<Listener>) -> anyhow::Result<()> {
     let loops = config.workers.max(1);
     tracing::info!("{loops} event loop(s)");
     let mut handles = Vec::new();
+    // Every loop sets up (its epoll descriptor, its registrations) before
+    // any starts accepting: else the first could take every descriptor.
+    let ready = Arc::new(std::sync::Barrier::new(loops));
+    let backoff = Arc::new(Mutex::new(AcceptBackoff::default()));
     for id in 0..loops {
         let mine = clone_for_loop(&listeners, id == 0).context("sharing the listeners")?;
-        let (config, shutdown, total) = (config.clone(), shutdown.clone(), total.clone());
+        let (config, shutdown, total, ready, backoff) = (
+            config.clone(),
+            shutdown.clone(),
+            total.clone(),
+            ready.clone(),
+            backoff.clone(),
+        );
         let h = std::thread::Builder::new()
             .name(format!("upcase-epoll-{id}"))
             .spawn(move || {
-                if let Err(e) =
-                    EventLoop::new(mine, &config, &shutdown, &total).and_then(|l| l.run())
-                {
+                let l = EventLoop::new(mine, &config, &shutdown, &total, &backoff);
+                ready.wait();
+                if let Err(e) = l.and_then(|l| l.run()) {
                     tracing::error!("event loop {id} failed: {e}");
                 }
             })
@@ -130,7 +140,8 @@ struct EventLoop<'a> {
     draining: bool,
     /// Stopped accepting at --max-conns.
     paused: bool,
-    backoff: AcceptBackoff,
+    /// Shared by the loops, so that a burst is logged once per server.
+    backoff: Arc<Mutex<AcceptBackoff>>,
     /// Accepting failed for want of resources: try again at this time.
     retry_at: Option<Instant>,
     /// When to look for idle connections next (with --idle-timeout).
@@ -143,6 +154,7 @@ impl<'a> EventLoop<'a> {
         config: &'a Config,
         shutdown: &'a Shutdown,
         total: &'a AtomicUsize,
+        backoff: &Arc<Mutex<AcceptBackoff>>,
     ) -> io::Result<Self> {
         let poll = Poll::new()?;
         for (i, s) in sources.iter_mut().enumerate() {
@@ -170,7 +182,7 @@ impl<'a> EventLoop<'a> {
             total,
             draining: false,
             paused: false,
-            backoff: AcceptBackoff::default(),
+            backoff: backoff.clone(),
             retry_at: None,
             next_sweep: config
                 .idle_timeout
@@ -298,7 +310,10 @@ impl<'a> EventLoop<'a> {
             };
             let (mut sock, peer) = match accepted {
                 Ok(x) => {
-                    self.backoff.succeeded();
+                    self.backoff
+                        .lock()
+                        .unwrap_or_else(|p| p.into_inner())
+                        .succeeded();
                     x
                 }
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => return,
@@ -306,7 +321,12 @@ impl<'a> EventLoop<'a> {
                 Err(e) => {
                     // EMFILE and friends: try again later (edge-triggered,
                     // the listener will not report these clients again).
-                    if let Some(pause) = self.backoff.failed(&e) {
+                    if let Some(pause) = self
+                        .backoff
+                        .lock()
+                        .unwrap_or_else(|p| p.into_inner())
+                        .failed(&e)
+                    {
                         self.retry_at = Some(Instant::now() + pause);
                     }
                     return;

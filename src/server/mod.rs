@@ -177,27 +177,38 @@ pub fn run(config: Config) -> anyhow::Result<()> {
 /// again at once, and a readiness loop would spin on the still-readable
 /// listener: so accepting pauses for [`AcceptBackoff::PAUSE`] while the
 /// connections already open are served, and resumes by itself. The warning
-/// is logged once per burst, with a line when accepting works again. Other
+/// is logged once per burst (a burst ends when accepting has worked for
+/// [`AcceptBackoff::QUIET`]), and a line when accepting works again. Other
 /// errors (a client that reset before we accepted it) are passing.
 #[derive(Debug, Default)]
 pub struct AcceptBackoff {
+    /// Failures since the warning.
     failures: u64,
+    /// When the last failure was, while a burst lasts.
+    last_failure: Option<std::time::Instant>,
+    /// The warning was logged and the recovery not yet.
+    warned: bool,
 }
 
 impl AcceptBackoff {
     pub const PAUSE: Duration = Duration::from_millis(100);
+    pub const QUIET: Duration = Duration::from_secs(10);
 
     /// Records a failed accept; returns how long to stop accepting.
     pub fn failed(&mut self, e: &std::io::Error) -> Option<Duration> {
         match e.raw_os_error() {
             Some(libc::EMFILE | libc::ENFILE | libc::ENOBUFS | libc::ENOMEM) => {
-                if self.failures == 0 {
+                let new_burst = self.last_failure.is_none_or(|t| t.elapsed() >= Self::QUIET);
+                if new_burst {
                     tracing::warn!(
                         "accept: {e}: pausing new connections (existing ones are still served); \
                          raise the open-file limit or lower --max-conns"
                     );
+                    self.warned = true;
+                    self.failures = 0;
                 }
                 self.failures += 1;
+                self.last_failure = Some(std::time::Instant::now());
                 Some(Self::PAUSE)
             }
             _ => {
@@ -210,9 +221,9 @@ impl AcceptBackoff {
     /// Records a successful accept.
     #[inline]
     pub fn succeeded(&mut self) {
-        if self.failures > 0 {
+        if self.warned {
+            self.warned = false;
             tracing::info!("accepting again after {} failed attempt(s)", self.failures);
-            self.failures = 0;
         }
     }
 }

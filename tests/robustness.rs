@@ -1,0 +1,561 @@
+//! Limits, timeouts, graceful drain and faults, for every model that can
+//! offer each (the iterative and pool models serve a fixed number of
+//! clients by design; where that matters, a test shows it).
+
+mod common;
+
+use std::io::{Read, Write};
+use std::net::{TcpStream, UdpSocket};
+use std::process::{Command, Stdio};
+use std::thread;
+use std::time::{Duration, Instant};
+
+use common::*;
+
+const ALL: [&str; 7] = [
+    "iterative",
+    "fork",
+    "threads",
+    "pool",
+    "select",
+    "epoll",
+    "async",
+];
+const CONCURRENT: [&str; 5] = ["fork", "threads", "select", "epoll", "async"];
+
+fn serve(model: &str, extra: &[&str]) -> Server {
+    let mut args = vec!["--model", model];
+    args.extend_from_slice(extra);
+    args.push("tcp://127.0.0.1:0");
+    Server::start(&args, 1)
+}
+
+fn fd_count(pid: i32) -> usize {
+    std::fs::read_dir(format!("/proc/{pid}/fd")).map_or(0, |d| d.count())
+}
+
+fn rss_kib(pid: i32) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find_map(|l| l.strip_prefix("VmRSS:"))
+                .and_then(|v| v.split_whitespace().next()?.parse().ok())
+        })
+        .unwrap_or(0)
+}
+
+fn cpu_ticks(pid: i32) -> u64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    let rest = stat.rsplit_once(") ").map_or("", |(_, r)| r);
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    f.get(11..13)
+        .map_or(0, |v| v.iter().filter_map(|x| x.parse::<u64>().ok()).sum())
+}
+
+/// Waits until `cond` holds, polling, for at most `limit`.
+fn eventually(limit: Duration, mut cond: impl FnMut() -> bool) -> bool {
+    let deadline = Instant::now() + limit;
+    while Instant::now() < deadline {
+        if cond() {
+            return true;
+        }
+        thread::sleep(Duration::from_millis(20));
+    }
+    cond()
+}
+
+#[test]
+fn idle_connections_are_closed_in_every_model() {
+    for model in ALL {
+        let srv = serve(model, &["--idle-timeout", "300ms"]);
+        let mut idle = TcpStream::connect(srv.hostport(0)).unwrap();
+        idle.set_read_timeout(Some(SECS(5))).unwrap();
+        let start = Instant::now();
+        let mut buf = [0u8; 8];
+        let n = idle.read(&mut buf).unwrap_or(0);
+        assert_eq!(
+            n, 0,
+            "{model}: expected the server to close the idle connection"
+        );
+        let took = start.elapsed();
+        assert!(
+            took >= Duration::from_millis(250),
+            "{model}: closed too early ({took:?})"
+        );
+        // The server goes on serving (the iterative one, the next client).
+        let r = upcase_run(&["send", srv.addr(0)], b"after idle", SECS(10));
+        assert_eq!(r.out(), "AFTER IDLE", "{model}: {}", r.stderr);
+        thread::sleep(Duration::from_millis(100));
+        assert!(
+            srv.logs().contains("--idle-timeout"),
+            "{model}: {}",
+            srv.logs()
+        );
+    }
+}
+
+/// 1,000 connections that each send a byte every 200 ms: none is idle,
+/// none finishes. A normal client's stream must still complete.
+fn slowloris(model: &str) {
+    let srv = serve(model, &["-q"]);
+    let mut slow = Vec::new();
+    for _ in 0..1000 {
+        let s = TcpStream::connect(srv.hostport(0)).expect("connect");
+        s.set_nonblocking(true).unwrap();
+        slow.push(s);
+    }
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let dripper = {
+        let stop = stop.clone();
+        thread::spawn(move || {
+            let mut buf = [0u8; 64];
+            // Bounded: at most 30 s of dripping.
+            for _ in 0..150 {
+                if stop.load(std::sync::atomic::Ordering::Relaxed) {
+                    break;
+                }
+                for s in slow.iter_mut() {
+                    let _ = s.write(b"x");
+                    let _ = s.read(&mut buf);
+                }
+                thread::sleep(Duration::from_millis(200));
+            }
+            slow
+        })
+    };
+    let r = upcase_run(&["send", srv.addr(0), "--bytes", "32M"], b"", SECS(60));
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let _slow = dripper.join().unwrap();
+    assert_eq!(
+        r.code(),
+        0,
+        "{model}: the normal client starved: {}",
+        r.stderr
+    );
+    assert_eq!(r.num("received"), 32 << 20, "{model}");
+}
+
+#[test]
+fn slowloris_cannot_starve_normal_clients() {
+    for model in CONCURRENT {
+        slowloris(model);
+    }
+}
+
+#[test]
+fn slowloris_starves_a_bounded_pool_as_designed() {
+    // The pool serves --workers clients at a time: slow clients that hold
+    // every worker make the next client wait (the seeds' warning, shown).
+    let srv = serve("pool", &["-q", "--workers", "4"]);
+    let slow: Vec<TcpStream> = (0..4)
+        .map(|_| {
+            let mut s = TcpStream::connect(srv.hostport(0)).unwrap();
+            s.write_all(b"x").unwrap();
+            s
+        })
+        .collect();
+    thread::sleep(Duration::from_millis(200));
+    let mut c = TcpStream::connect(srv.hostport(0)).unwrap();
+    c.set_read_timeout(Some(Duration::from_millis(700)))
+        .unwrap();
+    c.write_all(b"hello").unwrap();
+    let mut buf = [0u8; 5];
+    assert!(
+        c.read_exact(&mut buf).is_err(),
+        "served although every worker was held"
+    );
+    drop(slow);
+    c.set_read_timeout(Some(SECS(10))).unwrap();
+    c.read_exact(&mut buf).unwrap();
+    assert_eq!(&buf, b"HELLO");
+}
+
+/// The server runs with 64 descriptors; 100 clients come at once.
+fn emfile(model: &str) {
+    let mut child = Command::new("sh")
+        .arg("-c")
+        .arg(format!(
+            "ulimit -n 64 && exec {BIN} serve --model {model} --max-conns 1000 --idle-timeout 0 tcp://127.0.0.1:0"
+        ))
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut line = String::new();
+    use std::io::BufRead;
+    std::io::BufReader::new(child.stdout.take().unwrap())
+        .read_line(&mut line)
+        .unwrap();
+    let addr = line
+        .trim()
+        .strip_prefix("listening tcp://")
+        .unwrap()
+        .to_string();
+    let err = child.stderr.take().unwrap();
+    let (tx, logs) = std::sync::mpsc::channel();
+    thread::spawn(move || {
+        for l in std::io::BufReader::new(err).lines().map_while(Result::ok) {
+            let _ = tx.send(l);
+        }
+    });
+    let pid = child.id() as i32;
+    let mut clients: Vec<TcpStream> = (0..100)
+        .map(|_| TcpStream::connect(&addr).unwrap())
+        .collect();
+    let mut seen = Vec::new();
+    assert!(
+        eventually(SECS(5), || {
+            seen.extend(logs.try_iter());
+            seen.iter().any(|l| l.contains("pausing new connections"))
+        }),
+        "{model}: no EMFILE warning: {seen:?}"
+    );
+    // No busy loop while descriptors are short.
+    let before = cpu_ticks(pid);
+    thread::sleep(SECS(1));
+    let used = cpu_ticks(pid) - before;
+    assert!(
+        used < 40,
+        "{model}: {used} ticks of CPU in 1 s while out of descriptors"
+    );
+    // Existing clients are still served.
+    let c = &mut clients[0];
+    c.set_read_timeout(Some(SECS(10))).unwrap();
+    c.write_all(b"still served").unwrap();
+    let mut buf = [0u8; 12];
+    c.read_exact(&mut buf).unwrap();
+    assert_eq!(&buf, b"STILL SERVED", "{model}");
+    seen.extend(logs.try_iter());
+    let warnings = seen
+        .iter()
+        .filter(|l| l.contains("pausing new connections"))
+        .count();
+    assert_eq!(warnings, 1, "{model}: one warning per burst: {seen:?}");
+    // Free descriptors: the waiting clients get in.
+    let mut last = clients.pop().unwrap();
+    clients.truncate(10);
+    last.set_read_timeout(Some(SECS(10))).unwrap();
+    last.write_all(b"late").unwrap();
+    let mut buf = [0u8; 4];
+    last.read_exact(&mut buf).unwrap();
+    assert_eq!(&buf, b"LATE", "{model}");
+    assert!(
+        eventually(SECS(5), || {
+            seen.extend(logs.try_iter());
+            seen.iter().any(|l| l.contains("accepting again"))
+        }),
+        "{model}: {seen:?}"
+    );
+    let _ = child.kill();
+    let _ = child.wait();
+}
+
+#[test]
+fn out_of_descriptors_pauses_accepting_and_recovers() {
+    for model in ["threads", "select", "epoll", "async"] {
+        emfile(model);
+    }
+}
+
+#[test]
+fn sigterm_drains_a_gigabyte_stream_in_every_model() {
+    for model in ALL {
+        let mut srv = serve(model, &["-q"]);
+        let mut client = upcase();
+        client.args(["send", srv.addr(0), "--bytes", "1G"]);
+        let client = client
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        thread::sleep(Duration::from_millis(150));
+        // SAFETY: signalling our own child.
+        unsafe { libc::kill(srv.pid(), libc::SIGTERM) };
+        let out = client.wait_with_output().unwrap();
+        let text = String::from_utf8_lossy(&out.stdout);
+        assert!(
+            out.status.success(),
+            "{model}: {text}\n{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        assert!(
+            text.contains("received:  1073741824 bytes"),
+            "{model}: {text}"
+        );
+        assert!(text.contains("wrong:     0 bytes"), "{model}: {text}");
+        let status = wait_deadline(&mut srv.child, SECS(15)).expect("server exits after the drain");
+        assert_eq!(status.code(), Some(0), "{model}");
+        let r = upcase_run(&["send", srv.addr(0)], b"x", SECS(10));
+        assert_ne!(r.code(), 0, "{model}: still accepting after shutdown");
+    }
+}
+
+#[test]
+fn a_second_signal_stops_at_once() {
+    for model in ["threads", "epoll", "async", "fork"] {
+        let mut srv = serve(model, &["-q", "--drain-timeout", "60s"]);
+        let mut s = TcpStream::connect(srv.hostport(0)).unwrap();
+        s.write_all(b"a client that never finishes").unwrap();
+        thread::sleep(Duration::from_millis(100));
+        let start = Instant::now();
+        // SAFETY: signalling our own child.
+        unsafe { libc::kill(srv.pid(), libc::SIGTERM) };
+        thread::sleep(Duration::from_millis(200));
+        assert!(
+            srv.child.try_wait().unwrap().is_none(),
+            "{model}: left before the drain"
+        );
+        unsafe { libc::kill(srv.pid(), libc::SIGTERM) };
+        let status = wait_deadline(&mut srv.child, SECS(5)).expect("exits at the second signal");
+        assert_eq!(status.code(), Some(0), "{model}");
+        assert!(start.elapsed() < SECS(5));
+    }
+}
+
+#[test]
+fn drain_timeout_closes_what_is_left() {
+    for model in ["select", "async", "pool"] {
+        let mut srv = serve(model, &["-q", "--drain-timeout", "300ms"]);
+        let _s = TcpStream::connect(srv.hostport(0)).unwrap();
+        thread::sleep(Duration::from_millis(100));
+        let status = srv.signal_and_wait(libc::SIGTERM, SECS(5));
+        assert_eq!(status.code(), Some(0), "{model}");
+    }
+}
+
+/// 1,000 clients that reset mid-stream and a few that are killed: the
+/// server's descriptors and memory come back to where they were.
+fn faults(model: &str) {
+    let srv = serve(model, &["-q"]);
+    let warm = upcase_run(&["send", srv.addr(0), "--bytes", "4M"], b"", SECS(30));
+    assert_eq!(warm.code(), 0, "{model}");
+    let fds = fd_count(srv.pid());
+    let rss = rss_kib(srv.pid());
+    let chunk = vec![b'r'; 64 * 1024];
+    for _ in 0..1000 {
+        let mut c = TcpStream::connect(srv.hostport(0)).unwrap();
+        let _ = c.write_all(&chunk);
+        socket2::SockRef::from(&c)
+            .set_linger(Some(Duration::ZERO))
+            .unwrap();
+    }
+    for _ in 0..5 {
+        let mut c = upcase();
+        c.args(["send", srv.addr(0), "--bytes", "1G"]);
+        let mut child = c
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        thread::sleep(Duration::from_millis(100));
+        let _ = child.kill();
+        let _ = child.wait();
+    }
+    let r = upcase_run(&["send", srv.addr(0)], b"still serving", SECS(10));
+    assert_eq!(r.out(), "STILL SERVING", "{model}");
+    assert!(
+        eventually(SECS(20), || fd_count(srv.pid()) <= fds),
+        "{model}: descriptors {} > {fds} before the faults",
+        fd_count(srv.pid())
+    );
+    let after = rss_kib(srv.pid());
+    assert!(
+        after <= rss + 32 * 1024,
+        "{model}: RSS {rss} KiB -> {after} KiB"
+    );
+}
+
+#[test]
+fn resets_and_killed_clients_leave_no_trace() {
+    for model in ALL {
+        faults(model);
+    }
+}
+
+#[test]
+fn udp_faults_in_every_model() {
+    for model in ALL {
+        let mut args = vec!["--model", model, "-q", "udp://127.0.0.1:0"];
+        if model == "iterative" {
+            args.push("tcp://127.0.0.1:0");
+        }
+        let srv = Server::start(&args, args.len() - 3);
+        let addr = srv.hostport(0).to_string();
+        // An empty datagram is answered with an empty one.
+        let s = UdpSocket::bind("127.0.0.1:0").unwrap();
+        s.set_read_timeout(Some(SECS(5))).unwrap();
+        s.send_to(b"", &addr).unwrap();
+        let mut buf = [0u8; 16];
+        let (n, _) = s.recv_from(&mut buf).expect("empty reply");
+        assert_eq!(n, 0, "{model}");
+        // Senders that vanish before the reply: the replies fail quietly.
+        for _ in 0..100 {
+            let v = UdpSocket::bind("127.0.0.1:0").unwrap();
+            v.send_to(b"gone", &addr).unwrap();
+        }
+        // Many senders interleaved, every reply verified.
+        let (r, v) = {
+            let r = upcase_run(
+                &[
+                    "bench",
+                    srv.addr(0),
+                    "--mode",
+                    "udp",
+                    "--conns",
+                    "20",
+                    "--duration",
+                    "1s",
+                    "--json",
+                    "--no-intervals",
+                ],
+                b"",
+                SECS(30),
+            );
+            let v: serde_json::Value = serde_json::from_slice(&r.stdout).unwrap();
+            (r, v)
+        };
+        assert_eq!(r.code(), 0, "{model}: {}", r.stderr);
+        assert_eq!(v["errors"], 0, "{model}");
+        assert!(v["messages"].as_u64().unwrap() > 100, "{model}: {v}");
+        s.send_to(b"after", &addr).unwrap();
+        let (n, _) = s.recv_from(&mut buf).unwrap();
+        assert_eq!(&buf[..n], b"AFTER", "{model}");
+    }
+}
+
+/// Kills and reaps a child when dropped.
+struct KillOnDrop<'a>(&'a mut std::process::Child);
+
+impl Drop for KillOnDrop<'_> {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// Runs `args` in network namespace `ns`.
+fn in_ns(ns: &str, args: &[&str]) -> std::process::Output {
+    Command::new("ip")
+        .args(["netns", "exec", ns])
+        .args(args)
+        .output()
+        .expect("ip netns exec")
+}
+
+#[test]
+fn udp_loss_in_a_private_network_namespace() {
+    // A namespace of our own, with loss on its loopback: traffic never
+    // leaves it. netem where the kernel has it, else an nftables rule that
+    // drops a random 30 % of the server's incoming datagrams.
+    let ns = format!("upcase-test-{}", std::process::id());
+    let add = Command::new("ip").args(["netns", "add", &ns]).output();
+    if !matches!(&add, Ok(o) if o.status.success()) {
+        eprintln!(
+            "SKIPPED udp_loss_in_a_private_network_namespace: cannot create a network namespace here ({add:?})"
+        );
+        return;
+    }
+    struct Cleanup(String);
+    impl Drop for Cleanup {
+        fn drop(&mut self) {
+            let _ = Command::new("ip").args(["netns", "del", &self.0]).output();
+        }
+    }
+    let _cleanup = Cleanup(ns.clone());
+    assert!(
+        in_ns(&ns, &["ip", "link", "set", "lo", "up"])
+            .status
+            .success()
+    );
+    let netem = in_ns(
+        &ns,
+        &[
+            "tc", "qdisc", "add", "dev", "lo", "root", "netem", "loss", "30%", "delay", "5ms",
+        ],
+    );
+    let mut server = Command::new("ip")
+        .args([
+            "netns",
+            "exec",
+            &ns,
+            BIN,
+            "serve",
+            "-q",
+            "udp://127.0.0.1:0",
+        ])
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut line = String::new();
+    use std::io::BufRead;
+    std::io::BufReader::new(server.stdout.take().unwrap())
+        .read_line(&mut line)
+        .unwrap();
+    let ep = line.trim().strip_prefix("listening ").unwrap().to_string();
+    let port = ep.rsplit(':').next().unwrap().to_string();
+    let _server_guard = KillOnDrop(&mut server);
+    if !netem.status.success() {
+        let rule = format!("udp dport {port} numgen random mod 10 < 3 drop");
+        let ok = in_ns(&ns, &["nft", "add", "table", "inet", "loss"])
+            .status
+            .success()
+            && in_ns(
+                &ns,
+                &[
+                    "nft",
+                    "add",
+                    "chain",
+                    "inet",
+                    "loss",
+                    "in",
+                    "{ type filter hook input priority 0; }",
+                ],
+            )
+            .status
+            .success()
+            && in_ns(
+                &ns,
+                &["sh", "-c", &format!("nft add rule inet loss in {rule}")],
+            )
+            .status
+            .success();
+        if !ok {
+            eprintln!(
+                "SKIPPED udp_loss_in_a_private_network_namespace: neither netem nor nftables is available"
+            );
+            return;
+        }
+    }
+    let out = in_ns(
+        &ns,
+        &[
+            BIN,
+            "send",
+            &ep,
+            "--bytes",
+            "200K",
+            "--size",
+            "1K",
+            "--timeout",
+            "20ms",
+            "--retries",
+            "8",
+            "--json",
+        ],
+    );
+    drop(_server_guard);
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout)
+        .unwrap_or_else(|e| panic!("{e}: {}", String::from_utf8_lossy(&out.stderr)));
+    assert_eq!(v["sent"], 200, "{v}");
+    assert!(
+        v["resent"].as_u64().unwrap() > 20,
+        "30% loss must show as resends: {v}"
+    );
+    // With 8 retries at 30 % loss, losing a request for good is rare; the
+    // report must add up either way.
+    let (answered, lost) = (v["answered"].as_u64().unwrap(), v["lost"].as_u64().unwrap());
+    assert_eq!(answered + lost, 200, "{v}");
+    assert!(answered >= 195, "{v}");
+    assert_eq!(v["wrong"], 0, "{v}");
+}
