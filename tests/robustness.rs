@@ -496,7 +496,6 @@ fn udp_loss_in_a_private_network_namespace() {
     let port = ep.rsplit(':').next().unwrap().to_string();
     let _server_guard = KillOnDrop(&mut server);
     if !netem.status.success() {
-        let rule = format!("udp dport {port} numgen random mod 10 < 3 drop");
         let ok = in_ns(&ns, &["nft", "add", "table", "inet", "loss"])
             .status
             .success()
@@ -516,7 +515,10 @@ fn udp_loss_in_a_private_network_namespace() {
             .success()
             && in_ns(
                 &ns,
-                &["sh", "-c", &format!("nft add rule inet loss in {rule}")],
+                &[
+                    "nft", "add", "rule", "inet", "loss", "in", "udp", "dport", &port, "numgen",
+                    "random", "mod", "10", "<", "3", "drop",
+                ],
             )
             .status
             .success();
