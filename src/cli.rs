@@ -92,18 +92,18 @@ pub struct ServeArgs {
     pub model: Model,
     /// Largest block read from a connection at once (the seeds use 1K). Each
     /// connection's buffer starts at 4K and grows to this while reads fill it.
-    #[arg(long, value_name = "SIZE", default_value = "256K", value_parser = units::parse_buffer_size)]
+    #[arg(long, allow_negative_numbers = true, value_name = "SIZE", default_value = "256K", value_parser = units::parse_buffer_size)]
     pub block: usize,
     /// Connections served at once; more wait in the listen backlog
     /// [default: the open-file limit less 64].
-    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u32).range(1..))]
+    #[arg(long, allow_negative_numbers = true, value_name = "N", value_parser = clap::value_parser!(u32).range(1..))]
     pub max_conns: Option<u32>,
     /// After SIGTERM/SIGINT, how long streams in progress may finish.
-    #[arg(long, value_name = "DURATION", default_value = "10s", value_parser = units::parse_duration)]
+    #[arg(long, allow_negative_numbers = true, value_name = "DURATION", default_value = "10s", value_parser = units::parse_duration)]
     pub drain_timeout: Duration,
     /// Close a connection that sends nothing and accepts nothing for this
     /// long (0: never).
-    #[arg(long, value_name = "DURATION", default_value = "5m", value_parser = units::parse_duration)]
+    #[arg(long, allow_negative_numbers = true, value_name = "DURATION", default_value = "5m", value_parser = units::parse_duration)]
     pub idle_timeout: Duration,
     /// Uppercase UTF-8 text fully, as Python's str.upper() (ß to SS, é to É),
     /// also across block boundaries; invalid bytes pass through, or with
@@ -112,7 +112,7 @@ pub struct ServeArgs {
     pub utf8: Option<Utf8Arg>,
     /// Threads of the pool model, event loops of epoll, runtime threads of
     /// async [default: pool 16, others one per core].
-    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u32).range(1..=4096))]
+    #[arg(long, allow_negative_numbers = true, value_name = "N", value_parser = clap::value_parser!(u32).range(1..=4096))]
     pub workers: Option<u32>,
     #[command(flatten)]
     pub listen: ListenOpts,
@@ -130,7 +130,7 @@ pub struct ListenOpts {
     #[arg(long)]
     pub no_reuseaddr: bool,
     /// listen(2) backlog: connections the kernel queues before accept.
-    #[arg(long, value_name = "N", default_value_t = 1024, value_parser = clap::value_parser!(i32).range(1..))]
+    #[arg(long, allow_negative_numbers = true, value_name = "N", default_value_t = 1024, value_parser = clap::value_parser!(i32).range(1..))]
     pub backlog: i32,
 }
 
@@ -141,13 +141,13 @@ pub struct SockArgs {
     #[arg(long)]
     pub nodelay: bool,
     /// SO_RCVBUF in bytes (the kernel doubles it; without it, it autotunes).
-    #[arg(long, value_name = "SIZE", value_parser = units::parse_buffer_size)]
+    #[arg(long, allow_negative_numbers = true, value_name = "SIZE", value_parser = units::parse_buffer_size)]
     pub rcvbuf: Option<usize>,
     /// SO_SNDBUF in bytes.
-    #[arg(long, value_name = "SIZE", value_parser = units::parse_buffer_size)]
+    #[arg(long, allow_negative_numbers = true, value_name = "SIZE", value_parser = units::parse_buffer_size)]
     pub sndbuf: Option<usize>,
     /// Enable TCP keepalive, probing after this much idle time (e.g. 60s).
-    #[arg(long, value_name = "DURATION", value_parser = units::parse_positive_duration)]
+    #[arg(long, allow_negative_numbers = true, value_name = "DURATION", value_parser = units::parse_positive_duration)]
     pub keepalive: Option<Duration>,
 }
 
@@ -180,7 +180,7 @@ pub struct SendArgs {
     #[arg(value_name = "ADDR")]
     pub endpoint: Endpoint,
     /// Send N bytes of the seeds' pattern and verify the reply (suffixes K, M, G: binary).
-    #[arg(long, value_name = "N", value_parser = units::parse_nonzero_size)]
+    #[arg(long, allow_negative_numbers = true, value_name = "N", value_parser = units::parse_nonzero_size)]
     pub bytes: Option<u64>,
     /// The seeds' deadlocking client: write everything, then read.
     #[arg(long, requires = "bytes", conflicts_with = "utf8")]
@@ -191,10 +191,10 @@ pub struct SendArgs {
     pub utf8: Option<Utf8Arg>,
     /// With --bytes: give up and diagnose when neither direction moves for
     /// this long [default: 2 with --naive, else 10].
-    #[arg(long, value_name = "DURATION", value_parser = units::parse_positive_duration)]
+    #[arg(long, allow_negative_numbers = true, value_name = "DURATION", value_parser = units::parse_positive_duration)]
     pub stall: Option<Duration>,
     /// UDP with --bytes: bytes per datagram (at most 65507).
-    #[arg(long, value_name = "SIZE", default_value = "1K", value_parser = parse_datagram_size)]
+    #[arg(long, allow_negative_numbers = true, value_name = "SIZE", default_value = "1K", value_parser = parse_datagram_size)]
     pub size: usize,
     #[command(flatten)]
     pub udp: UdpArgs,
@@ -212,10 +212,15 @@ pub struct SendArgs {
 #[derive(Debug, Args)]
 pub struct UdpArgs {
     /// UDP: wait this long for a reply before the first resend.
-    #[arg(long, value_name = "DURATION", default_value = "100ms", value_parser = units::parse_positive_duration)]
+    #[arg(long, allow_negative_numbers = true, value_name = "DURATION", default_value = "100ms", value_parser = units::parse_positive_duration)]
     pub timeout: Duration,
     /// UDP: resends (each waiting twice as long) before a request counts as lost.
-    #[arg(long, value_name = "N", default_value_t = 5)]
+    #[arg(
+        long,
+        allow_negative_numbers = true,
+        value_name = "N",
+        default_value_t = 5
+    )]
     pub retries: u32,
 }
 
@@ -394,25 +399,25 @@ pub struct BenchArgs {
     #[arg(long, value_enum, default_value_t = Workload::Rr)]
     pub mode: Workload,
     /// Connections [default: stream 1, rr 50, crr 50, udp 1, hold 10000].
-    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u32).range(1..=1_000_000))]
+    #[arg(long, allow_negative_numbers = true, value_name = "N", value_parser = clap::value_parser!(u32).range(1..=1_000_000))]
     pub conns: Option<u32>,
     /// hold: connections that run rr while the others are held idle.
-    #[arg(long, value_name = "N", default_value_t = 10, value_parser = clap::value_parser!(u32).range(1..))]
+    #[arg(long, allow_negative_numbers = true, value_name = "N", default_value_t = 10, value_parser = clap::value_parser!(u32).range(1..))]
     pub active: u32,
     /// How long each workload runs.
-    #[arg(long, value_name = "DURATION", default_value = "5s", value_parser = units::parse_positive_duration)]
+    #[arg(long, allow_negative_numbers = true, value_name = "DURATION", default_value = "5s", value_parser = units::parse_positive_duration)]
     pub duration: Duration,
     /// Message size for rr, crr, udp and hold.
-    #[arg(long, value_name = "SIZE", default_value = "512", value_parser = parse_datagram_size)]
+    #[arg(long, allow_negative_numbers = true, value_name = "SIZE", default_value = "512", value_parser = parse_datagram_size)]
     pub size: usize,
     /// Total requests per second, open loop (rr, crr, udp, hold).
-    #[arg(long, value_name = "R")]
+    #[arg(long, allow_negative_numbers = true, value_name = "R")]
     pub rate: Option<f64>,
     /// Load-generator threads (each an event loop).
-    #[arg(long, value_name = "N", default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..=256))]
+    #[arg(long, allow_negative_numbers = true, value_name = "N", default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..=256))]
     pub threads: u32,
     /// udp: wait this long for a reply before counting it lost.
-    #[arg(long, value_name = "DURATION", default_value = "200ms", value_parser = units::parse_positive_duration)]
+    #[arg(long, allow_negative_numbers = true, value_name = "DURATION", default_value = "200ms", value_parser = units::parse_positive_duration)]
     pub timeout: Duration,
     /// The server's process id, to report its CPU and memory.
     #[arg(long, value_name = "PID")]

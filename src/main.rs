@@ -10,7 +10,7 @@ use upcase::client::{self, exit};
 use upcase::server;
 
 fn main() {
-    let cli = Cli::parse();
+    let cli = parse_args();
     init_logging(cli.verbose, cli.quiet);
     let result = match cli.command {
         Command::Serve(args) => {
@@ -65,6 +65,46 @@ fn bench_main(cmd: BenchCommand) -> anyhow::Result<i32> {
         }
     };
     Ok(if errors > 0 { exit::MISMATCH } else { exit::OK })
+}
+
+/// Parses the command line. `--help` and `--version` print as clap makes
+/// them; an invalid argument gives one line that says what is wrong and
+/// where to look, and exit code 2.
+fn parse_args() -> Cli {
+    use clap::error::ErrorKind;
+    match Cli::try_parse() {
+        Ok(cli) => cli,
+        Err(e)
+            if matches!(
+                e.kind(),
+                ErrorKind::DisplayHelp
+                    | ErrorKind::DisplayVersion
+                    | ErrorKind::DisplayHelpOnMissingArgumentOrSubcommand
+            ) =>
+        {
+            e.exit()
+        }
+        Err(e) => {
+            // clap's first paragraph (the error and its details), as one line.
+            let text = e.to_string();
+            let para: Vec<&str> = text
+                .lines()
+                .take_while(|l| !l.trim().is_empty())
+                .map(str::trim)
+                .collect();
+            let joined = para.join(" ");
+            let first = joined.strip_prefix("error: ").unwrap_or(&joined);
+            let command = std::env::args().nth(1).filter(|a| !a.starts_with('-'));
+            let help = match command {
+                Some(c) if ["serve", "send", "chat", "bench"].contains(&c.as_str()) => {
+                    format!("upcase {c} --help")
+                }
+                _ => "upcase --help".to_string(),
+            };
+            eprintln!("upcase: {first} (see {help})");
+            std::process::exit(exit::USAGE);
+        }
+    }
 }
 
 fn usage_error(msg: &str) -> ! {

@@ -108,3 +108,94 @@ fn bad_sizes_and_flags() {
         "greater than zero",
     );
 }
+
+#[test]
+fn errors_are_one_line_and_say_where_to_look() {
+    for args in [
+        &["serve", "--model", "nope"][..],
+        &["send", "127.0.0.1:1", "--naive"],
+        &["send"],
+        &["bogus"],
+    ] {
+        let r = upcase_run(args, b"", SECS(10));
+        assert_eq!(r.code(), 2, "{args:?}");
+        assert_eq!(
+            r.stderr.trim_end().lines().count(),
+            1,
+            "{args:?}: {:?}",
+            r.stderr
+        );
+        assert!(r.stderr.contains("--help"), "{args:?}: {}", r.stderr);
+    }
+}
+
+#[test]
+fn negative_and_zero_sizes() {
+    fails(&["send", "127.0.0.1:1", "--bytes", "-1"], 2, "invalid size");
+    fails(
+        &["send", "udp://127.0.0.1:1", "--bytes", "1K", "--size", "0"],
+        2,
+        "greater than zero",
+    );
+    fails(&["serve", "--rcvbuf", "0"], 2, "greater than zero");
+    fails(&["serve", "--workers", "0"], 2, "--workers");
+    fails(&["bench", "127.0.0.1:1", "--rate", "0"], 2, "--rate");
+    fails(&["bench", "127.0.0.1:1", "--rate", "-5"], 2, "--rate");
+    fails(&["serve", "--drain-timeout", "-2"], 2, "zero or more");
+}
+
+#[test]
+fn conflicting_flags() {
+    fails(&["-q", "-v", "serve"], 2, "cannot be used with");
+    fails(
+        &["send", "127.0.0.1:1", "--bytes", "1K", "--naive", "--utf8"],
+        2,
+        "cannot be used with",
+    );
+    fails(
+        &["bench", "127.0.0.1:1", "--mode", "stream", "--rate", "10"],
+        2,
+        "not stream",
+    );
+    fails(&["bench"], 2, "<ADDR>");
+    fails(
+        &["bench", "127.0.0.1:1", "--models", "async"],
+        2,
+        "--compare",
+    );
+    fails(&["serve", "--utf8=maybe"], 2, "lenient, strict");
+}
+
+#[test]
+fn privileged_port_without_privileges() {
+    // As root this would bind; run as nobody, as an ordinary user would.
+    let unpriv = std::fs::read_to_string("/proc/sys/net/ipv4/ip_unprivileged_port_start")
+        .ok()
+        .and_then(|s| s.trim().parse::<u16>().ok())
+        .unwrap_or(1024);
+    if unpriv <= 80 {
+        eprintln!(
+            "SKIPPED privileged_port_without_privileges: this kernel lets anyone bind port 80"
+        );
+        return;
+    }
+    let is_root = unsafe { libc::geteuid() } == 0;
+    let mut cmd = if is_root {
+        let mut c = std::process::Command::new("setpriv");
+        c.args([
+            "--reuid=65534",
+            "--regid=65534",
+            "--clear-groups",
+            "--inh-caps=-all",
+            BIN,
+        ]);
+        c
+    } else {
+        upcase()
+    };
+    cmd.args(["serve", "tcp://127.0.0.1:80"]);
+    let r = run(cmd, b"", SECS(10));
+    assert_eq!(r.code(), 1, "{}", r.stderr);
+    assert!(r.stderr.contains("ports below 1024"), "{}", r.stderr);
+    assert_eq!(r.stderr.trim_end().lines().count(), 1, "{}", r.stderr);
+}
