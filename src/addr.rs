@@ -77,9 +77,13 @@ impl FromStr for Endpoint {
         if s.is_empty() {
             return Err(AddrError::Empty);
         }
-        if let Some(path) = s.strip_prefix("unix:") {
-            // Accept both unix:/path and unix:///path (URL style).
-            let path = path.strip_prefix("//").unwrap_or(path);
+        if s.get(..5).is_some_and(|p| p.eq_ignore_ascii_case("unix:")) {
+            // unix:PATH, and the URL form unix:///abs/path.
+            let rest = &s[5..];
+            let path = match rest.strip_prefix("//") {
+                Some(abs) if abs.starts_with('/') => abs,
+                _ => rest,
+            };
             if path.is_empty() {
                 return Err(AddrError::EmptyPath);
             }
@@ -89,8 +93,6 @@ impl FromStr for Endpoint {
             return match scheme.to_ascii_lowercase().as_str() {
                 "tcp" => Ok(Endpoint::Tcp(rest.parse()?)),
                 "udp" => Ok(Endpoint::Udp(rest.parse()?)),
-                "unix" if !rest.is_empty() => Ok(Endpoint::Unix(PathBuf::from(format!("/{rest}")))),
-                "unix" => Err(AddrError::EmptyPath),
                 _ => Err(AddrError::UnknownScheme(scheme.to_string())),
             };
         }
@@ -198,6 +200,11 @@ impl fmt::Display for Endpoint {
         match self {
             Endpoint::Tcp(hp) => write!(f, "tcp://{hp}"),
             Endpoint::Udp(hp) => write!(f, "udp://{hp}"),
+            // A path that itself starts with // is written in the URL form,
+            // so that it parses back to the same path.
+            Endpoint::Unix(p) if p.as_os_str().as_encoded_bytes().starts_with(b"//") => {
+                write!(f, "unix://{}", p.display())
+            }
             Endpoint::Unix(p) => write!(f, "unix:{}", p.display()),
         }
     }
@@ -221,6 +228,12 @@ mod tests {
         assert_eq!(tcp("unix:/tmp/x.sock").to_string(), "unix:/tmp/x.sock");
         assert_eq!(tcp("unix:rel.sock").to_string(), "unix:rel.sock");
         assert_eq!(tcp("unix:///tmp/x").to_string(), "unix:/tmp/x");
+        assert_eq!(tcp("UNIX:/tmp/x").to_string(), "unix:/tmp/x");
+        // Found by the fuzzer: paths that start with // round-trip too.
+        for weird in ["unix://x", "unix:////x", "unix://///a", "unix:////"] {
+            let e = tcp(weird);
+            assert_eq!(tcp(&e.to_string()), e, "{weird}");
+        }
         assert_eq!(tcp("0.0.0.0:1060").to_string(), "tcp://0.0.0.0:1060");
     }
 

@@ -88,7 +88,7 @@ pub struct ServeArgs {
     #[arg(value_name = "ADDR")]
     pub listeners: Vec<Endpoint>,
     /// How the server waits for many clients at once.
-    #[arg(long, value_enum, default_value_t = Model::Async)]
+    #[arg(long, value_enum, default_value_t = Model::Epoll)]
     pub model: Model,
     /// Largest block read from a connection at once (the seeds use 1K). Each
     /// connection's buffer starts at 4K and grows to this while reads fill it.
@@ -111,7 +111,7 @@ pub struct ServeArgs {
     #[arg(long, value_enum, value_name = "STRICTNESS", num_args = 0..=1, require_equals = true, default_missing_value = "lenient")]
     pub utf8: Option<Utf8Arg>,
     /// Threads of the pool model, event loops of epoll, runtime threads of
-    /// async [default: pool 16, others one per core].
+    /// async [default: pool 16, epoll half the cores, async one per core].
     #[arg(long, allow_negative_numbers = true, value_name = "N", value_parser = clap::value_parser!(u32).range(1..=4096))]
     pub workers: Option<u32>,
     #[command(flatten)]
@@ -314,10 +314,16 @@ impl ServeArgs {
     }
 }
 
+/// Threads per model when `--workers` is not given. The event loops take
+/// half the cores: upcase is most often measured or used with its clients
+/// on the same machine, and measurement (docs/BENCHMARKS.md) shows that a
+/// loop per core only makes server and clients fight for the CPU.
 fn default_workers(model: Model) -> usize {
+    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
     match model {
         Model::Pool => 16,
-        _ => std::thread::available_parallelism().map_or(1, |n| n.get()),
+        Model::Epoll => (cores / 2).max(1),
+        _ => cores,
     }
 }
 

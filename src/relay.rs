@@ -302,6 +302,11 @@ impl ReadyConn {
         Ok(Step::Again)
     }
 
+    /// Whether output waits for the socket to become writable.
+    pub fn has_pending(&self) -> bool {
+        self.sent < self.pending.len()
+    }
+
     /// Writes pending output; true when none is left.
     fn flush<S: Write>(&mut self, s: &mut S) -> io::Result<bool> {
         while self.sent < self.pending.len() {

@@ -185,7 +185,15 @@ fn drive(job: &Job, live: &Live, r: &mut ThreadResult) -> io::Result<()> {
             Err(e) => return Err(e),
         }
         for ev in events.iter() {
-            ready.push(ev.token().0);
+            let i = ev.token().0;
+            // Edge-triggered writability comes with every ACK; it matters
+            // only to a connection with a request still to write.
+            let c = &conns[i];
+            let wants_write =
+                job.workload == Workload::Stream || (c.in_flight && c.sent < job.size as u64);
+            if ev.is_readable() || ev.is_read_closed() || ev.is_error() || wants_write {
+                ready.push(i);
+            }
         }
         ready.sort_unstable();
         ready.dedup();

@@ -222,10 +222,21 @@ impl<'a> EventLoop<'a> {
                 match ev.token() {
                     SHUTDOWN => {} // handled at the top of the loop
                     Token(i) if i >= CONN_BASE => {
+                        let key = i - CONN_BASE;
+                        // Edge-triggered writability is reported at every
+                        // ACK that frees buffer space: without output
+                        // waiting, there is nothing to do.
+                        if !ev.is_readable()
+                            && !ev.is_read_closed()
+                            && !ev.is_error()
+                            && self.conns.get(key).is_some_and(|c| !c.conn.has_pending())
+                        {
+                            continue;
+                        }
                         // An event that reports the peer's end of file will
                         // not come again: then read until EAGAIN or EOF.
                         let trust = !(ev.is_read_closed() || ev.is_error());
-                        self.drive(i - CONN_BASE, trust)
+                        self.drive(key, trust)
                     }
                     Token(i) => self.source_ready(i),
                 }

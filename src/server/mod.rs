@@ -40,11 +40,12 @@ pub enum Model {
     Pool,
     /// One thread, non-blocking sockets, one poll(2) loop (the select() server).
     Select,
-    /// An epoll event loop (mio) per --workers, sharing the listeners.
+    /// Event loops on epoll (mio), --workers of them sharing the listeners;
+    /// the default: fastest per message, ~200 bytes per idle connection.
+    #[default]
     Epoll,
     /// A task per connection on tokio's multi-threaded runtime (lecture 3's
     /// event loop, on every core).
-    #[default]
     Async,
 }
 
