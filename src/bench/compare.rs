@@ -67,9 +67,14 @@ pub fn run(cfg: &CompareConfig) -> anyhow::Result<Vec<Row>> {
                 server_pid: Some(server.pid()),
                 ..cfg.base.clone()
             };
-            let r = super::run(&bc).with_context(|| format!("{name}: {}", w.name()))?;
-            eprintln!("   {}", summary(&r));
-            reports.push(r);
+            // One failed workload is reported; the comparison goes on.
+            match super::run(&bc) {
+                Ok(r) => {
+                    eprintln!("   {}", summary(&r));
+                    reports.push(r);
+                }
+                Err(e) => eprintln!("   {name}: {} failed: {e:#}", w.name()),
+            }
         }
         server.stop();
         rows.push(Row {
@@ -224,6 +229,11 @@ pub fn table(rows: &[Row], workloads: &[Workload]) -> String {
                     .map_or("-".into(), |l| format!("{:.0}", l.p99))
             };
             let bad = |r: &Report, s: String| {
+                let s = if r.conns_served < r.conns && r.workload != Workload::Hold {
+                    format!("{s} ({}/{} served)", r.conns_served, r.conns)
+                } else {
+                    s
+                };
                 if r.errors > 0 {
                     format!("{s} ({} errors)", r.errors)
                 } else {

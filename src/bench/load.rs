@@ -43,6 +43,8 @@ pub struct ThreadResult {
     pub errors: u64,
     /// Bytes received per connection (stream mode).
     pub per_conn: Vec<u64>,
+    /// Connections that completed at least one message.
+    pub served: usize,
     pub first_error: Option<String>,
 }
 
@@ -82,6 +84,7 @@ struct Conn {
     due: Instant,
     in_flight: bool,
     received_total: u64,
+    messages: u64,
 }
 
 const READ_BUF: usize = 256 * 1024;
@@ -93,6 +96,7 @@ pub fn run(job: Job, live: Arc<Live>) -> ThreadResult {
         messages: 0,
         errors: 0,
         per_conn: vec![0; job.conns],
+        served: 0,
         first_error: None,
     };
     if let Err(e) = drive(&job, &live, &mut r) {
@@ -129,6 +133,7 @@ fn drive(job: &Job, live: &Live, r: &mut ThreadResult) -> io::Result<()> {
             due: start + offset,
             in_flight: false,
             received_total: 0,
+            messages: 0,
         });
     }
     let mut buf = vec![0u8; READ_BUF];
@@ -201,6 +206,7 @@ fn drive(job: &Job, live: &Live, r: &mut ThreadResult) -> io::Result<()> {
     for (i, c) in conns.iter().enumerate() {
         r.per_conn[i] = c.received_total;
     }
+    r.served = conns.iter().filter(|c| c.messages > 0).count();
     close_gracefully(&mut poll, &mut conns, &mut buf);
     Ok(())
 }
@@ -338,6 +344,7 @@ fn step(
         let lat = c.due.elapsed().as_nanos() as u64;
         let _ = r.hist.record(lat.max(1));
         r.messages += 1;
+        c.messages += 1;
         live.messages.fetch_add(1, Ordering::Relaxed);
         c.in_flight = false;
         if let Some(iv) = interval {

@@ -118,6 +118,9 @@ pub struct Report {
     /// CPU time over wall time: 1.0 is one core busy.
     pub client_cpu: f64,
     pub server_cpu: Option<f64>,
+    /// Connections that completed at least one message (rr, crr, udp): a
+    /// server that serves only some clients shows here, not in msgs/s.
+    pub conns_served: usize,
     /// hold: connections held idle, and the server's memory for each.
     pub held: Option<usize>,
     pub server_bytes_per_held_conn: Option<f64>,
@@ -207,11 +210,12 @@ fn summarise(
     server_cpu: Option<f64>,
 ) -> Report {
     let mut hist = load::new_hist();
-    let (mut bytes, mut messages, mut errors, mut lost) = (0, 0, 0, 0);
+    let (mut bytes, mut messages, mut errors, mut lost, mut served) = (0, 0, 0, 0, 0);
     let mut per_conn = Vec::new();
     let mut first_error = None;
     for (r, l) in results {
         let _ = hist.add(&r.hist);
+        served += r.served;
         bytes += r.bytes;
         messages += r.messages;
         errors += r.errors;
@@ -252,6 +256,11 @@ fn summarise(
             .then(|| per_conn.iter().copied().max().map(mbps))
             .flatten(),
         latency_us,
+        conns_served: if stream {
+            per_conn.iter().filter(|&&b| b > 0).count()
+        } else {
+            served
+        },
         client_cpu,
         server_cpu,
         held: None,
@@ -339,6 +348,12 @@ impl Report {
         if self.workload != Workload::Stream {
             println!("msgs/s:      {:.0}", self.msgs_per_s);
         }
+        if self.conns_served < self.conns && self.workload != Workload::Hold {
+            println!(
+                "served:      only {} of {} connections got a reply",
+                self.conns_served, self.conns
+            );
+        }
         if let Some(l) = &self.latency_us {
             println!(
                 "latency us:  p50 {:.1}  p90 {:.1}  p99 {:.1}  p99.9 {:.1}  max {:.1}",
@@ -403,9 +418,18 @@ pub fn open_idle(
         if let Some(b) = opts.rcvbuf {
             let _ = sock.set_recv_buffer_size(b);
         }
-        sock.connect(&addr.into()).with_context(|| {
-            format!("connecting idle connection {} of {n} to {endpoint}", i + 1)
-        })?;
+        // A server that stops accepting (the iterative model, a full
+        // backlog) ends the ramp instead of hanging it.
+        if let Err(e) = sock.connect_timeout(&addr.into(), Duration::from_secs(2)) {
+            if i == 0 {
+                return Err(e).with_context(|| format!("connecting to {endpoint}"));
+            }
+            eprintln!(
+                "holding {i} of {n} connections: connection {} failed: {e}",
+                i + 1
+            );
+            break;
+        }
         held.push(sock.into());
     }
     Ok(held)

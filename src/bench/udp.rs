@@ -31,6 +31,7 @@ pub fn run(job: Job, timeout: Duration, live: Arc<Live>) -> (ThreadResult, u64) 
         messages: 0,
         errors: 0,
         per_conn: vec![0; job.conns],
+        served: 0,
         first_error: None,
     };
     let mut lost = 0;
@@ -38,6 +39,7 @@ pub fn run(job: Job, timeout: Duration, live: Arc<Live>) -> (ThreadResult, u64) 
         r.errors += 1;
         r.first_error.get_or_insert(e.to_string());
     }
+    r.served = r.per_conn.iter().filter(|&&b| b > 0).count();
     (r, lost)
 }
 
