@@ -38,15 +38,21 @@ EXIT CODES:
   0  success (everything sent came back, verified)
   1  error (cannot bind or connect, reset, I/O error)
   2  invalid arguments
-  3  send --naive stalled: the deadlock was diagnosed
-  4  the reply was wrong or incomplete, or UDP datagrams were lost";
+  3  stalled: send --naive's deadlock, or a server that stopped, diagnosed
+  4  the reply was wrong or incomplete, or UDP datagrams were lost
+     (bench: any verification error)
+
+SERVER MODELS (serve --model): iterative, fork, threads, pool, select,
+epoll (default), async: the seeds' designs, one connection contract.";
 
 const EXAMPLES: &str = "\
 EXAMPLES:
   upcase serve                              # tcp and udp on 127.0.0.1:1060
   echo hello | upcase send 127.0.0.1:1060   # prints HELLO
   upcase send 127.0.0.1:1060 --bytes 1G     # stream a gigabyte, verified
-  upcase send 127.0.0.1:1060 --bytes 256M --naive   # the deadlock, diagnosed";
+  upcase send 127.0.0.1:1060 --bytes 256M --naive   # the deadlock, diagnosed
+  upcase serve --model threads --utf8       # a thread per client, Unicode uppercase
+  upcase bench --compare                    # every model side by side";
 
 #[derive(Debug, Parser)]
 #[command(name = "upcase", version, about = ABOUT, long_about = LONG_ABOUT, after_help = EXAMPLES)]
