@@ -196,5 +196,7 @@ fn compare_two_models_and_write_the_results() {
             assert_eq!(rep["errors"], 0, "{rep}");
         }
     }
+    let svg = std::fs::read_to_string(dir.join("compare.svg")).unwrap();
+    assert!(svg.starts_with("<svg") && svg.contains("select") && svg.contains("async"));
     let _ = std::fs::remove_dir_all(&dir);
 }

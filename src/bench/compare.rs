@@ -276,7 +276,7 @@ pub fn table(rows: &[Row], workloads: &[Workload]) -> String {
     out
 }
 
-/// Writes compare.json (and the table as compare.md) into `dir`.
+/// Writes compare.json, the table as compare.md, and compare.svg into `dir`.
 pub fn write_out(
     dir: &std::path::Path,
     rows: &[Row],
@@ -289,6 +289,109 @@ pub fn write_out(
     let md = dir.join("compare.md");
     std::fs::write(&md, table(rows, workloads))
         .with_context(|| format!("writing {}", md.display()))?;
-    eprintln!("wrote {} and {}", json.display(), md.display());
+    let svg = dir.join("compare.svg");
+    chart(&svg, rows, workloads).with_context(|| format!("drawing {}", svg.display()))?;
+    eprintln!(
+        "wrote {}, {} and {}",
+        json.display(),
+        md.display(),
+        svg.display()
+    );
+    Ok(())
+}
+
+/// Draws the comparison as an SVG: one panel per workload, a bar per
+/// server for its throughput, and its p99 latency written on the bar.
+pub fn chart(path: &std::path::Path, rows: &[Row], workloads: &[Workload]) -> anyhow::Result<()> {
+    use plotters::prelude::*;
+    use plotters::style::text_anchor::{HPos, Pos, VPos};
+
+    let panels: Vec<Workload> = workloads.to_vec();
+    let height = 320 * panels.len().max(1) as u32;
+    let root = SVGBackend::new(path, (960, height)).into_drawing_area();
+    root.fill(&WHITE).map_err(|e| anyhow::anyhow!("{e}"))?;
+    let areas = root.split_evenly((panels.len().max(1), 1));
+    for (area, w) in areas.iter().zip(&panels) {
+        let bars: Vec<(String, f64, Option<f64>)> = rows
+            .iter()
+            .filter_map(|row| {
+                let r = row.reports.iter().find(|r| r.workload == *w)?;
+                let value = if *w == Workload::Stream {
+                    r.mb_per_s
+                } else {
+                    r.msgs_per_s
+                };
+                Some((
+                    row.server.clone(),
+                    value,
+                    r.latency_us.as_ref().map(|l| l.p99),
+                ))
+            })
+            .collect();
+        if bars.is_empty() {
+            continue;
+        }
+        let unit = match w {
+            Workload::Stream => "MB/s",
+            Workload::Crr => "connections/s",
+            Workload::Udp => "datagrams/s",
+            _ => "messages/s",
+        };
+        let top = bars.iter().map(|b| b.1).fold(0.0, f64::max).max(1.0) * 1.15;
+        let mut chart = ChartBuilder::on(area)
+            .caption(
+                format!("{} ({unit}; p99 latency on the bars)", w.name()),
+                ("sans-serif", 18),
+            )
+            .margin(12)
+            .x_label_area_size(30)
+            .y_label_area_size(70)
+            .build_cartesian_2d((0..bars.len() - 1).into_segmented(), 0.0..top)
+            .map_err(|e| anyhow::anyhow!("{e}"))?;
+        let names: Vec<String> = bars.iter().map(|b| b.0.clone()).collect();
+        chart
+            .configure_mesh()
+            .disable_x_mesh()
+            .x_labels(bars.len())
+            .x_label_formatter(&|x| match x {
+                SegmentValue::CenterOf(i) => names.get(*i).cloned().unwrap_or_default(),
+                _ => String::new(),
+            })
+            .draw()
+            .map_err(|e| anyhow::anyhow!("{e}"))?;
+        chart
+            .draw_series(bars.iter().enumerate().map(|(i, b)| {
+                let color = if b.0.starts_with("baseline") || b.0.starts_with("python") {
+                    RGBColor(160, 160, 160)
+                } else {
+                    RGBColor(40, 100, 180)
+                };
+                let mut bar = Rectangle::new(
+                    [
+                        (SegmentValue::Exact(i), 0.0),
+                        (SegmentValue::Exact(i + 1), b.1),
+                    ],
+                    color.filled(),
+                );
+                bar.set_margin(0, 0, 10, 10);
+                bar
+            }))
+            .map_err(|e| anyhow::anyhow!("{e}"))?;
+        chart
+            .draw_series(bars.iter().enumerate().filter_map(|(i, b)| {
+                let label = b.2.map(|p| format!("{p:.0} us"))?;
+                let style = ("sans-serif", 12)
+                    .into_font()
+                    .into_text_style(area)
+                    .pos(Pos::new(HPos::Center, VPos::Bottom));
+                Some(Text::new(
+                    label,
+                    (SegmentValue::CenterOf(i), b.1 + top * 0.01),
+                    style,
+                ))
+            }))
+            .map_err(|e| anyhow::anyhow!("{e}"))?;
+    }
+    root.present().map_err(|e| anyhow::anyhow!("{e}"))?;
     Ok(())
 }
