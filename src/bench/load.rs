@@ -89,16 +89,40 @@ struct Conn {
 
 const READ_BUF: usize = 256 * 1024;
 
+impl ThreadResult {
+    pub fn new(conns: usize) -> Self {
+        ThreadResult {
+            hist: new_hist(),
+            bytes: 0,
+            messages: 0,
+            errors: 0,
+            per_conn: vec![0; conns],
+            served: 0,
+            first_error: None,
+        }
+    }
+
+    /// Counts `data`, which must be the reply's bytes at `*got`; advances
+    /// `*got` and the connection's `*total`.
+    fn received(
+        &mut self,
+        (got, total): (&mut u64, &mut u64),
+        data: &[u8],
+        reply: &Pattern,
+        live: &Live,
+    ) -> io::Result<()> {
+        check(data, reply, *got)?;
+        let n = data.len() as u64;
+        *got += n;
+        *total += n;
+        self.bytes += n;
+        live.bytes.fetch_add(n, Ordering::Relaxed);
+        Ok(())
+    }
+}
+
 pub fn run(job: Job, live: Arc<Live>) -> ThreadResult {
-    let mut r = ThreadResult {
-        hist: new_hist(),
-        bytes: 0,
-        messages: 0,
-        errors: 0,
-        per_conn: vec![0; job.conns],
-        served: 0,
-        first_error: None,
-    };
+    let mut r = ThreadResult::new(job.conns);
     if let Err(e) = drive(&job, &live, &mut r) {
         r.errors += 1;
         r.first_error.get_or_insert(e.to_string());
@@ -312,11 +336,7 @@ fn step(
             match sock.read(&mut buf[..want]) {
                 Ok(0) => return Err(early_eof(c.got)),
                 Ok(n) => {
-                    check(&buf[..n], reply, c.got)?;
-                    c.got += n as u64;
-                    c.received_total += n as u64;
-                    r.bytes += n as u64;
-                    live.bytes.fetch_add(n as u64, Ordering::Relaxed);
+                    r.received((&mut c.got, &mut c.received_total), &buf[..n], reply, live)?;
                     if n < want {
                         return Ok(()); // drained: the rest comes with an event
                     }
@@ -374,13 +394,7 @@ fn stream_step(
         write_some(sock, request, &mut c.sent, u64::MAX)?;
         match sock.read(buf) {
             Ok(0) => return Err(early_eof(c.got)),
-            Ok(n) => {
-                check(&buf[..n], reply, c.got)?;
-                c.got += n as u64;
-                c.received_total += n as u64;
-                r.bytes += n as u64;
-                live.bytes.fetch_add(n as u64, Ordering::Relaxed);
-            }
+            Ok(n) => r.received((&mut c.got, &mut c.received_total), &buf[..n], reply, live)?,
             Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
             Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
             Err(e) => return Err(e),

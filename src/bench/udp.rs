@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 
 use mio::{Events, Interest, Poll, Token};
 
-use super::load::{Job, Live, ThreadResult, new_hist};
+use super::load::{Job, Live, ThreadResult};
 use crate::client::udp::numbered;
 use crate::net;
 use crate::pattern::Pattern;
@@ -25,15 +25,7 @@ struct Sock {
 }
 
 pub fn run(job: Job, timeout: Duration, live: Arc<Live>) -> (ThreadResult, u64) {
-    let mut r = ThreadResult {
-        hist: new_hist(),
-        bytes: 0,
-        messages: 0,
-        errors: 0,
-        per_conn: vec![0; job.conns],
-        served: 0,
-        first_error: None,
-    };
+    let mut r = ThreadResult::new(job.conns);
     let mut lost = 0;
     if let Err(e) = drive(&job, timeout, &live, &mut r, &mut lost) {
         r.errors += 1;

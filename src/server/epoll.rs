@@ -43,10 +43,7 @@ const SHUTDOWN: Token = Token(usize::MAX - 1);
 const CONN_BASE: usize = 1 << 20;
 
 pub fn run(config: Config, listeners: Vec<Listener>) -> anyhow::Result<()> {
-    let shutdown = Shutdown::new().context("creating the shutdown pipe")?;
-    shutdown
-        .watch_signals(config.drain_timeout)
-        .context("installing signal handlers")?;
+    let shutdown = Shutdown::on_signals(config.drain_timeout)?;
     let config = Arc::new(config);
     let total = Arc::new(AtomicUsize::new(0));
     let loops = config.workers.max(1);

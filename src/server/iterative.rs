@@ -17,18 +17,13 @@
 //! drain simply lets the current client finish (within `--drain-timeout`).
 //! UDP listeners are answered on threads of their own.
 
-use anyhow::Context;
-
 use super::Config;
 use super::blocking;
 use super::shutdown::{Gauge, Shutdown, Slot, drain};
 use crate::net::Listener;
 
 pub fn run(config: Config, listeners: Vec<Listener>) -> anyhow::Result<()> {
-    let shutdown = Shutdown::new().context("creating the shutdown pipe")?;
-    shutdown
-        .watch_signals(config.drain_timeout)
-        .context("installing signal handlers")?;
+    let shutdown = Shutdown::on_signals(config.drain_timeout)?;
     let mut acceptor = blocking::Acceptor::new(blocking::start(listeners, &config, &shutdown)?);
     let gauge = Gauge::new(1);
     while let Some((conn, peer)) = acceptor.next_client(&shutdown) {

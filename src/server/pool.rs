@@ -30,10 +30,7 @@ use super::shutdown::{Gauge, Shutdown, Slot, drain};
 use crate::net::Listener;
 
 pub fn run(config: Config, listeners: Vec<Listener>) -> anyhow::Result<()> {
-    let shutdown = Shutdown::new().context("creating the shutdown pipe")?;
-    shutdown
-        .watch_signals(config.drain_timeout)
-        .context("installing signal handlers")?;
+    let shutdown = Shutdown::on_signals(config.drain_timeout)?;
     let acceptor = blocking::Acceptor::new(blocking::start(listeners, &config, &shutdown)?);
     let acceptor = Arc::new(Mutex::new(acceptor));
     let workers = config.workers.min(config.max_conns).max(1);

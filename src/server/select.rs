@@ -49,10 +49,7 @@ enum Slot {
 }
 
 pub fn run(config: Config, listeners: Vec<Listener>) -> anyhow::Result<()> {
-    let shutdown = Shutdown::new().context("creating the shutdown pipe")?;
-    shutdown
-        .watch_signals(config.drain_timeout)
-        .context("installing signal handlers")?;
+    let shutdown = Shutdown::on_signals(config.drain_timeout)?;
     for l in &listeners {
         l.set_nonblocking(true)?;
     }

@@ -87,6 +87,16 @@ impl Shutdown {
         }))
     }
 
+    /// A broadcast driven by SIGINT/SIGTERM ([`Shutdown::watch_signals`]).
+    pub fn on_signals(drain_timeout: Duration) -> anyhow::Result<Arc<Self>> {
+        use anyhow::Context;
+        let shutdown = Self::new().context("creating the shutdown pipe")?;
+        shutdown
+            .watch_signals(drain_timeout)
+            .context("installing signal handlers")?;
+        Ok(shutdown)
+    }
+
     /// Starts the drain: every poller of [`Shutdown::fd`] wakes up.
     pub fn trigger(&self) {
         self.phase.store(DRAINING, Ordering::SeqCst);

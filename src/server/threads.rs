@@ -13,8 +13,6 @@
 //! wait in the kernel's backlog and the thread count stays bounded; each
 //! thread has a small stack, since it only runs the relay loop.
 
-use anyhow::Context;
-
 use super::Config;
 use super::blocking;
 use super::shutdown::{Gauge, Shutdown, Slot, drain};
@@ -24,10 +22,7 @@ use crate::net::Listener;
 const STACK: usize = 256 * 1024;
 
 pub fn run(config: Config, listeners: Vec<Listener>) -> anyhow::Result<()> {
-    let shutdown = Shutdown::new().context("creating the shutdown pipe")?;
-    shutdown
-        .watch_signals(config.drain_timeout)
-        .context("installing signal handlers")?;
+    let shutdown = Shutdown::on_signals(config.drain_timeout)?;
     let mut acceptor = blocking::Acceptor::new(blocking::start(listeners, &config, &shutdown)?);
     let config = std::sync::Arc::new(config);
     let gauge = Gauge::new(config.max_conns);
