@@ -81,10 +81,10 @@ fn worker(
         }
         let _slot = Slot(gauge.clone());
         if gauge.active() == gauge.max() {
-            tracing::warn!(
+            gauge.warn_full(&format!(
                 "all {} workers busy: new clients wait in the backlog",
                 gauge.max()
-            );
+            ));
         }
         blocking::serve(conn, peer, config);
     }

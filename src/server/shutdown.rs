@@ -176,9 +176,13 @@ pub fn wait_readable(fds: &[BorrowedFd<'_>], timeout: Option<Duration>) -> io::R
     }
 }
 
+/// How often a full [`Gauge`] is logged at most.
+pub const FULL_LOG_EVERY: Duration = Duration::from_secs(10);
+
 /// Connections being served, with an optional ceiling.
 pub struct Gauge {
     max: usize,
+    full_logged: Mutex<Option<Instant>>,
     active: Mutex<usize>,
     changed: Condvar,
 }
@@ -187,6 +191,7 @@ impl Gauge {
     pub fn new(max: usize) -> Arc<Self> {
         Arc::new(Gauge {
             max,
+            full_logged: Mutex::new(None),
             active: Mutex::new(0),
             changed: Condvar::new(),
         })
@@ -217,10 +222,10 @@ impl Gauge {
         if self.try_acquire() {
             return true;
         }
-        tracing::warn!(
+        self.warn_full(&format!(
             "at --max-conns {}: new connections wait in the backlog",
             self.max
-        );
+        ));
         let mut n = self.active.lock().unwrap_or_else(|e| e.into_inner());
         loop {
             if shutdown.is_draining() {
@@ -235,6 +240,16 @@ impl Gauge {
                 .wait_timeout(n, Duration::from_millis(100))
                 .unwrap_or_else(|e| e.into_inner())
                 .0;
+        }
+    }
+
+    /// Logs that the gauge is full, at most once per [`FULL_LOG_EVERY`]:
+    /// under steady overload that is news once, not at every connection.
+    pub fn warn_full(&self, msg: &str) {
+        let mut last = self.full_logged.lock().unwrap_or_else(|e| e.into_inner());
+        if last.is_none_or(|t| t.elapsed() >= FULL_LOG_EVERY) {
+            *last = Some(Instant::now());
+            tracing::warn!("{msg}");
         }
     }
 

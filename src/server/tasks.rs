@@ -23,6 +23,7 @@ use socket2::SockRef;
 use tokio::net::{TcpListener, UnixListener};
 use tokio::sync::{Semaphore, watch};
 
+use super::shutdown::FULL_LOG_EVERY;
 use super::{AcceptBackoff, Config, udp};
 use crate::net::{self, Listener, SockOpts};
 use crate::relay::{ConnLog, relay_async};
@@ -155,14 +156,18 @@ async fn accept_loop(listener: Accepting, ctx: Ctx) {
     };
     tokio::pin!(stopping);
     let mut backoff = AcceptBackoff::default();
+    let mut last_full_log: Option<std::time::Instant> = None;
     loop {
         let permit = match ctx.permits.clone().try_acquire_owned() {
             Ok(p) => p,
             Err(_) => {
-                tracing::warn!(
-                    "at --max-conns {}: new connections wait in the backlog",
-                    ctx.config.max_conns
-                );
+                if last_full_log.is_none_or(|t| t.elapsed() >= FULL_LOG_EVERY) {
+                    last_full_log = Some(std::time::Instant::now());
+                    tracing::warn!(
+                        "at --max-conns {}: new connections wait in the backlog",
+                        ctx.config.max_conns
+                    );
+                }
                 tokio::select! {
                     p = ctx.permits.clone().acquire_owned() => match p {
                         Ok(p) => p,
