@@ -573,7 +573,13 @@ impl MioStream {
 /// EAGAIN, and a refusal shows up as the first read or write error), so a
 /// server that never accepts cannot stall the caller. Unix connects, which
 /// complete or fail at once, are made directly.
-pub fn connect_nonblocking(endpoint: &Endpoint, opts: &SockOpts) -> Result<MioStream, NetError> {
+///
+/// `source` binds the local address first (port chosen by the kernel).
+pub fn connect_nonblocking(
+    endpoint: &Endpoint,
+    opts: &SockOpts,
+    source: Option<std::net::IpAddr>,
+) -> Result<MioStream, NetError> {
     match endpoint {
         Endpoint::Tcp(hp) => {
             let addr = first_addr(hp)?;
@@ -589,6 +595,10 @@ pub fn connect_nonblocking(endpoint: &Endpoint, opts: &SockOpts) -> Result<MioSt
             if let Some(n) = opts.sndbuf {
                 sock.set_send_buffer_size(n)
                     .map_err(|e| io_err("SO_SNDBUF", e))?;
+            }
+            if let Some(ip) = source {
+                sock.bind(&SocketAddr::new(ip, 0).into())
+                    .map_err(|e| io_err("bind source address", e))?;
             }
             match sock.connect(&addr.into()) {
                 Ok(()) => {}

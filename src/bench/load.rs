@@ -130,8 +130,25 @@ pub fn run(job: Job, live: Arc<Live>) -> ThreadResult {
     r
 }
 
-fn connect(job: &Job) -> io::Result<MioStream> {
-    net::connect_nonblocking(&job.endpoint, &job.sockopts).map_err(io::Error::other)
+/// Connects one client. crr opens and closes connections without end, and
+/// the side that closes first keeps each one in TIME_WAIT for a minute, so
+/// against an IPv4 loopback server it spreads its connections over source
+/// addresses 127.0.0.2 to 127.0.0.251: else the ephemeral ports run out in
+/// seconds and connect() slows down looking for a free one.
+fn connect(job: &Job, n: &mut u64) -> io::Result<MioStream> {
+    let source = match (&job.endpoint, job.workload) {
+        (Endpoint::Tcp(hp), Workload::Crr) => {
+            match hp.resolve().ok().and_then(|a| a.first().copied()) {
+                Some(std::net::SocketAddr::V4(a)) if a.ip().is_loopback() => {
+                    *n += 1;
+                    Some(std::net::IpAddr::from([127, 0, 0, 2 + (*n % 250) as u8]))
+                }
+                _ => None,
+            }
+        }
+        _ => None,
+    };
+    net::connect_nonblocking(&job.endpoint, &job.sockopts, source).map_err(io::Error::other)
 }
 
 fn drive(job: &Job, live: &Live, r: &mut ThreadResult) -> io::Result<()> {
@@ -143,8 +160,9 @@ fn drive(job: &Job, live: &Live, r: &mut ThreadResult) -> io::Result<()> {
         .per_conn_rate
         .map(|rate| Duration::from_secs_f64(1.0 / rate));
     let mut conns = Vec::with_capacity(job.conns);
+    let mut connects = job.first as u64;
     for i in 0..job.conns {
-        let mut sock = connect(job)?;
+        let mut sock = connect(job, &mut connects)?;
         sock.register(poll.registry(), Token(i))?;
         // Spread the first requests of an open-loop schedule over one interval.
         let offset = interval.map_or(Duration::ZERO, |iv| {
@@ -184,7 +202,7 @@ fn drive(job: &Job, live: &Live, r: &mut ThreadResult) -> io::Result<()> {
                 if interval.is_none() {
                     c.due = Instant::now();
                 }
-                let mut s = connect(job)?;
+                let mut s = connect(job, &mut connects)?;
                 s.register(poll.registry(), Token(i))?;
                 c.sock = Some(s);
                 ready.push(i);
