@@ -105,13 +105,7 @@ fn wrong_server(mode: &str, at: u64) -> (std::process::Child, String) {
     std::io::BufReader::new(child.stdout.take().unwrap())
         .read_line(&mut line)
         .unwrap();
-    let port = line
-        .trim()
-        .trim_end_matches(')')
-        .rsplit(", ")
-        .next()
-        .unwrap()
-        .to_string();
+    let port = listening_port(&line);
     (child, format!("127.0.0.1:{port}"))
 }
 

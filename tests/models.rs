@@ -5,8 +5,6 @@ mod common;
 
 use std::io::{Read, Write};
 use std::net::TcpStream;
-use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::thread;
 use std::time::{Duration, Instant};
 
@@ -94,38 +92,6 @@ fn concurrent_rr(model: &str, n: usize) {
     assert_eq!(ok, n, "{model}: verified replies");
 }
 
-/// A client that writes and never reads; returns once it is stuck.
-fn start_hog(hostport: &str) -> (TcpStream, Arc<AtomicU64>) {
-    let hog = TcpStream::connect(hostport).expect("connect hog");
-    let written = Arc::new(AtomicU64::new(0));
-    let mut w = hog.try_clone().unwrap();
-    let count = written.clone();
-    thread::spawn(move || {
-        let block = vec![b'x'; 64 * 1024];
-        for _ in 0..4096 {
-            if w.write_all(&block).is_err() {
-                break;
-            }
-            count.fetch_add(block.len() as u64, Ordering::Relaxed);
-        }
-    });
-    let (mut last, mut still) = (u64::MAX, 0);
-    while still < 10 {
-        thread::sleep(Duration::from_millis(50));
-        let now = written.load(Ordering::Relaxed);
-        still = if now == last { still + 1 } else { 0 };
-        last = now;
-    }
-    (hog, written)
-}
-
-/// Ends the hog: wakes its blocked writer, then closes with a reset.
-fn stop_hog(hog: TcpStream) {
-    let _ = socket2::SockRef::from(&hog).set_linger(Some(Duration::ZERO));
-    let _ = hog.shutdown(std::net::Shutdown::Both);
-    drop(hog);
-}
-
 fn non_reader_does_not_delay_others(model: &str) {
     let srv = serve(model, &["tcp://127.0.0.1:0"], 1);
     let (hog, _) = start_hog(srv.hostport(0));
@@ -159,10 +125,6 @@ fn iterative_blocks_behind_a_non_reader() {
     c.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
     c.read_exact(&mut buf).expect("served after the hog left");
     assert_eq!(&buf, b"ANYONE THERE?");
-}
-
-fn fd_count(pid: i32) -> usize {
-    std::fs::read_dir(format!("/proc/{pid}/fd")).map_or(0, |d| d.count())
 }
 
 fn resets_leave_the_server_serving(model: &str) {

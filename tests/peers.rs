@@ -80,13 +80,7 @@ fn seed_server(script: &str, args: &[&str]) -> (std::process::Child, u16) {
     let mut out = std::io::BufReader::new(child.stdout.take().unwrap());
     // "Listening at ('127.0.0.1', 40123)"; the server prints it at once.
     out.read_line(&mut line).expect("python server output");
-    let port = line
-        .trim()
-        .trim_end_matches(')')
-        .rsplit(", ")
-        .next()
-        .and_then(|p| p.parse().ok())
-        .unwrap_or_else(|| panic!("unexpected line {line:?}"));
+    let port = listening_port(&line);
     // Keep draining its stdout so it never blocks on a full pipe.
     std::thread::spawn(move || for _ in out.lines() {});
     (child, port)

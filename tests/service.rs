@@ -5,10 +5,7 @@ mod common;
 
 use std::io::{Read, Write};
 use std::net::TcpStream;
-use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::thread;
-use std::time::Duration;
+use std::sync::atomic::Ordering;
 
 use common::*;
 
@@ -159,38 +156,7 @@ fn naive_client_large_size_stalls_and_is_diagnosed() {
 #[test]
 fn a_client_that_never_reads_does_not_block_others() {
     let srv = Server::start(&["tcp://127.0.0.1:0", "-q"], 1);
-    let hostport = srv.hostport(0).to_string();
-    let written = Arc::new(AtomicU64::new(0));
-    let hog = TcpStream::connect(&hostport).expect("connect hog");
-    {
-        let mut hog = hog.try_clone().expect("clone");
-        let written = written.clone();
-        // Writes up to 512 MiB and never reads; blocks once buffers fill.
-        thread::spawn(move || {
-            let block = vec![b'x'; 64 * 1024];
-            for _ in 0..8192 {
-                if hog.write_all(&block).is_err() {
-                    break;
-                }
-                written.fetch_add(block.len() as u64, Ordering::Relaxed);
-            }
-        });
-    }
-    // Wait until the hog is stuck: its count still for half a second.
-    let (mut last, mut still) = (u64::MAX, 0);
-    for _ in 0..200 {
-        thread::sleep(Duration::from_millis(50));
-        let now = written.load(Ordering::Relaxed);
-        still = if now == last { still + 1 } else { 0 };
-        last = now;
-        if still >= 10 {
-            break;
-        }
-    }
-    assert!(
-        still >= 10,
-        "the hog never got stuck: the server keeps reading from it"
-    );
+    let (hog, written) = start_hog(srv.hostport(0));
 
     let r = upcase_run(&["send", srv.addr(0), "--bytes", "64M"], b"", SECS(60));
     assert_eq!(
@@ -214,16 +180,6 @@ fn a_client_that_never_reads_does_not_block_others() {
         "the server took {hog_total} bytes from a client that never reads"
     );
     drop(hog);
-}
-
-fn rss_kib(pid: i32) -> u64 {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).expect("status");
-    status
-        .lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))
-        .and_then(|v| v.split_whitespace().next())
-        .and_then(|n| n.parse().ok())
-        .expect("VmRSS")
 }
 
 #[test]

@@ -5,6 +5,8 @@
 use std::io::{BufRead, BufReader, Read, Write};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::mpsc;
 use std::thread;
 use std::time::{Duration, Instant};
@@ -246,3 +248,67 @@ pub fn require(program: &str, package: &str) {
 }
 
 pub const SECS: fn(u64) -> Duration = Duration::from_secs;
+
+/// Open descriptors of a process.
+pub fn fd_count(pid: i32) -> usize {
+    std::fs::read_dir(format!("/proc/{pid}/fd")).map_or(0, |d| d.count())
+}
+
+/// Resident memory of a process, in KiB.
+pub fn rss_kib(pid: i32) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find_map(|l| l.strip_prefix("VmRSS:"))
+                .and_then(|v| v.split_whitespace().next()?.parse().ok())
+        })
+        .unwrap_or(0)
+}
+
+/// A client that writes (up to 256 MiB) and never reads. Returns once its
+/// writes are stuck (no progress for half a second), with the count of
+/// bytes the kernel took from it; panics if it never gets stuck.
+pub fn start_hog(hostport: &str) -> (std::net::TcpStream, Arc<AtomicU64>) {
+    let hog = std::net::TcpStream::connect(hostport).expect("connect hog");
+    let written = Arc::new(AtomicU64::new(0));
+    let mut w = hog.try_clone().expect("clone");
+    let count = written.clone();
+    thread::spawn(move || {
+        let block = vec![b'x'; 64 * 1024];
+        for _ in 0..4096 {
+            if w.write_all(&block).is_err() {
+                break;
+            }
+            count.fetch_add(block.len() as u64, Ordering::Relaxed);
+        }
+    });
+    let (mut last, mut still) = (u64::MAX, 0);
+    for _ in 0..400 {
+        thread::sleep(Duration::from_millis(50));
+        let now = written.load(Ordering::Relaxed);
+        still = if now == last { still + 1 } else { 0 };
+        last = now;
+        if still >= 10 {
+            return (hog, written);
+        }
+    }
+    panic!("the hog never got stuck: the server keeps reading from a client that never reads");
+}
+
+/// Ends a hog: wakes its blocked writer, then closes with a reset.
+pub fn stop_hog(hog: std::net::TcpStream) {
+    let _ = socket2::SockRef::from(&hog).set_linger(Some(Duration::ZERO));
+    let _ = hog.shutdown(std::net::Shutdown::Both);
+    drop(hog);
+}
+
+/// The port in a Python server's first line, "Listening at ('HOST', PORT)".
+pub fn listening_port(line: &str) -> u16 {
+    line.trim()
+        .trim_end_matches(')')
+        .rsplit(", ")
+        .next()
+        .and_then(|p| p.parse().ok())
+        .unwrap_or_else(|| panic!("unexpected line {line:?}"))
+}
