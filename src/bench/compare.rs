@@ -266,9 +266,19 @@ pub fn table(rows: &[Row], workloads: &[Workload]) -> String {
                         .map_or("-".into(), |b| format!("{b:.0}")),
                 );
             }
+            // For message workloads, also the server's CPU per message: what
+            // a server saves shows here even when the client is the limit.
             cells.push(
-                r.and_then(|r| r.server_cpu)
-                    .map_or("-".into(), |c| format!("{c:.2}")),
+                match (
+                    r.and_then(|r| r.server_cpu),
+                    r.and_then(|r| r.server_us_per_msg),
+                ) {
+                    (Some(c), Some(us)) if *w != Workload::Stream => {
+                        format!("{c:.2} ({us:.1} us/msg)")
+                    }
+                    (Some(c), _) => format!("{c:.2}"),
+                    _ => "-".into(),
+                },
             );
         }
         out.push_str(&format!("| {} |\n", cells.join(" | ")));

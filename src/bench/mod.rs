@@ -118,6 +118,8 @@ pub struct Report {
     /// CPU time over wall time: 1.0 is one core busy.
     pub client_cpu: f64,
     pub server_cpu: Option<f64>,
+    /// Server CPU time per message, in microseconds (message workloads).
+    pub server_us_per_msg: Option<f64>,
     /// Connections that completed at least one message (rr, crr, udp): a
     /// server that serves only some clients shows here, not in msgs/s.
     pub conns_served: usize,
@@ -263,6 +265,9 @@ fn summarise(
         },
         client_cpu,
         server_cpu,
+        server_us_per_msg: server_cpu
+            .filter(|_| !stream && messages > 0)
+            .map(|c| c * seconds * 1e6 / messages as f64),
         held: None,
         server_bytes_per_held_conn: None,
         first_error,
@@ -371,9 +376,10 @@ impl Report {
         }
         println!("errors:      {}", self.errors);
         print!("cpu:         client {:.2} cores", self.client_cpu);
-        match self.server_cpu {
-            Some(s) => println!(", server {s:.2} cores"),
-            None => println!(),
+        match (self.server_cpu, self.server_us_per_msg) {
+            (Some(s), Some(us)) => println!(", server {s:.2} cores ({us:.2} us per message)"),
+            (Some(s), None) => println!(", server {s:.2} cores"),
+            _ => println!(),
         }
         if let Some(e) = &self.first_error {
             println!("first error: {e}");
