@@ -12,7 +12,7 @@ need=()
 command -v python3 >/dev/null || need+=(python3)
 nc -h 2>&1 | grep -q -- '-N' || need+=(netcat-openbsd)
 command -v socat >/dev/null || need+=(socat)
-command -v ip >/dev/null && command -v tc >/dev/null || need+=(iproute2)
+command -v ip >/dev/null && command -v tc >/dev/null && command -v ss >/dev/null || need+=(iproute2)
 command -v nft >/dev/null || need+=(nftables)
 if ((${#need[@]})); then
   echo "installing: ${need[*]}"

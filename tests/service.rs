@@ -324,3 +324,84 @@ fn default_listeners_are_the_seeds_port() {
     assert!(r.out().contains("tcp://127.0.0.1:1060"), "{}", r.out());
     assert!(r.out().contains("udp://127.0.0.1:1060"), "{}", r.out());
 }
+
+#[test]
+fn socket_options_reach_the_accepted_sockets() {
+    require("ss", "iproute2");
+    let srv = Server::start(
+        &[
+            "--keepalive",
+            "30s",
+            "--rcvbuf",
+            "64K",
+            "--sndbuf",
+            "64K",
+            "--nodelay",
+            "--backlog",
+            "16",
+            "tcp://127.0.0.1:0",
+        ],
+        1,
+    );
+    let c = TcpStream::connect(srv.hostport(0)).unwrap();
+    // Ask the kernel about the server's side of this connection.
+    let port = srv.port(0).to_string();
+    let ok = (0..50).any(|_| {
+        std::thread::sleep(std::time::Duration::from_millis(20));
+        let out = std::process::Command::new("ss")
+            .args([
+                "-tnoim",
+                "state",
+                "established",
+                &format!("( sport = :{port} )"),
+            ])
+            .output()
+            .unwrap();
+        let text = String::from_utf8_lossy(&out.stdout).into_owned();
+        // SO_KEEPALIVE arms the keepalive timer; the kernel doubles SO_RCVBUF
+        // and SO_SNDBUF (64K -> 131072).
+        text.contains("timer:(keepalive") && text.contains("rb131072") && text.contains("tb131072")
+    });
+    assert!(
+        ok,
+        "keepalive and buffer sizes not seen on the server's socket"
+    );
+    // The service works with them.
+    drop(c);
+    let r = upcase_run(&["send", srv.addr(0)], b"tuned", SECS(10));
+    assert_eq!(r.out(), "TUNED");
+}
+
+#[test]
+fn the_open_file_limit_is_raised_to_the_hard_limit() {
+    let mut child = std::process::Command::new("sh")
+        .arg("-c")
+        .arg(format!(
+            "ulimit -Sn 256 && exec {BIN} serve -q tcp://127.0.0.1:0"
+        ))
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut line = String::new();
+    use std::io::BufRead;
+    std::io::BufReader::new(child.stdout.take().unwrap())
+        .read_line(&mut line)
+        .unwrap();
+    assert!(line.starts_with("listening "), "{line}");
+    let limits = std::fs::read_to_string(format!("/proc/{}/limits", child.id())).unwrap();
+    let _ = child.kill();
+    let _ = child.wait();
+    let line = limits
+        .lines()
+        .find(|l| l.starts_with("Max open files"))
+        .unwrap();
+    let nums: Vec<&str> = line
+        .split_whitespace()
+        .filter(|w| w.parse::<u64>().is_ok())
+        .collect();
+    assert_eq!(nums.len(), 2, "{line}");
+    assert_eq!(
+        nums[0], nums[1],
+        "soft limit (started at 256) raised to the hard limit: {line}"
+    );
+}
