@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 
 use common::*;
 
-const ALL: [&str; 7] = [
+const ALL: [&str; 8] = [
     "iterative",
     "fork",
     "threads",
@@ -20,8 +20,17 @@ const ALL: [&str; 7] = [
     "select",
     "epoll",
     "async",
+    "uring",
 ];
-const CONCURRENT: [&str; 5] = ["fork", "threads", "select", "epoll", "async"];
+const CONCURRENT: [&str; 6] = ["fork", "threads", "select", "epoll", "async", "uring"];
+
+/// The models of `list` that can run here.
+fn runnable<'a>(list: &[&'a str]) -> Vec<&'a str> {
+    list.iter()
+        .copied()
+        .filter(|m| model_available(m))
+        .collect()
+}
 
 fn serve(model: &str, extra: &[&str]) -> Server {
     let mut args = vec!["--model", model];
@@ -52,7 +61,7 @@ fn eventually(limit: Duration, mut cond: impl FnMut() -> bool) -> bool {
 
 #[test]
 fn idle_connections_are_closed_in_every_model() {
-    for model in ALL {
+    for model in runnable(&ALL) {
         let srv = serve(model, &["--idle-timeout", "300ms"]);
         let mut idle = TcpStream::connect(srv.hostport(0)).unwrap();
         idle.set_read_timeout(Some(SECS(5))).unwrap();
@@ -123,7 +132,7 @@ fn slowloris(model: &str) {
 
 #[test]
 fn slowloris_cannot_starve_normal_clients() {
-    for model in CONCURRENT {
+    for model in runnable(&CONCURRENT) {
         slowloris(model);
     }
 }
@@ -238,14 +247,14 @@ fn emfile(model: &str) {
 
 #[test]
 fn out_of_descriptors_pauses_accepting_and_recovers() {
-    for model in ["threads", "select", "epoll", "async"] {
+    for model in runnable(&["threads", "select", "epoll", "async", "uring"]) {
         emfile(model);
     }
 }
 
 #[test]
 fn sigterm_drains_a_gigabyte_stream_in_every_model() {
-    for model in ALL {
+    for model in runnable(&ALL) {
         let mut srv = serve(model, &["-q"]);
         let mut client = upcase();
         client.args(["send", srv.addr(0), "--bytes", "1G"]);
@@ -278,7 +287,7 @@ fn sigterm_drains_a_gigabyte_stream_in_every_model() {
 
 #[test]
 fn a_second_signal_stops_at_once() {
-    for model in ["threads", "epoll", "async", "fork"] {
+    for model in runnable(&["threads", "epoll", "async", "fork", "uring"]) {
         let mut srv = serve(model, &["-q", "--drain-timeout", "60s"]);
         let mut s = TcpStream::connect(srv.hostport(0)).unwrap();
         s.write_all(b"a client that never finishes").unwrap();
@@ -353,14 +362,14 @@ fn faults(model: &str) {
 
 #[test]
 fn resets_and_killed_clients_leave_no_trace() {
-    for model in ALL {
+    for model in runnable(&ALL) {
         faults(model);
     }
 }
 
 #[test]
 fn udp_faults_in_every_model() {
-    for model in ALL {
+    for model in runnable(&ALL) {
         let mut args = vec!["--model", model, "-q", "udp://127.0.0.1:0"];
         if model == "iterative" {
             args.push("tcp://127.0.0.1:0");

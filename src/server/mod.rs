@@ -17,6 +17,7 @@ pub mod shutdown;
 pub mod tasks;
 pub mod threads;
 pub mod udp;
+pub mod uring;
 
 use std::io::Write;
 use std::time::Duration;
@@ -47,10 +48,13 @@ pub enum Model {
     /// A task per connection on tokio's multi-threaded runtime (lecture 3's
     /// event loop, on every core).
     Async,
+    /// One io_uring loop: multishot receives into a provided-buffer ring,
+    /// sends batched into one system call (Linux 6.0+).
+    Uring,
 }
 
 impl Model {
-    pub const ALL: [Model; 7] = [
+    pub const ALL: [Model; 8] = [
         Model::Iterative,
         Model::Fork,
         Model::Threads,
@@ -58,6 +62,7 @@ impl Model {
         Model::Select,
         Model::Epoll,
         Model::Async,
+        Model::Uring,
     ];
 
     pub fn name(self) -> &'static str {
@@ -69,6 +74,7 @@ impl Model {
             Model::Select => "select",
             Model::Epoll => "epoll",
             Model::Async => "async",
+            Model::Uring => "uring",
         }
     }
 }
@@ -169,6 +175,7 @@ pub fn run(config: Config) -> anyhow::Result<()> {
         Model::Select => select::run(config, listeners),
         Model::Epoll => epoll::run(config, listeners),
         Model::Async => tasks::run(config, listeners),
+        Model::Uring => uring::run(config, listeners),
     }
 }
 

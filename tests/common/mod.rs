@@ -249,6 +249,33 @@ pub fn require(program: &str, package: &str) {
 
 pub const SECS: fn(u64) -> Duration = Duration::from_secs;
 
+/// Whether `upcase serve --model MODEL` can start here (the uring model
+/// needs a kernel with io_uring enabled). Asked once per model.
+pub fn model_available(model: &str) -> bool {
+    if model != "uring" {
+        return true;
+    }
+    static URING: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *URING.get_or_init(|| {
+        let mut child = upcase()
+            .args(["serve", "-q", "--model", "uring", "tcp://127.0.0.1:0"])
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("spawn");
+        let lines = lines_of(child.stdout.take().expect("stdout"));
+        let ok = lines
+            .recv_timeout(Duration::from_secs(10))
+            .is_ok_and(|l| l.starts_with("listening "));
+        let _ = child.kill();
+        let _ = child.wait();
+        if !ok {
+            eprintln!("SKIPPED the uring model: io_uring is not available on this machine");
+        }
+        ok
+    })
+}
+
 /// Open descriptors of a process.
 pub fn fd_count(pid: i32) -> usize {
     std::fs::read_dir(format!("/proc/{pid}/fd")).map_or(0, |d| d.count())

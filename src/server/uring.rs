@@ -1,0 +1,595 @@
+//! The `uring` model: one io_uring loop (Linux 6.0 or later).
+//!
+//! The readiness models pay two system calls per message (read, write) plus
+//! their share of epoll_wait. Here each connection has one *multishot*
+//! receive that lasts as long as the connection: the kernel picks a block
+//! from a ring of provided buffers when data arrives and reports it, and
+//! the reply is sent from that same block. One `io_uring_enter` submits
+//! every send that is ready and collects every completion, so many messages
+//! share one system call; an idle connection holds no buffer at all.
+//!
+//! Backpressure: a connection keeps at most [`MAX_QUEUED`] received blocks
+//! waiting to be sent. Past that its receive is cancelled, and re-armed
+//! only when its sends have caught up: a client that does not read stops
+//! being read, as the contract says.
+//!
+//! UDP listeners are served on threads of their own.
+
+use std::collections::VecDeque;
+use std::io;
+use std::os::fd::{AsFd, AsRawFd, RawFd};
+use std::sync::atomic::{AtomicU16, Ordering};
+use std::time::{Duration, Instant};
+
+use io_uring::{IoUring, cqueue, opcode, squeue, types};
+use slab::Slab;
+
+use super::shutdown::Shutdown;
+use super::{AcceptBackoff, Config, blocking};
+use crate::net::{Listener, Stream};
+use crate::relay::{ConnLog, idle_error};
+use crate::transform::Transformer;
+
+/// Blocks in the provided-buffer ring, and their size.
+const BUFFERS: u16 = 256;
+const BLOCK: usize = 64 * 1024;
+/// Received blocks a connection may hold before it stops receiving.
+const MAX_QUEUED: usize = 2;
+const GROUP: u16 = 0;
+
+const KIND_SHIFT: u64 = 56;
+const LISTENER: u64 = 1;
+const SHUTDOWN: u64 = 2;
+const RECV: u64 = 3;
+const SEND: u64 = 4;
+const SHUT_WR: u64 = 5;
+const CANCEL: u64 = 6;
+
+fn ud(kind: u64, key: usize) -> u64 {
+    (kind << KIND_SHIFT) | key as u64
+}
+
+/// Bytes waiting to be sent: a block of the ring, or (UTF-8 output of
+/// another length, the transform's final bytes) a buffer of our own.
+enum Out {
+    Block { bid: u16, len: usize },
+    Owned(Vec<u8>),
+}
+
+struct Conn {
+    sock: Stream,
+    transform: Transformer,
+    log: ConnLog,
+    queue: VecDeque<Out>,
+    /// Bytes of the queue's front already sent (a send is in flight while
+    /// `sending`).
+    sent: usize,
+    sending: bool,
+    /// The multishot receive is armed; `cancelling` while it is being
+    /// stopped for backpressure or closing.
+    receiving: bool,
+    cancelling: bool,
+    eof: bool,
+    /// Half-close submitted.
+    shutting: bool,
+    /// Being closed: free it once nothing is in flight.
+    closing: Option<io::Result<()>>,
+    last_progress: Instant,
+}
+
+impl Conn {
+    fn in_flight(&self) -> bool {
+        self.sending || self.receiving || self.shutting
+    }
+}
+
+/// The provided-buffer ring: page-aligned entries shared with the kernel,
+/// and the blocks they point to.
+struct BufRing {
+    entries: *mut types::BufRingEntry,
+    layout: std::alloc::Layout,
+    blocks: Vec<u8>,
+    tail: u16,
+}
+
+impl BufRing {
+    fn new(ring: &IoUring) -> io::Result<Self> {
+        let layout = std::alloc::Layout::from_size_align(
+            BUFFERS as usize * std::mem::size_of::<types::BufRingEntry>(),
+            4096,
+        )
+        .map_err(io::Error::other)?;
+        // SAFETY: the layout has a non-zero size.
+        let entries = unsafe { std::alloc::alloc_zeroed(layout) } as *mut types::BufRingEntry;
+        if entries.is_null() {
+            return Err(io::Error::other("out of memory for the buffer ring"));
+        }
+        let mut r = BufRing {
+            entries,
+            layout,
+            blocks: vec![0u8; BUFFERS as usize * BLOCK],
+            tail: 0,
+        };
+        // SAFETY: `entries` is a page-aligned, zeroed ring of BUFFERS entries
+        // that lives as long as the ring registration (see Drop).
+        unsafe {
+            ring.submitter()
+                .register_buf_ring_with_flags(entries as u64, BUFFERS, GROUP, 0)?;
+        }
+        for bid in 0..BUFFERS {
+            r.give_back(bid);
+        }
+        Ok(r)
+    }
+
+    /// Returns block `bid` to the kernel.
+    fn give_back(&mut self, bid: u16) {
+        let i = (self.tail & (BUFFERS - 1)) as usize;
+        // SAFETY: i < BUFFERS; the kernel reads entries up to the published
+        // tail only, and this one is past it until the store below.
+        unsafe {
+            let e = &mut *self.entries.add(i);
+            e.set_addr(self.blocks.as_ptr().add(bid as usize * BLOCK) as u64);
+            e.set_len(BLOCK as u32);
+            e.set_bid(bid);
+            self.tail = self.tail.wrapping_add(1);
+            let tail = types::BufRingEntry::tail(self.entries) as *const AtomicU16;
+            (*tail).store(self.tail, Ordering::Release);
+        }
+    }
+
+    fn block(&mut self, bid: u16) -> &mut [u8] {
+        let start = bid as usize * BLOCK;
+        &mut self.blocks[start..start + BLOCK]
+    }
+}
+
+impl Drop for BufRing {
+    fn drop(&mut self) {
+        // SAFETY: allocated in `new` with this layout. The ring (and with
+        // it the registration) is dropped first, see `Loop`'s field order.
+        unsafe { std::alloc::dealloc(self.entries as *mut u8, self.layout) };
+    }
+}
+
+pub fn run(config: Config, listeners: Vec<Listener>) -> anyhow::Result<()> {
+    let shutdown = Shutdown::on_signals(config.drain_timeout)?;
+    let acceptor = blocking::Acceptor::new(blocking::start(listeners, &config, &shutdown)?);
+    // One thread submits and reaps: task work is run only when it asks
+    // for completions (no interrupts to deliver it), the cheap way.
+    let ring = IoUring::builder()
+        .setup_single_issuer()
+        .setup_defer_taskrun()
+        .build(4096)
+        .or_else(|_| IoUring::builder().setup_coop_taskrun().build(4096))
+        .map_err(|e| {
+        anyhow::anyhow!("io_uring_setup: {e} (the uring model needs Linux 6.0 or later, with io_uring enabled)")
+    })?;
+    let bufs =
+        BufRing::new(&ring).map_err(|e| anyhow::anyhow!("registering the buffer ring: {e}"))?;
+    let n = acceptor.listeners.len();
+    let mut lp = Loop {
+        ring,
+        bufs,
+        backlog: VecDeque::new(),
+        conns: Slab::new(),
+        listeners: acceptor.listeners,
+        polled: vec![false; n],
+        starved: Vec::new(),
+        config: &config,
+        backoff: AcceptBackoff::default(),
+        paused_until: None,
+        draining: false,
+    };
+    lp.push(
+        opcode::PollAdd::new(types::Fd(shutdown.fd().as_raw_fd()), libc::POLLIN as u32)
+            .build()
+            .user_data(ud(SHUTDOWN, 0)),
+    );
+    lp.arm_listeners();
+    lp.run()?;
+    tracing::info!("all connections finished");
+    Ok(())
+}
+
+struct Loop<'a> {
+    // Field order matters: the ring (and its buffer registration) goes
+    // before the memory it points to.
+    ring: IoUring,
+    bufs: BufRing,
+    /// Entries that did not fit in the submission queue yet.
+    backlog: VecDeque<squeue::Entry>,
+    conns: Slab<Conn>,
+    listeners: Vec<Listener>,
+    /// Which listeners have a poll in flight.
+    polled: Vec<bool>,
+    /// Connections whose receive stopped for want of buffers.
+    starved: Vec<usize>,
+    config: &'a Config,
+    backoff: AcceptBackoff,
+    paused_until: Option<Instant>,
+    draining: bool,
+}
+
+impl Loop<'_> {
+    fn push(&mut self, e: squeue::Entry) {
+        // SAFETY: every buffer an entry points to (a ring block being sent,
+        // or a connection's owned buffer at the front of its queue) stays
+        // in place and untouched until the entry's completion arrives.
+        if !self.backlog.is_empty() || unsafe { self.ring.submission().push(&e) }.is_err() {
+            self.backlog.push_back(e);
+        }
+    }
+
+    fn flush_backlog(&mut self) {
+        while let Some(e) = self.backlog.front() {
+            // SAFETY: as in `push`.
+            if unsafe { self.ring.submission().push(e) }.is_err() {
+                return;
+            }
+            self.backlog.pop_front();
+        }
+    }
+
+    fn run(&mut self) -> io::Result<()> {
+        let tick = self
+            .config
+            .idle_timeout
+            .map_or(Duration::from_secs(1), super::sweep_every);
+        let mut next_sweep = Instant::now() + tick;
+        loop {
+            if self.draining && self.conns.is_empty() {
+                return Ok(());
+            }
+            self.flush_backlog();
+            let wake = self.paused_until.map_or(next_sweep, |p| p.min(next_sweep));
+            let wait = wake.saturating_duration_since(Instant::now());
+            let ts = types::Timespec::new()
+                .sec(wait.as_secs())
+                .nsec(wait.subsec_nanos());
+            let args = types::SubmitArgs::new().timespec(&ts);
+            match self.ring.submitter().submit_with_args(1, &args) {
+                Ok(_) => {}
+                Err(e)
+                    if matches!(
+                        e.raw_os_error(),
+                        Some(libc::ETIME | libc::EINTR | libc::EBUSY)
+                    ) => {}
+                Err(e) => return Err(e),
+            }
+            let done: Vec<(u64, i32, u32)> = self
+                .ring
+                .completion()
+                .map(|c| (c.user_data(), c.result(), c.flags()))
+                .collect();
+            for (data, res, flags) in done {
+                self.complete(data, res, flags);
+            }
+            let now = Instant::now();
+            if self.paused_until.is_some_and(|t| now >= t) {
+                self.paused_until = None;
+                self.arm_listeners();
+            }
+            if now >= next_sweep {
+                self.sweep();
+                next_sweep = now + tick;
+            }
+        }
+    }
+
+    fn complete(&mut self, data: u64, res: i32, flags: u32) {
+        let kind = data >> KIND_SHIFT;
+        let key = (data & 0xFFFF_FFFF) as usize;
+        match kind {
+            SHUTDOWN => {
+                self.draining = true;
+                self.listeners.clear(); // stop accepting; removes Unix socket files
+                self.polled.clear();
+            }
+            LISTENER => {
+                if let Some(p) = self.polled.get_mut(key) {
+                    *p = false;
+                }
+                self.accept(key);
+                self.arm_listeners();
+            }
+            RECV => self.received(key, res, flags),
+            SEND => self.sent(key, res),
+            SHUT_WR => {
+                if let Some(c) = self.conns.get_mut(key) {
+                    c.shutting = false;
+                    if c.closing.is_none() {
+                        c.closing = Some(Ok(()));
+                    }
+                }
+                self.maybe_free(key);
+            }
+            _ => {} // CANCEL
+        }
+    }
+
+    /// Polls every listener that is not polled yet, unless accepting is
+    /// paused (at --max-conns, or out of descriptors).
+    fn arm_listeners(&mut self) {
+        if self.draining || self.paused_until.is_some() || self.conns.len() >= self.config.max_conns
+        {
+            return;
+        }
+        for i in 0..self.listeners.len() {
+            if !self.polled[i] {
+                self.polled[i] = true;
+                let fd = types::Fd(self.listeners[i].as_fd().as_raw_fd());
+                self.push(
+                    opcode::PollAdd::new(fd, libc::POLLIN as u32)
+                        .build()
+                        .user_data(ud(LISTENER, i)),
+                );
+            }
+        }
+    }
+
+    fn accept(&mut self, i: usize) {
+        while !self.draining && self.conns.len() < self.config.max_conns {
+            let Some(l) = self.listeners.get(i) else {
+                return;
+            };
+            match l.accept() {
+                Ok((sock, peer)) => {
+                    self.backoff.succeeded();
+                    sock.tune(&self.config.sockopts);
+                    let key = self.conns.insert(Conn {
+                        sock,
+                        transform: Transformer::new(self.config.mode),
+                        log: ConnLog::new(peer),
+                        queue: VecDeque::new(),
+                        sent: 0,
+                        sending: false,
+                        receiving: false,
+                        cancelling: false,
+                        eof: false,
+                        shutting: false,
+                        closing: None,
+                        last_progress: Instant::now(),
+                    });
+                    self.arm_recv(key);
+                }
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return,
+                Err(e) => {
+                    if let Some(pause) = self.backoff.failed(&e) {
+                        self.paused_until = Some(Instant::now() + pause);
+                    }
+                    return;
+                }
+            }
+        }
+    }
+
+    fn fd(&self, key: usize) -> types::Fd {
+        types::Fd(raw(&self.conns[key].sock))
+    }
+
+    fn arm_recv(&mut self, key: usize) {
+        let fd = self.fd(key);
+        self.conns[key].receiving = true;
+        self.push(
+            opcode::RecvMulti::new(fd, GROUP)
+                .build()
+                .user_data(ud(RECV, key)),
+        );
+    }
+
+    fn cancel_recv(&mut self, key: usize) {
+        let c = &mut self.conns[key];
+        if c.receiving && !c.cancelling {
+            c.cancelling = true;
+            self.push(
+                opcode::AsyncCancel::new(ud(RECV, key))
+                    .build()
+                    .user_data(ud(CANCEL, key)),
+            );
+        }
+    }
+
+    fn received(&mut self, key: usize, res: i32, flags: u32) {
+        let bid = cqueue::buffer_select(flags);
+        let Some(c) = self.conns.get_mut(key) else {
+            if let Some(b) = bid {
+                self.bufs.give_back(b);
+            }
+            return;
+        };
+        if !cqueue::more(flags) {
+            c.receiving = false;
+            c.cancelling = false;
+        }
+        if c.closing.is_some() {
+            if let Some(b) = bid {
+                self.bufs.give_back(b);
+            }
+            return self.maybe_free(key);
+        }
+        match (res, bid) {
+            (n, Some(b)) if n > 0 => {
+                let n = n as usize;
+                c.last_progress = Instant::now();
+                c.log.add(n);
+                let block = &mut self.bufs.block(b)[..n];
+                let at = block.as_ptr();
+                let out = match c.transform.push(block) {
+                    Ok(out) if out.as_ptr() == at => Out::Block { bid: b, len: n },
+                    Ok(out) => Out::Owned(out.to_vec()),
+                    Err(e) => {
+                        self.bufs.give_back(b);
+                        return self.close(key, Err(e.into()));
+                    }
+                };
+                if let Out::Owned(_) = out {
+                    self.bufs.give_back(b);
+                }
+                c.queue.push_back(out);
+                if c.queue.len() >= MAX_QUEUED {
+                    self.cancel_recv(key); // backpressure: stop reading this client
+                }
+                self.send_next(key);
+            }
+            (0, _) => {
+                // End of file: what the transform still owes, then half-close.
+                c.eof = true;
+                match c.transform.finish() {
+                    Ok(tail) if !tail.is_empty() => c.queue.push_back(Out::Owned(tail.to_vec())),
+                    Ok(_) => {}
+                    Err(e) => return self.close(key, Err(e.into())),
+                }
+                self.send_next(key);
+            }
+            (e, _) if e == -libc::ENOBUFS => {
+                // Every block is in use: try again when some come back.
+                self.starved.push(key);
+            }
+            (e, _) if e == -libc::ECANCELED => self.resume(key),
+            (e, _) if e < 0 => self.close(key, Err(io::Error::from_raw_os_error(-e))),
+            _ => {}
+        }
+    }
+
+    /// Sends the front of the queue, if nothing is being sent.
+    fn send_next(&mut self, key: usize) {
+        let fd = self.fd(key);
+        let c = &mut self.conns[key];
+        if c.sending || c.closing.is_some() {
+            return;
+        }
+        let Some(front) = c.queue.front() else {
+            if c.eof && !c.shutting {
+                c.shutting = true;
+                self.push(
+                    opcode::Shutdown::new(fd, libc::SHUT_WR)
+                        .build()
+                        .user_data(ud(SHUT_WR, key)),
+                );
+            }
+            return;
+        };
+        let rest: &[u8] = match front {
+            Out::Block { bid, len } => {
+                let start = *bid as usize * BLOCK;
+                &self.bufs.blocks[start + c.sent..start + len]
+            }
+            Out::Owned(v) => &v[c.sent..],
+        };
+        c.sending = true;
+        let e = opcode::Send::new(fd, rest.as_ptr(), rest.len() as u32)
+            .flags(libc::MSG_NOSIGNAL)
+            .build()
+            .user_data(ud(SEND, key));
+        self.push(e);
+    }
+
+    fn sent(&mut self, key: usize, res: i32) {
+        let Some(c) = self.conns.get_mut(key) else {
+            return;
+        };
+        c.sending = false;
+        if c.closing.is_some() {
+            return self.maybe_free(key);
+        }
+        if res < 0 {
+            return self.close(key, Err(io::Error::from_raw_os_error(-res)));
+        }
+        c.sent += res as usize;
+        c.last_progress = Instant::now();
+        let front_len = match c.queue.front() {
+            Some(Out::Block { len, .. }) => *len,
+            Some(Out::Owned(v)) => v.len(),
+            None => 0,
+        };
+        if c.sent >= front_len {
+            c.sent = 0;
+            if let Some(Out::Block { bid, .. }) = c.queue.pop_front() {
+                self.bufs.give_back(bid);
+            }
+            self.feed_starved();
+        }
+        self.send_next(key);
+        self.resume(key);
+    }
+
+    /// Re-arms a connection's receive once its queue has room again.
+    fn resume(&mut self, key: usize) {
+        let Some(c) = self.conns.get(key) else { return };
+        if !c.receiving && !c.eof && c.closing.is_none() && c.queue.len() < MAX_QUEUED {
+            self.arm_recv(key);
+        }
+    }
+
+    /// Blocks came back: connections that ran out of them may receive.
+    fn feed_starved(&mut self) {
+        for key in std::mem::take(&mut self.starved) {
+            self.resume(key);
+        }
+    }
+
+    /// Starts closing: stops everything in flight, frees when all is done.
+    fn close(&mut self, key: usize, result: io::Result<()>) {
+        let Some(c) = self.conns.get_mut(key) else {
+            return;
+        };
+        if c.closing.is_none() {
+            c.closing = Some(result);
+        }
+        self.cancel_recv(key);
+        self.maybe_free(key);
+    }
+
+    fn maybe_free(&mut self, key: usize) {
+        let Some(c) = self.conns.get(key) else { return };
+        if c.closing.is_none() || c.in_flight() {
+            return;
+        }
+        let c = self.conns.remove(key);
+        for out in c.queue {
+            if let Out::Block { bid, .. } = out {
+                self.bufs.give_back(bid);
+            }
+        }
+        let result = c.closing.unwrap_or(Ok(()));
+        c.log.finish(&result);
+        drop(c.sock);
+        self.feed_starved();
+        self.arm_listeners();
+    }
+
+    /// Closes connections that moved no bytes for `--idle-timeout`.
+    fn sweep(&mut self) {
+        let Some(idle) = self.config.idle_timeout else {
+            return;
+        };
+        let stale: Vec<usize> = self
+            .conns
+            .iter()
+            .filter(|(_, c)| c.closing.is_none() && c.last_progress.elapsed() >= idle)
+            .map(|(k, _)| k)
+            .collect();
+        for key in stale {
+            if self.conns[key].sending {
+                let e = opcode::AsyncCancel::new(ud(SEND, key))
+                    .build()
+                    .user_data(ud(CANCEL, key));
+                self.push(e);
+            }
+            self.close(key, Err(idle_error(idle)));
+        }
+    }
+}
+
+fn raw(s: &Stream) -> RawFd {
+    match s {
+        Stream::Tcp(t) => t.as_raw_fd(),
+        Stream::Unix(u) => u.as_raw_fd(),
+    }
+}
+
+/// Whether this kernel can run the model (for tests and `--compare`).
+pub fn available() -> bool {
+    IoUring::new(8).is_ok_and(|r| BufRing::new(&r).is_ok())
+}
