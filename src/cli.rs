@@ -43,7 +43,8 @@ EXIT CODES:
      (bench: any verification error)
 
 SERVER MODELS (serve --model): iterative, fork, threads, pool, select,
-epoll (default), async: the seeds' designs, one connection contract.";
+epoll (default), async, uring: the seeds' designs and two beyond them, one
+connection contract.";
 
 const EXAMPLES: &str = "\
 EXAMPLES:
