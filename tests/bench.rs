@@ -100,12 +100,7 @@ fn wrong_server(mode: &str, at: u64) -> (std::process::Child, String) {
         .stdout(Stdio::piped())
         .spawn()
         .expect("spawn wrong_server.py");
-    use std::io::BufRead;
-    let mut line = String::new();
-    std::io::BufReader::new(child.stdout.take().unwrap())
-        .read_line(&mut line)
-        .unwrap();
-    let port = listening_port(&line);
+    let port = listening_port(&first_line(&mut child));
     (child, format!("127.0.0.1:{port}"))
 }
 
@@ -135,10 +130,16 @@ fn a_truncated_reply_is_reported() {
     let (mut child, ep) = wrong_server("truncate", 5000);
     let send = upcase_run(&["send", &ep, "--bytes", "1M"], b"", SECS(30));
     let _ = child.kill();
-    // The server closed with our data unread, so its kernel reset the
-    // connection: an error (exit 1) that says how far the reply got.
-    assert_eq!(send.code(), 1, "{}", send.stderr);
-    assert!(send.stderr.contains("reset by peer"), "{}", send.stderr);
+    // The server closed mid-stream. Depending on which packet wins, the
+    // client sees a reset (an error, exit 1) or a clean end of file (an
+    // incomplete reply, exit 4); never success, and either way it says how
+    // far the reply got.
+    assert!(matches!(send.code(), 1 | 4), "{}", send.stderr);
+    assert!(
+        send.stderr.contains("reset by peer") || send.stderr.contains("incomplete"),
+        "{}",
+        send.stderr
+    );
     let got: u64 = send
         .stderr
         .split("received ")
