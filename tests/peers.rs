@@ -75,14 +75,8 @@ fn seed_server(script: &str, args: &[&str]) -> (std::process::Child, u16) {
         .stderr(Stdio::inherit())
         .spawn()
         .expect("spawn python server");
-    use std::io::BufRead;
-    let mut line = String::new();
-    let mut out = std::io::BufReader::new(child.stdout.take().unwrap());
     // "Listening at ('127.0.0.1', 40123)"; the server prints it at once.
-    out.read_line(&mut line).expect("python server output");
-    let port = listening_port(&line);
-    // Keep draining its stdout so it never blocks on a full pipe.
-    std::thread::spawn(move || for _ in out.lines() {});
+    let port = listening_port(&first_line(&mut child));
     (child, port)
 }
 

@@ -176,23 +176,13 @@ fn emfile(model: &str) {
         .stderr(Stdio::piped())
         .spawn()
         .unwrap();
-    let mut line = String::new();
-    use std::io::BufRead;
-    std::io::BufReader::new(child.stdout.take().unwrap())
-        .read_line(&mut line)
-        .unwrap();
+    let line = first_line(&mut child);
     let addr = line
         .trim()
         .strip_prefix("listening tcp://")
         .unwrap()
         .to_string();
-    let err = child.stderr.take().unwrap();
-    let (tx, logs) = std::sync::mpsc::channel();
-    thread::spawn(move || {
-        for l in std::io::BufReader::new(err).lines().map_while(Result::ok) {
-            let _ = tx.send(l);
-        }
-    });
+    let logs = lines_of(child.stderr.take().unwrap());
     let pid = child.id() as i32;
     let mut clients: Vec<TcpStream> = (0..100)
         .map(|_| TcpStream::connect(&addr).unwrap())
@@ -481,11 +471,7 @@ fn udp_loss_in_a_private_network_namespace() {
         .stdout(Stdio::piped())
         .spawn()
         .unwrap();
-    let mut line = String::new();
-    use std::io::BufRead;
-    std::io::BufReader::new(server.stdout.take().unwrap())
-        .read_line(&mut line)
-        .unwrap();
+    let line = first_line(&mut server);
     let ep = line.trim().strip_prefix("listening ").unwrap().to_string();
     let port = ep.rsplit(':').next().unwrap().to_string();
     let _server_guard = KillOnDrop(&mut server);

@@ -123,7 +123,8 @@ impl Drop for Server {
     }
 }
 
-fn lines_of(r: impl Read + Send + 'static) -> mpsc::Receiver<String> {
+/// The lines `r` produces, read on a thread of their own.
+pub fn lines_of(r: impl Read + Send + 'static) -> mpsc::Receiver<String> {
     let (tx, rx) = mpsc::channel();
     thread::spawn(move || {
         for line in BufReader::new(r).lines() {
@@ -274,6 +275,18 @@ pub fn model_available(model: &str) -> bool {
         }
         ok
     })
+}
+
+/// The first line `child` prints on stdout (waiting at most 10 s); the rest
+/// of its output is drained in the background, so it never blocks on a full
+/// pipe.
+pub fn first_line(child: &mut Child) -> String {
+    let lines = lines_of(child.stdout.take().expect("stdout piped"));
+    let line = lines
+        .recv_timeout(Duration::from_secs(10))
+        .expect("the child printed no line within 10 s");
+    thread::spawn(move || for _ in lines {});
+    line
 }
 
 /// Open descriptors of a process.
