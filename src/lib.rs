@@ -15,6 +15,7 @@
 
 pub mod addr;
 pub mod bench;
+pub mod bufring;
 pub mod cli;
 pub mod client;
 pub mod net;

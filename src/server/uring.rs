@@ -18,7 +18,6 @@
 use std::collections::VecDeque;
 use std::io;
 use std::os::fd::{AsFd, AsRawFd, RawFd};
-use std::sync::atomic::{AtomicU16, Ordering};
 use std::time::{Duration, Instant};
 
 use io_uring::{IoUring, cqueue, opcode, squeue, types};
@@ -26,6 +25,7 @@ use slab::Slab;
 
 use super::shutdown::Shutdown;
 use super::{AcceptBackoff, Config, blocking};
+use crate::bufring::BufRing;
 use crate::net::{Listener, Stream};
 use crate::relay::{ConnLog, idle_error};
 use crate::transform::Transformer;
@@ -83,75 +83,6 @@ impl Conn {
     }
 }
 
-/// The provided-buffer ring: page-aligned entries shared with the kernel,
-/// and the blocks they point to.
-struct BufRing {
-    entries: *mut types::BufRingEntry,
-    layout: std::alloc::Layout,
-    blocks: Vec<u8>,
-    tail: u16,
-}
-
-impl BufRing {
-    fn new(ring: &IoUring) -> io::Result<Self> {
-        let layout = std::alloc::Layout::from_size_align(
-            BUFFERS as usize * std::mem::size_of::<types::BufRingEntry>(),
-            4096,
-        )
-        .map_err(io::Error::other)?;
-        // SAFETY: the layout has a non-zero size.
-        let entries = unsafe { std::alloc::alloc_zeroed(layout) } as *mut types::BufRingEntry;
-        if entries.is_null() {
-            return Err(io::Error::other("out of memory for the buffer ring"));
-        }
-        let mut r = BufRing {
-            entries,
-            layout,
-            blocks: vec![0u8; BUFFERS as usize * BLOCK],
-            tail: 0,
-        };
-        // SAFETY: `entries` is a page-aligned, zeroed ring of BUFFERS entries
-        // that lives as long as the ring registration (see Drop).
-        unsafe {
-            ring.submitter()
-                .register_buf_ring_with_flags(entries as u64, BUFFERS, GROUP, 0)?;
-        }
-        for bid in 0..BUFFERS {
-            r.give_back(bid);
-        }
-        Ok(r)
-    }
-
-    /// Returns block `bid` to the kernel.
-    fn give_back(&mut self, bid: u16) {
-        let i = (self.tail & (BUFFERS - 1)) as usize;
-        // SAFETY: i < BUFFERS; the kernel reads entries up to the published
-        // tail only, and this one is past it until the store below.
-        unsafe {
-            let e = &mut *self.entries.add(i);
-            e.set_addr(self.blocks.as_ptr().add(bid as usize * BLOCK) as u64);
-            e.set_len(BLOCK as u32);
-            e.set_bid(bid);
-            self.tail = self.tail.wrapping_add(1);
-            let tail = types::BufRingEntry::tail(self.entries) as *const AtomicU16;
-            (*tail).store(self.tail, Ordering::Release);
-        }
-    }
-
-    fn block(&mut self, bid: u16) -> &mut [u8] {
-        let start = bid as usize * BLOCK;
-        &mut self.blocks[start..start + BLOCK]
-    }
-}
-
-impl Drop for BufRing {
-    fn drop(&mut self) {
-        // SAFETY: allocated in `new` with this layout. The ring (and with
-        // it the registration) is dropped first, see `Loop`'s field order.
-        unsafe { std::alloc::dealloc(self.entries as *mut u8, self.layout) };
-    }
-}
-
 pub fn run(config: Config, listeners: Vec<Listener>) -> anyhow::Result<()> {
     let shutdown = Shutdown::on_signals(config.drain_timeout)?;
     let acceptor = blocking::Acceptor::new(blocking::start(listeners, &config, &shutdown)?);
@@ -166,7 +97,7 @@ pub fn run(config: Config, listeners: Vec<Listener>) -> anyhow::Result<()> {
         anyhow::anyhow!("io_uring_setup: {e} (the uring model needs Linux 6.0 or later, with io_uring enabled)")
     })?;
     let bufs =
-        BufRing::new(&ring).map_err(|e| anyhow::anyhow!("registering the buffer ring: {e}"))?;
+        BufRing::new(&ring, BUFFERS, BLOCK, GROUP).map_err(|e| anyhow::anyhow!("registering the buffer ring: {e}"))?;
     let n = acceptor.listeners.len();
     let mut lp = Loop {
         ring,
@@ -413,7 +344,7 @@ impl Loop<'_> {
                 let n = n as usize;
                 c.last_progress = Instant::now();
                 c.log.add(n);
-                let block = &mut self.bufs.block(b)[..n];
+                let block = self.bufs.block(b, n);
                 let at = block.as_ptr();
                 let out = match c.transform.push(block) {
                     Ok(out) if out.as_ptr() == at => Out::Block { bid: b, len: n },
@@ -472,8 +403,7 @@ impl Loop<'_> {
         };
         let rest: &[u8] = match front {
             Out::Block { bid, len } => {
-                let start = *bid as usize * BLOCK;
-                &self.bufs.blocks[start + c.sent..start + len]
+                self.bufs.range(*bid, c.sent, *len)
             }
             Out::Owned(v) => &v[c.sent..],
         };
@@ -591,5 +521,5 @@ fn raw(s: &Stream) -> RawFd {
 
 /// Whether this kernel can run the model (for tests and `--compare`).
 pub fn available() -> bool {
-    IoUring::new(8).is_ok_and(|r| BufRing::new(&r).is_ok())
+    crate::bufring::available()
 }

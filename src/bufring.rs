@@ -1,0 +1,109 @@
+//! A provided-buffer ring for io_uring (Linux 5.19+), shared by the `uring`
+//! server model and the load generator's io_uring engine.
+//!
+//! Instead of giving each pending receive a buffer of its own, the program
+//! hands the kernel a ring of equal blocks; a multishot receive takes one
+//! when data actually arrives and reports which (`cqueue::buffer_select`).
+//! So a connection that waits holds no memory, and one `RecvMulti` serves a
+//! connection for its whole life. The program gives a block back
+//! ([`BufRing::give_back`]) once it is done with the bytes in it.
+
+use std::io;
+use std::sync::atomic::{AtomicU16, Ordering};
+
+use io_uring::{IoUring, types};
+
+pub struct BufRing {
+    entries: *mut types::BufRingEntry,
+    layout: std::alloc::Layout,
+    blocks: Vec<u8>,
+    count: u16,
+    block: usize,
+    tail: u16,
+}
+
+impl BufRing {
+    /// Registers `count` blocks of `block` bytes as buffer group `group`.
+    /// `count` must be a power of two (at most 32768).
+    ///
+    /// The ring must be dropped before the `BufRing` (declare it first in
+    /// a struct): the kernel may use the memory while the ring is alive.
+    pub fn new(ring: &IoUring, count: u16, block: usize, group: u16) -> io::Result<Self> {
+        if !count.is_power_of_two() || count > 1 << 15 {
+            return Err(io::Error::other("buffer ring size must be a power of two"));
+        }
+        let layout = std::alloc::Layout::from_size_align(
+            count as usize * std::mem::size_of::<types::BufRingEntry>(),
+            4096,
+        )
+        .map_err(io::Error::other)?;
+        // SAFETY: the layout has a non-zero size.
+        let entries = unsafe { std::alloc::alloc_zeroed(layout) } as *mut types::BufRingEntry;
+        if entries.is_null() {
+            return Err(io::Error::other("out of memory for the buffer ring"));
+        }
+        let mut r = BufRing {
+            entries,
+            layout,
+            blocks: vec![0u8; count as usize * block],
+            count,
+            block,
+            tail: 0,
+        };
+        // SAFETY: `entries` is a page-aligned, zeroed ring of `count`
+        // entries that lives as long as the registration (see Drop).
+        unsafe {
+            ring.submitter()
+                .register_buf_ring_with_flags(entries as u64, count, group, 0)?;
+        }
+        for bid in 0..count {
+            r.give_back(bid);
+        }
+        Ok(r)
+    }
+
+    pub fn block_size(&self) -> usize {
+        self.block
+    }
+
+    /// Returns block `bid` to the kernel.
+    pub fn give_back(&mut self, bid: u16) {
+        let i = (self.tail & (self.count - 1)) as usize;
+        // SAFETY: i < count; the kernel reads entries up to the published
+        // tail only, and this one is past it until the store below.
+        unsafe {
+            let e = &mut *self.entries.add(i);
+            e.set_addr(self.blocks.as_ptr().add(bid as usize * self.block) as u64);
+            e.set_len(self.block as u32);
+            e.set_bid(bid);
+            self.tail = self.tail.wrapping_add(1);
+            let tail = types::BufRingEntry::tail(self.entries) as *const AtomicU16;
+            (*tail).store(self.tail, Ordering::Release);
+        }
+    }
+
+    /// The first `len` bytes of block `bid`.
+    pub fn block(&mut self, bid: u16, len: usize) -> &mut [u8] {
+        let start = bid as usize * self.block;
+        &mut self.blocks[start..start + len.min(self.block)]
+    }
+
+    /// Bytes `from..to` of block `bid`, for a send in flight.
+    pub fn range(&self, bid: u16, from: usize, to: usize) -> &[u8] {
+        let start = bid as usize * self.block;
+        &self.blocks[start + from..start + to]
+    }
+}
+
+impl Drop for BufRing {
+    fn drop(&mut self) {
+        // SAFETY: allocated in `new` with this layout; the ring that used
+        // it is gone (see `new`).
+        unsafe { std::alloc::dealloc(self.entries as *mut u8, self.layout) };
+    }
+}
+
+/// Whether this kernel has io_uring with provided-buffer rings.
+pub fn available() -> bool {
+    IoUring::new(8).is_ok_and(|r| BufRing::new(&r, 8, 4096, 0).is_ok())
+}
