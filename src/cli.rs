@@ -11,7 +11,7 @@ use clap::{Args, Parser, Subcommand};
 
 use crate::addr::Endpoint;
 use crate::bench::compare::CompareConfig;
-use crate::bench::{BenchConfig, Workload};
+use crate::bench::{BenchConfig, Engine, Workload};
 use crate::client::{SendConfig, UdpRetry};
 use crate::net::SockOpts;
 use crate::server::{self, Model};
@@ -426,6 +426,11 @@ pub struct BenchArgs {
     /// Total requests per second, open loop (rr, crr, udp, hold).
     #[arg(long, allow_negative_numbers = true, value_name = "R")]
     pub rate: Option<f64>,
+    /// How the load generator waits on its connections, for rr and hold:
+    /// auto (io_uring where the kernel has it), epoll or uring. Other
+    /// workloads run on epoll.
+    #[arg(long, value_enum, value_name = "ENGINE", default_value_t = Engine::Auto)]
+    pub engine: Engine,
     /// Load-generator threads (each an event loop).
     #[arg(long, allow_negative_numbers = true, value_name = "N", default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..=256))]
     pub threads: u32,
@@ -483,6 +488,15 @@ impl BenchArgs {
         if self.rate.is_some() && self.mode == Workload::Stream && !self.compare {
             return Err("--rate applies to rr, crr, udp and hold, not stream".into());
         }
+        if self.engine == Engine::Uring
+            && !self.compare
+            && !matches!(self.mode, Workload::Rr | Workload::Hold)
+        {
+            return Err(format!(
+                "--engine uring runs rr and hold; {} runs on epoll",
+                self.mode.name()
+            ));
+        }
         let endpoint = self
             .endpoint
             .clone()
@@ -506,6 +520,7 @@ impl BenchArgs {
             } else {
                 Mode::Ascii
             },
+            engine: self.engine,
         };
         if !self.compare {
             return Ok(BenchCommand::One(base, self.json));

@@ -195,3 +195,104 @@ fn compare_two_models_and_write_the_results() {
     assert!(svg.starts_with("<svg") && svg.contains("select") && svg.contains("async"));
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// The engines that can run rr here: epoll always, uring where the kernel
+/// has it (the uring model's probe says the same).
+fn engines() -> Vec<&'static str> {
+    let mut e = vec!["epoll"];
+    if model_available("uring") {
+        e.push("uring");
+    } else {
+        eprintln!("io_uring unavailable here: testing the epoll engine only");
+    }
+    e
+}
+
+#[test]
+fn every_engine_verifies_rr_and_says_which_ran() {
+    let srv = Server::start(&["-q", "tcp://127.0.0.1:0"], 1);
+    let utf8 = Server::start(&["-q", "--utf8", "tcp://127.0.0.1:0"], 1);
+    for engine in engines() {
+        // 512 B, replies spanning several 16 KiB receive blocks, and UTF-8
+        // (the reply is longer than the request).
+        for (ep, extra) in [
+            (srv.addr(0), vec![]),
+            (srv.addr(0), vec!["--size", "60000", "--conns", "4"]),
+            (utf8.addr(0), vec!["--utf8"]),
+        ] {
+            let mut args = vec![
+                ep,
+                "--mode",
+                "rr",
+                "--duration",
+                "500ms",
+                "--engine",
+                engine,
+            ];
+            args.extend(extra.iter().copied());
+            let (r, v) = bench_json(&args);
+            assert_eq!(r.code(), 0, "{engine} {extra:?}: {}", r.stderr);
+            assert_eq!(v["engine"], engine, "{v}");
+            assert_eq!(v["errors"], 0, "{engine} {extra:?}: {v}");
+            let (n, bytes) = (
+                v["messages"].as_u64().unwrap(),
+                v["bytes"].as_u64().unwrap(),
+            );
+            assert!(n > 0, "{v}");
+            if extra.is_empty() {
+                assert_eq!(bytes, n * 512, "whole replies only: {v}");
+            }
+            assert_eq!(v["conns_served"], v["conns"], "{v}");
+        }
+    }
+    // auto picks one of them; stream has only epoll.
+    let (r, v) = bench_json(&[srv.addr(0), "--mode", "rr", "--duration", "300ms"]);
+    assert_eq!(r.code(), 0, "{}", r.stderr);
+    assert!(engines().contains(&v["engine"].as_str().unwrap()), "{v}");
+    let r = upcase_run(
+        &[
+            "bench",
+            srv.addr(0),
+            "--mode",
+            "stream",
+            "--engine",
+            "uring",
+        ],
+        b"",
+        SECS(10),
+    );
+    assert_eq!(r.code(), 2, "{}", r.stderr);
+    assert!(
+        r.stderr.contains("--engine uring runs rr and hold"),
+        "{}",
+        r.stderr
+    );
+}
+
+#[test]
+fn every_engine_catches_a_wrong_long_or_cut_reply() {
+    for engine in engines() {
+        for (mode, expect) in [("wrong", "wrong reply"), ("extra", ""), ("truncate", "")] {
+            let (mut child, ep) = wrong_server(mode, 2000);
+            let (r, v) = bench_json(&[
+                &ep,
+                "--mode",
+                "rr",
+                "--conns",
+                "3",
+                "--duration",
+                "500ms",
+                "--engine",
+                engine,
+            ]);
+            let _ = child.kill();
+            assert_eq!(r.code(), 4, "{engine} {mode}: {}", r.stderr);
+            // Each connection fails at its fourth message (bytes 1536..2048)
+            // and is dropped: three errors, three messages each before it.
+            assert_eq!(v["errors"], 3, "{engine} {mode}: {v}");
+            assert_eq!(v["messages"], 9, "{engine} {mode}: {v}");
+            let first = v["first_error"].as_str().unwrap();
+            assert!(first.contains(expect), "{engine} {mode}: {first}");
+        }
+    }
+}

@@ -83,6 +83,9 @@ struct Conn {
     /// When the current message was due (latency is measured from here).
     due: Instant,
     in_flight: bool,
+    /// The peer's end of file (or an error) was reported: that edge will
+    /// not come again, so a short read no longer means "drained".
+    peer_closed: bool,
     received_total: u64,
     messages: u64,
 }
@@ -104,7 +107,7 @@ impl ThreadResult {
 
     /// Counts `data`, which must be the reply's bytes at `*got`; advances
     /// `*got` and the connection's `*total`.
-    fn received(
+    pub(super) fn received(
         &mut self,
         (got, total): (&mut u64, &mut u64),
         data: &[u8],
@@ -135,7 +138,7 @@ pub fn run(job: Job, live: Arc<Live>) -> ThreadResult {
 /// against an IPv4 loopback server it spreads its connections over source
 /// addresses 127.0.0.2 to 127.0.0.251: else the ephemeral ports run out in
 /// seconds and connect() slows down looking for a free one.
-fn connect(job: &Job, n: &mut u64) -> io::Result<MioStream> {
+pub(super) fn connect(job: &Job, n: &mut u64) -> io::Result<MioStream> {
     let source = match (&job.endpoint, job.workload) {
         (Endpoint::Tcp(hp), Workload::Crr) => {
             match hp.resolve().ok().and_then(|a| a.first().copied()) {
@@ -174,6 +177,7 @@ fn drive(job: &Job, live: &Live, r: &mut ThreadResult) -> io::Result<()> {
             got: 0,
             due: start + offset,
             in_flight: false,
+            peer_closed: false,
             received_total: 0,
             messages: 0,
         });
@@ -205,6 +209,7 @@ fn drive(job: &Job, live: &Live, r: &mut ThreadResult) -> io::Result<()> {
                 let mut s = connect(job, &mut connects)?;
                 s.register(poll.registry(), Token(i))?;
                 c.sock = Some(s);
+                c.peer_closed = false;
                 ready.push(i);
             }
         }
@@ -235,7 +240,10 @@ fn drive(job: &Job, live: &Live, r: &mut ThreadResult) -> io::Result<()> {
             let i = ev.token().0;
             // Edge-triggered writability comes with every ACK; it matters
             // only to a connection with a request still to write.
-            let c = &conns[i];
+            let c = &mut conns[i];
+            if ev.is_read_closed() || ev.is_error() {
+                c.peer_closed = true;
+            }
             let wants_write =
                 job.workload == Workload::Stream || (c.in_flight && c.sent < job.size as u64);
             if ev.is_readable() || ev.is_read_closed() || ev.is_error() || wants_write {
@@ -355,7 +363,7 @@ fn step(
                 Ok(0) => return Err(early_eof(c.got)),
                 Ok(n) => {
                     r.received((&mut c.got, &mut c.received_total), &buf[..n], reply, live)?;
-                    if n < want {
+                    if n < want && !c.peer_closed {
                         return Ok(()); // drained: the rest comes with an event
                     }
                 }
@@ -452,7 +460,7 @@ fn check(got: &[u8], reply: &Pattern, offset: u64) -> io::Result<()> {
     Ok(())
 }
 
-fn early_eof(got: u64) -> io::Error {
+pub(super) fn early_eof(got: u64) -> io::Error {
     io::Error::new(
         io::ErrorKind::UnexpectedEof,
         format!("server closed the connection after {got} reply bytes"),

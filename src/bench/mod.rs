@@ -12,6 +12,7 @@ pub mod compare;
 pub mod load;
 pub mod proc;
 pub mod udp;
+mod uring;
 
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
@@ -61,6 +62,47 @@ impl Workload {
     }
 }
 
+/// How the load generator waits on its connections (rr and hold).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, clap::ValueEnum, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Engine {
+    /// io_uring where the kernel has it, else epoll.
+    #[default]
+    Auto,
+    /// One mio (epoll) loop per thread.
+    Epoll,
+    /// One io_uring per thread: multishot receives, batched sends.
+    Uring,
+}
+
+impl Engine {
+    pub fn name(self) -> &'static str {
+        match self {
+            Engine::Auto => "auto",
+            Engine::Epoll => "epoll",
+            Engine::Uring => "uring",
+        }
+    }
+
+    /// The engine a workload runs on here: only rr (and hold, which runs
+    /// rr) has an io_uring engine.
+    pub fn resolve(self, workload: Workload) -> anyhow::Result<Engine> {
+        let rr = matches!(workload, Workload::Rr | Workload::Hold);
+        Ok(match self {
+            // With --compare, the other workloads run on epoll.
+            Engine::Uring if !rr => Engine::Epoll,
+            Engine::Uring if !uring::available() => {
+                anyhow::bail!(
+                    "--engine uring: this kernel does not offer io_uring with buffer rings"
+                )
+            }
+            Engine::Auto if rr && uring::available() => Engine::Uring,
+            Engine::Auto | Engine::Epoll => Engine::Epoll,
+            Engine::Uring => Engine::Uring,
+        })
+    }
+}
+
 /// Everything one bench run needs, validated.
 #[derive(Debug, Clone)]
 pub struct BenchConfig {
@@ -83,6 +125,7 @@ pub struct BenchConfig {
     pub intervals: bool,
     /// The server's transform (`--utf8` sends UTF-8 text).
     pub mode: crate::transform::Mode,
+    pub engine: Engine,
 }
 
 /// Latency percentiles, in microseconds.
@@ -100,6 +143,8 @@ pub struct Latency {
 #[derive(Debug, Clone, Serialize)]
 pub struct Report {
     pub workload: Workload,
+    /// The load generator's engine (epoll or uring).
+    pub engine: Engine,
     pub endpoint: String,
     pub conns: usize,
     pub size: usize,
@@ -134,6 +179,7 @@ pub fn run(cfg: &BenchConfig) -> anyhow::Result<Report> {
     if cfg.workload == Workload::Hold {
         return hold(cfg);
     }
+    let engine = cfg.engine.resolve(cfg.workload)?;
     let live = Arc::new(Live::default());
     let threads = cfg.threads.clamp(1, cfg.conns.max(1));
     let per_conn_rate = cfg.rate.map(|r| r / cfg.conns as f64);
@@ -176,6 +222,7 @@ pub fn run(cfg: &BenchConfig) -> anyhow::Result<Report> {
             .name(format!("upcase-bench-{t}"))
             .spawn(move || match job.workload {
                 Workload::Udp => udp::run(job, timeout, live),
+                _ if engine == Engine::Uring => (uring::run(job, live), 0),
                 _ => (load::run(job, live), 0),
             })
             .context("starting load threads")?;
@@ -201,7 +248,9 @@ pub fn run(cfg: &BenchConfig) -> anyhow::Result<Report> {
         (Some(a), Some(b)) => Some((b - a) / seconds),
         _ => None,
     };
-    Ok(summarise(cfg, results, seconds, client_cpu, server_cpu))
+    let mut report = summarise(cfg, results, seconds, client_cpu, server_cpu);
+    report.engine = engine;
+    Ok(report)
 }
 
 fn summarise(
@@ -240,6 +289,7 @@ fn summarise(
     });
     Report {
         workload: cfg.workload,
+        engine: Engine::Epoll,
         endpoint: cfg.endpoint.to_string(),
         conns: cfg.conns,
         size: cfg.size,
@@ -342,6 +392,9 @@ impl Report {
             self.size
         );
         println!("endpoint:    {}", self.endpoint);
+        if self.workload != Workload::Udp {
+            println!("engine:      {}", self.engine.name());
+        }
         if let Some(r) = self.rate {
             println!("rate:        {r:.0}/s (open loop)");
         }

@@ -96,8 +96,8 @@ pub fn run(config: Config, listeners: Vec<Listener>) -> anyhow::Result<()> {
         .map_err(|e| {
         anyhow::anyhow!("io_uring_setup: {e} (the uring model needs Linux 6.0 or later, with io_uring enabled)")
     })?;
-    let bufs =
-        BufRing::new(&ring, BUFFERS, BLOCK, GROUP).map_err(|e| anyhow::anyhow!("registering the buffer ring: {e}"))?;
+    let bufs = BufRing::new(&ring, BUFFERS, BLOCK, GROUP)
+        .map_err(|e| anyhow::anyhow!("registering the buffer ring: {e}"))?;
     let n = acceptor.listeners.len();
     let mut lp = Loop {
         ring,
@@ -402,9 +402,7 @@ impl Loop<'_> {
             return;
         };
         let rest: &[u8] = match front {
-            Out::Block { bid, len } => {
-                self.bufs.range(*bid, c.sent, *len)
-            }
+            Out::Block { bid, len } => self.bufs.range(*bid, c.sent, *len),
             Out::Owned(v) => &v[c.sent..],
         };
         c.sending = true;

@@ -1,9 +1,10 @@
 #!/usr/bin/env python3
 # A deliberately wrong uppercase server, for testing that upcase's clients
-# notice: it uppercases everything except byte number WRONG_AT (counted over
-# the whole connection), which it sends back unchanged; with "truncate" it
-# instead closes the connection after TRUNCATE_AT bytes. Threaded; port from
-# the command line (0: any free port, printed).
+# notice. Usage: wrong_server.py HOST PORT MODE AT, with AT a byte number
+# counted over the whole connection. MODE "wrong" sends byte AT back
+# unchanged; "extra" adds a byte '!' before it; "truncate" closes the
+# connection after AT bytes; "short" stops answering (but keeps reading)
+# after AT bytes. Threaded; PORT 0 picks a free port, printed.
 import socket, sys, threading
 
 HOST, PORT, MODE, AT = sys.argv[1], int(sys.argv[2]), sys.argv[3], int(sys.argv[4])
@@ -19,6 +20,8 @@ def serve(conn):
             out = bytearray(data.upper())
             if MODE == 'wrong' and n <= AT < n + len(data):
                 out[AT - n] = data[AT - n]
+            if MODE == 'extra' and n <= AT < n + len(data):
+                out.insert(AT - n, ord('!'))
             if MODE == 'short':
                 conn.sendall(bytes(out[:max(0, AT - n)]))
                 n += len(data)

@@ -1,0 +1,444 @@
+//! The load generator's io_uring engine, for request/response (rr, and the
+//! active connections of hold).
+//!
+//! The mio loop ([`super::load`]) pays per message a `write`, a `read` and
+//! its share of `epoll_wait`, and epoll re-polls every ready socket before
+//! reporting it; profiles showed that work as half of the load generator's
+//! time, and the load generator is what limits rr on two cores. Here every
+//! connection has one multishot receive into a ring of provided blocks
+//! ([`crate::bufring`]), and one `io_uring_enter` submits every send that is
+//! due and collects every reply that arrived. What it measures is the same:
+//! each reply is verified byte for byte, never assumed to come in one piece,
+//! and latency counts from when the message was due (open loop with
+//! `--rate`, as in wrk2).
+//!
+//! A message's next request goes out only when the whole reply is in and
+//! the kernel has reported the request's send complete; a reply byte that
+//! arrives with no request outstanding is an error.
+
+use std::io;
+use std::os::fd::{AsRawFd, RawFd};
+use std::sync::atomic::Ordering;
+use std::time::{Duration, Instant};
+
+use io_uring::{IoUring, cqueue, opcode, squeue, types};
+
+use super::load::{self, Job, Live, ThreadResult};
+use crate::bufring::BufRing;
+use crate::net::MioStream;
+
+const GROUP: u16 = 0;
+const BLOCK: usize = 16 * 1024;
+
+const RECV: u64 = 1;
+const SEND: u64 = 2;
+const SHUT_WR: u64 = 3;
+const CANCEL: u64 = 4;
+const KIND_SHIFT: u64 = 56;
+
+fn ud(kind: u64, i: usize) -> u64 {
+    (kind << KIND_SHIFT) | i as u64
+}
+
+/// Whether the engine can run here.
+pub fn available() -> bool {
+    crate::bufring::available()
+}
+
+struct Conn {
+    sock: MioStream,
+    /// Request bytes sent / reply bytes received, of the current message.
+    sent: u64,
+    got: u64,
+    due: Instant,
+    in_flight: bool,
+    sending: bool,
+    receiving: bool,
+    /// The receive is being cancelled (the connection is done).
+    cancelled: bool,
+    /// Broken (counted as an error) or finished: no new messages.
+    done: bool,
+    /// The server's end of file arrived.
+    eof: bool,
+    received_total: u64,
+    messages: u64,
+}
+
+impl Conn {
+    fn fd(&self) -> types::Fd {
+        types::Fd(raw(&self.sock))
+    }
+}
+
+struct Engine<'a> {
+    // The ring goes before the blocks it writes into.
+    ring: IoUring,
+    bufs: BufRing,
+    conns: Vec<Conn>,
+    job: &'a Job,
+    /// The request, in memory of our own: the kernel reads it during a
+    /// send, so it must outlive every send (see `close_gracefully`).
+    request: Vec<u8>,
+    live: &'a Live,
+    interval: Option<Duration>,
+    /// Completions of one round, kept to save an allocation per round.
+    done: Vec<(u64, i32, u32)>,
+}
+
+pub fn run(job: Job, live: std::sync::Arc<Live>) -> ThreadResult {
+    let mut r = ThreadResult::new(job.conns);
+    if let Err(e) = drive(&job, &live, &mut r) {
+        r.errors += 1;
+        r.first_error.get_or_insert(e.to_string());
+    }
+    r
+}
+
+fn drive(job: &Job, live: &Live, r: &mut ThreadResult) -> io::Result<()> {
+    let ring = IoUring::builder()
+        .setup_single_issuer()
+        .setup_defer_taskrun()
+        .build(4096)
+        .or_else(|_| IoUring::new(4096))?;
+    // Two blocks per connection: a reply and the start of the next never
+    // need more, so a receive rarely finds the ring empty.
+    let count = (job.conns * 2).next_power_of_two().clamp(64, 4096) as u16;
+    let bufs = BufRing::new(&ring, count, BLOCK, GROUP)?;
+    let start = Instant::now();
+    let interval = job
+        .per_conn_rate
+        .map(|rate| Duration::from_secs_f64(1.0 / rate));
+    let mut conns = Vec::with_capacity(job.conns);
+    let mut connects = job.first as u64;
+    for i in 0..job.conns {
+        let sock = load::connect(job, &mut connects)?;
+        let offset = interval.map_or(Duration::ZERO, |iv| {
+            iv.mul_f64((job.first + i) as f64 / job.total_conns.max(1) as f64)
+        });
+        conns.push(Conn {
+            sock,
+            sent: 0,
+            got: 0,
+            due: start + offset,
+            in_flight: false,
+            sending: false,
+            receiving: false,
+            cancelled: false,
+            done: false,
+            eof: false,
+            received_total: 0,
+            messages: 0,
+        });
+    }
+    let mut request = Vec::with_capacity(job.size);
+    while request.len() < job.size {
+        let more = job
+            .request
+            .slice(request.len() as u64, job.size - request.len());
+        request.extend_from_slice(more);
+    }
+    let mut e = Engine {
+        ring,
+        bufs,
+        conns,
+        job,
+        request,
+        live,
+        interval,
+        done: Vec::with_capacity(1024),
+    };
+    for i in 0..e.conns.len() {
+        e.arm_recv(i);
+    }
+    let result = e.measure(r);
+    for (i, c) in e.conns.iter().enumerate() {
+        r.per_conn[i] = c.received_total;
+    }
+    r.served = e.conns.iter().filter(|c| c.messages > 0).count();
+    e.close_gracefully(r);
+    result
+}
+
+impl Engine<'_> {
+    fn push(&mut self, entry: squeue::Entry) -> io::Result<()> {
+        // SAFETY: a send points into `self.request`, which outlives every
+        // send (see `close_gracefully`); receives use the buffer ring.
+        while unsafe { self.ring.submission().push(&entry) }.is_err() {
+            self.ring.submit()?; // full: hand the queue to the kernel
+        }
+        Ok(())
+    }
+
+    fn arm_recv(&mut self, i: usize) {
+        let fd = self.conns[i].fd();
+        self.conns[i].receiving = true;
+        let e = opcode::RecvMulti::new(fd, GROUP)
+            .build()
+            .user_data(ud(RECV, i));
+        if let Err(err) = self.push(e) {
+            self.conns[i].receiving = false;
+            self.conns[i].done = true;
+            tracing::debug!("cannot arm a receive: {err}");
+        }
+    }
+
+    /// Sends what is left of the current request.
+    fn send_rest(&mut self, i: usize) -> io::Result<()> {
+        let c = &mut self.conns[i];
+        let rest = &self.request[c.sent as usize..];
+        c.sending = true;
+        let e = opcode::Send::new(c.fd(), rest.as_ptr(), rest.len() as u32)
+            .flags(libc::MSG_NOSIGNAL)
+            .build()
+            .user_data(ud(SEND, i));
+        self.push(e)
+    }
+
+    /// Starts connection `i`'s next message if it is due.
+    fn start(&mut self, i: usize, now: Instant) -> io::Result<()> {
+        let c = &mut self.conns[i];
+        if c.done || c.in_flight || c.sending {
+            return Ok(());
+        }
+        match self.interval {
+            Some(_) if c.due > now => return Ok(()),
+            Some(_) => {}
+            None => c.due = now,
+        }
+        c.in_flight = true;
+        c.sent = 0;
+        c.got = 0;
+        self.send_rest(i)
+    }
+
+    /// The measured part: until the deadline or a stop.
+    fn measure(&mut self, r: &mut ThreadResult) -> io::Result<()> {
+        let now = Instant::now();
+        for i in 0..self.conns.len() {
+            let res = self.start(i, now);
+            self.check(i, res, r);
+        }
+        loop {
+            let now = Instant::now();
+            if now >= self.job.deadline || self.live.stop.load(Ordering::Relaxed) {
+                return Ok(());
+            }
+            let mut wake = self.job.deadline;
+            if self.interval.is_some() {
+                for i in 0..self.conns.len() {
+                    let res = self.start(i, now);
+                    self.check(i, res, r);
+                    let c = &self.conns[i];
+                    if !c.done && !c.in_flight {
+                        wake = wake.min(c.due);
+                    }
+                }
+            }
+            self.wait(wake)?;
+            for k in 0..self.done.len() {
+                let (data, res, flags) = self.done[k];
+                let i = (data & 0xFFFF_FFFF) as usize;
+                let outcome = match data >> KIND_SHIFT {
+                    RECV => self.received(i, res, flags, r),
+                    SEND => self.sent(i, res),
+                    _ => Ok(()),
+                };
+                self.check(i, outcome, r);
+            }
+        }
+    }
+
+    /// Submits, waits for a completion or `until`, and collects them.
+    fn wait(&mut self, until: Instant) -> io::Result<()> {
+        let left = until.saturating_duration_since(Instant::now());
+        let ts = types::Timespec::new()
+            .sec(left.as_secs())
+            .nsec(left.subsec_nanos());
+        let args = types::SubmitArgs::new().timespec(&ts);
+        match self.ring.submitter().submit_with_args(1, &args) {
+            Ok(_) => {}
+            Err(e)
+                if matches!(
+                    e.raw_os_error(),
+                    Some(libc::ETIME | libc::EINTR | libc::EBUSY)
+                ) => {}
+            Err(e) => return Err(e),
+        }
+        self.done.clear();
+        self.done.extend(
+            self.ring
+                .completion()
+                .map(|c| (c.user_data(), c.result(), c.flags())),
+        );
+        Ok(())
+    }
+
+    /// Counts a connection's failure as the mio loop does: an error, and
+    /// the connection is dropped from the run (not retried).
+    fn check(&mut self, i: usize, outcome: io::Result<()>, r: &mut ThreadResult) {
+        if let Err(e) = outcome {
+            r.errors += 1;
+            self.live.errors.fetch_add(1, Ordering::Relaxed);
+            r.first_error.get_or_insert(e.to_string());
+            self.stop_conn(i);
+        }
+    }
+
+    fn stop_conn(&mut self, i: usize) {
+        let c = &mut self.conns[i];
+        c.done = true;
+        c.in_flight = false;
+        if c.receiving && !c.cancelled {
+            c.cancelled = true;
+            let e = opcode::AsyncCancel::new(ud(RECV, i))
+                .build()
+                .user_data(ud(CANCEL, i));
+            let _ = self.push(e);
+        }
+    }
+
+    fn received(&mut self, i: usize, res: i32, flags: u32, r: &mut ThreadResult) -> io::Result<()> {
+        let bid = cqueue::buffer_select(flags);
+        let c = &mut self.conns[i];
+        if !cqueue::more(flags) {
+            c.receiving = false;
+        }
+        let outcome = match (res, bid) {
+            (n, Some(b)) if n > 0 => {
+                let data = self.bufs.block(b, n as usize);
+                let want = self.job.reply_size as u64 - c.got;
+                let result = if c.done {
+                    Ok(()) // closing: what the server still sends is discarded
+                } else if !c.in_flight || data.len() as u64 > want {
+                    Err(io::Error::new(
+                        io::ErrorKind::InvalidData,
+                        "reply longer than the request",
+                    ))
+                } else {
+                    r.received(
+                        (&mut c.got, &mut c.received_total),
+                        data,
+                        &self.job.reply,
+                        self.live,
+                    )
+                };
+                self.bufs.give_back(b);
+                result
+            }
+            (0, _) => {
+                c.eof = true;
+                if c.done {
+                    Ok(())
+                } else {
+                    Err(load::early_eof(c.got))
+                }
+            }
+            (e, _) if e == -libc::ENOBUFS || e == -libc::ECANCELED => Ok(()),
+            (e, _) if e < 0 => Err(io::Error::from_raw_os_error(-e)),
+            _ => Ok(()),
+        };
+        let c = &self.conns[i];
+        if outcome.is_ok() && !c.receiving && !c.eof && !c.cancelled {
+            // The kernel ended the multishot (out of blocks, or its own
+            // limit): arm it again.
+            self.arm_recv(i);
+        }
+        outcome?;
+        self.complete(i, r)
+    }
+
+    fn sent(&mut self, i: usize, res: i32) -> io::Result<()> {
+        let c = &mut self.conns[i];
+        c.sending = false;
+        if c.done {
+            return Ok(());
+        }
+        if res < 0 {
+            return Err(io::Error::from_raw_os_error(-res));
+        }
+        c.sent += res as u64;
+        if c.sent < self.job.size as u64 {
+            return self.send_rest(i);
+        }
+        Ok(())
+    }
+
+    /// A message is complete when its whole reply is in and its request's
+    /// send has completed; then the next one starts (closed loop) or waits
+    /// for its slot (open loop).
+    fn complete(&mut self, i: usize, r: &mut ThreadResult) -> io::Result<()> {
+        let c = &mut self.conns[i];
+        if !c.in_flight || c.sending || c.got < self.job.reply_size as u64 {
+            return Ok(());
+        }
+        let now = Instant::now();
+        let lat = now.saturating_duration_since(c.due).as_nanos() as u64;
+        let _ = r.hist.record(lat.max(1));
+        r.messages += 1;
+        c.messages += 1;
+        self.live.messages.fetch_add(1, Ordering::Relaxed);
+        c.in_flight = false;
+        if let Some(iv) = self.interval {
+            c.due += iv;
+        }
+        self.start(i, now)
+    }
+
+    /// Ends every connection as the contract says (half-close, then read
+    /// to the server's end of file), bounded to one second; then cancels
+    /// what is still in flight.
+    fn close_gracefully(mut self, r: &mut ThreadResult) {
+        for i in 0..self.conns.len() {
+            let c = &mut self.conns[i];
+            c.done = true;
+            if !c.eof && c.receiving {
+                let e = opcode::Shutdown::new(c.fd(), libc::SHUT_WR)
+                    .build()
+                    .user_data(ud(SHUT_WR, i));
+                let _ = self.push(e);
+            }
+        }
+        let deadline = Instant::now() + Duration::from_secs(1);
+        while self.in_flight() && Instant::now() < deadline {
+            if self.wait(deadline).is_err() {
+                break;
+            }
+            for k in 0..self.done.len() {
+                let (data, res, flags) = self.done[k];
+                let i = (data & 0xFFFF_FFFF) as usize;
+                match data >> KIND_SHIFT {
+                    RECV => {
+                        let _ = self.received(i, res, flags, r);
+                    }
+                    SEND => self.conns[i].sending = false,
+                    _ => {}
+                }
+            }
+            if Instant::now() + Duration::from_millis(200) >= deadline {
+                for i in 0..self.conns.len() {
+                    self.stop_conn(i);
+                }
+            }
+        }
+        if self.in_flight() {
+            // The kernel may still write into the blocks or read the
+            // request: keep both (and the ring) for the process's life
+            // rather than free memory it may touch.
+            tracing::warn!("load generator: operations still in flight at exit");
+            std::mem::forget(self.bufs);
+            std::mem::forget(self.ring);
+            std::mem::forget(self.request);
+        }
+    }
+
+    fn in_flight(&self) -> bool {
+        self.conns.iter().any(|c| c.receiving || c.sending)
+    }
+}
+
+fn raw(s: &MioStream) -> RawFd {
+    match s {
+        MioStream::Tcp(t) => t.as_raw_fd(),
+        MioStream::Unix(u) => u.as_raw_fd(),
+    }
+}
