@@ -48,8 +48,10 @@ fn stream_256m_and_seed_client(model: &str) {
     let r = run(cmd, b"", SECS(20));
     assert!(
         r.out().contains("b'CAPITALIZE THIS!CAPITALIZE THIS!'"),
-        "{model}: {}",
-        r.out()
+        "{model}: exit {:?}\n{}\n{}",
+        r.status,
+        r.out(),
+        r.stderr
     );
 }
 

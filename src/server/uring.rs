@@ -34,7 +34,7 @@ use crate::transform::Transformer;
 const BUFFERS: u16 = 256;
 const BLOCK: usize = 64 * 1024;
 /// Received blocks a connection may hold before it stops receiving.
-const MAX_QUEUED: usize = 2;
+const MAX_QUEUED: usize = 8;
 const GROUP: u16 = 0;
 
 const KIND_SHIFT: u64 = 56;
@@ -56,6 +56,16 @@ enum Out {
     Owned(Vec<u8>),
 }
 
+impl Out {
+    /// The bytes from `from` on.
+    fn bytes<'a>(&'a self, bufs: &'a BufRing, from: usize) -> &'a [u8] {
+        match self {
+            Out::Block { bid, len } => bufs.range(*bid, from, *len),
+            Out::Owned(v) => &v[from..],
+        }
+    }
+}
+
 struct Conn {
     sock: Stream,
     transform: Transformer,
@@ -64,6 +74,10 @@ struct Conn {
     /// Bytes of the queue's front already sent (a send is in flight while
     /// `sending`).
     sent: usize,
+    /// The message header of a send that covers several queued blocks;
+    /// boxed, and made only for a connection that ever has two queued, so
+    /// that a connection in plain request/response pays nothing for it.
+    vectored: Option<Box<Vectored>>,
     sending: bool,
     /// The multishot receive is armed; `cancelling` while it is being
     /// stopped for backpressure or closing.
@@ -75,6 +89,23 @@ struct Conn {
     /// Being closed: free it once nothing is in flight.
     closing: Option<io::Result<()>>,
     last_progress: Instant,
+}
+
+/// A `sendmsg` header and its iovecs, kept in place while the send is in
+/// flight.
+struct Vectored {
+    hdr: libc::msghdr,
+    iov: [libc::iovec; MAX_QUEUED],
+}
+
+impl Vectored {
+    fn new() -> Box<Self> {
+        // SAFETY: msghdr and iovec are plain C structs; all zeroes is a
+        // valid (empty) value of each.
+        let mut v: Box<Vectored> = Box::new(unsafe { std::mem::zeroed() });
+        v.hdr.msg_iov = v.iov.as_mut_ptr();
+        v
+    }
 }
 
 impl Conn {
@@ -274,6 +305,7 @@ impl Loop<'_> {
                         log: ConnLog::new(peer),
                         queue: VecDeque::new(),
                         sent: 0,
+                        vectored: None,
                         sending: false,
                         receiving: false,
                         cancelling: false,
@@ -401,16 +433,34 @@ impl Loop<'_> {
             }
             return;
         };
-        let rest: &[u8] = match front {
-            Out::Block { bid, len } => self.bufs.range(*bid, c.sent, *len),
-            Out::Owned(v) => &v[c.sent..],
-        };
+        let bufs = &self.bufs;
         c.sending = true;
-        let e = opcode::Send::new(fd, rest.as_ptr(), rest.len() as u32)
-            .flags(libc::MSG_NOSIGNAL)
-            .build()
-            .user_data(ud(SEND, key));
-        self.push(e);
+        let e = if c.queue.len() == 1 {
+            let rest = front.bytes(bufs, c.sent);
+            opcode::Send::new(fd, rest.as_ptr(), rest.len() as u32)
+                .flags(libc::MSG_NOSIGNAL)
+                .build()
+        } else {
+            // Everything queued in one send: with a paced congestion
+            // control (BBR, the default on many systems) the size of each
+            // send decides the throughput, and one block is too little.
+            let v = c.vectored.get_or_insert_with(Vectored::new);
+            let mut n = 0;
+            for (i, out) in c.queue.iter().enumerate().take(MAX_QUEUED) {
+                let part = out.bytes(bufs, if i == 0 { c.sent } else { 0 });
+                v.iov[i] = libc::iovec {
+                    iov_base: part.as_ptr() as *mut libc::c_void,
+                    iov_len: part.len(),
+                };
+                n += 1;
+            }
+            v.hdr.msg_iov = v.iov.as_mut_ptr();
+            v.hdr.msg_iovlen = n;
+            opcode::SendMsg::new(fd, &v.hdr)
+                .flags(libc::MSG_NOSIGNAL as u32)
+                .build()
+        };
+        self.push(e.user_data(ud(SEND, key)));
     }
 
     fn sent(&mut self, key: usize, res: i32) {
@@ -426,16 +476,23 @@ impl Loop<'_> {
         }
         c.sent += res as usize;
         c.last_progress = Instant::now();
-        let front_len = match c.queue.front() {
-            Some(Out::Block { len, .. }) => *len,
-            Some(Out::Owned(v)) => v.len(),
-            None => 0,
-        };
-        if c.sent >= front_len {
-            c.sent = 0;
+        // The send may have covered several queued blocks.
+        let mut freed = false;
+        while let Some(front) = c.queue.front() {
+            let len = match front {
+                Out::Block { len, .. } => *len,
+                Out::Owned(v) => v.len(),
+            };
+            if c.sent < len {
+                break;
+            }
+            c.sent -= len;
             if let Some(Out::Block { bid, .. }) = c.queue.pop_front() {
                 self.bufs.give_back(bid);
             }
+            freed = true;
+        }
+        if freed {
             self.feed_starved();
         }
         self.send_next(key);
