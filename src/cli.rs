@@ -43,8 +43,8 @@ EXIT CODES:
      (bench: any verification error)
 
 SERVER MODELS (serve --model): iterative, fork, threads, pool, select,
-epoll (default), async, uring: the seeds' designs and two beyond them, one
-connection contract.";
+epoll, async, uring: the seeds' designs and two beyond them, one connection
+contract. The default is uring where io_uring is allowed, else epoll.";
 
 const EXAMPLES: &str = "\
 EXAMPLES:
@@ -94,9 +94,10 @@ pub struct ServeArgs {
     /// Addresses to listen on [default: tcp://127.0.0.1:1060 udp://127.0.0.1:1060].
     #[arg(value_name = "ADDR")]
     pub listeners: Vec<Endpoint>,
-    /// How the server waits for many clients at once.
-    #[arg(long, value_enum, default_value_t = Model::Epoll)]
-    pub model: Model,
+    /// How the server waits for many clients at once [default: uring where
+    /// io_uring is allowed, else epoll].
+    #[arg(long, value_enum)]
+    pub model: Option<Model>,
     /// Largest block read from a connection at once (the seeds use 1K). Each
     /// connection's buffer starts at 4K and grows to this while reads fill it.
     #[arg(long, allow_negative_numbers = true, value_name = "SIZE", default_value = "256K", value_parser = units::parse_buffer_size)]
@@ -117,8 +118,9 @@ pub struct ServeArgs {
     /// --utf8=strict end the connection with a logged error.
     #[arg(long, value_enum, value_name = "STRICTNESS", num_args = 0..=1, require_equals = true, default_missing_value = "lenient")]
     pub utf8: Option<Utf8Arg>,
-    /// Threads of the pool model, event loops of epoll, runtime threads of
-    /// async [default: pool 16, epoll half the cores, async one per core].
+    /// Threads of the pool model, event loops of epoll and uring, runtime
+    /// threads of async [default: pool 16, epoll and uring half the cores,
+    /// async one per core].
     #[arg(long, allow_negative_numbers = true, value_name = "N", value_parser = clap::value_parser!(u32).range(1..=4096))]
     pub workers: Option<u32>,
     #[command(flatten)]
@@ -303,9 +305,10 @@ impl ServeArgs {
         } else {
             self.listeners
         };
+        let model = self.model.unwrap_or_else(Model::default_here);
         server::Config {
             listeners,
-            model: self.model,
+            model,
             sockopts,
             block: self.block,
             mode: mode_of(self.utf8),
@@ -315,7 +318,7 @@ impl ServeArgs {
             drain_timeout: self.drain_timeout,
             workers: self
                 .workers
-                .map_or_else(|| default_workers(self.model), |n| n as usize),
+                .map_or_else(|| default_workers(model), |n| n as usize),
             idle_timeout: (!self.idle_timeout.is_zero()).then_some(self.idle_timeout),
         }
     }
@@ -329,7 +332,7 @@ fn default_workers(model: Model) -> usize {
     let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
     match model {
         Model::Pool => 16,
-        Model::Epoll => (cores / 2).max(1),
+        Model::Epoll | Model::Uring => (cores / 2).max(1),
         _ => cores,
     }
 }

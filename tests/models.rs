@@ -58,7 +58,13 @@ fn stream_256m_and_seed_client(model: &str) {
 /// Opens `n` connections first, then has each do one verified
 /// request/response and half-close, all at once.
 fn concurrent_rr(model: &str, n: usize) {
-    let srv = serve(model, &["tcp://127.0.0.1:0"], 1);
+    concurrent_rr_with(model, &[], n)
+}
+
+fn concurrent_rr_with(model: &str, extra: &[&str], n: usize) {
+    let mut args = vec!["tcp://127.0.0.1:0"];
+    args.extend_from_slice(extra);
+    let srv = serve(model, &args, 1);
     let addr = srv.hostport(0).to_string();
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
@@ -287,7 +293,10 @@ fn children_of(pid: i32) -> Vec<String> {
 
 #[test]
 fn max_conns_makes_new_clients_wait() {
-    for model in ["threads", "select", "epoll", "async", "fork"] {
+    for model in ["threads", "select", "epoll", "async", "fork", "uring"] {
+        if !model_available(model) {
+            continue;
+        }
         let srv = serve(model, &["tcp://127.0.0.1:0", "--max-conns", "1"], 1);
         let (hog, _) = start_hog(srv.hostport(0));
         let mut c = TcpStream::connect(srv.hostport(0)).expect("connect (backlog)");
@@ -304,5 +313,40 @@ fn max_conns_makes_new_clients_wait() {
         c.read_exact(&mut buf)
             .expect("served once the slot is free");
         assert_eq!(&buf, b"WAIT", "{model}");
+    }
+}
+
+/// Several event loops share the listeners: every client is served, and
+/// `--max-conns` counts over all of them.
+#[test]
+fn several_loops_share_the_clients_and_the_limit() {
+    for model in ["epoll", "uring"] {
+        if !model_available(model) {
+            continue;
+        }
+        concurrent_rr_with(model, &["--workers", "3"], 300);
+
+        let srv = serve(
+            model,
+            &["tcp://127.0.0.1:0", "--workers", "3", "--max-conns", "2"],
+            1,
+        );
+        let hogs = [start_hog(srv.hostport(0)).0, start_hog(srv.hostport(0)).0];
+        let mut c = TcpStream::connect(srv.hostport(0)).expect("connect (backlog)");
+        c.set_read_timeout(Some(Duration::from_millis(800)))
+            .unwrap();
+        c.write_all(b"third").unwrap();
+        let mut buf = [0u8; 5];
+        assert!(
+            c.read_exact(&mut buf).is_err(),
+            "{model}: 3 loops served beyond --max-conns 2"
+        );
+        for h in hogs {
+            stop_hog(h);
+        }
+        c.set_read_timeout(Some(SECS(20))).unwrap();
+        c.read_exact(&mut buf)
+            .expect("served once a slot is free");
+        assert_eq!(&buf, b"THIRD", "{model}");
     }
 }

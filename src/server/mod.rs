@@ -29,7 +29,7 @@ use crate::net::{self, Listener, SockOpts};
 use crate::transform::Mode;
 
 /// How the server waits for many clients at once.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, clap::ValueEnum)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
 pub enum Model {
     /// One client at a time; the others wait in the backlog (tcp_deadlock.py).
     Iterative,
@@ -41,19 +41,32 @@ pub enum Model {
     Pool,
     /// One thread, non-blocking sockets, one poll(2) loop (the select() server).
     Select,
-    /// Event loops on epoll (mio), --workers of them sharing the listeners;
-    /// the default: fastest per message, ~200 bytes per idle connection.
-    #[default]
+    /// Event loops on epoll (mio), --workers of them sharing the listeners,
+    /// ~200 bytes per idle connection; the default where io_uring is not
+    /// allowed.
     Epoll,
     /// A task per connection on tokio's multi-threaded runtime (lecture 3's
     /// event loop, on every core).
     Async,
-    /// One io_uring loop: multishot receives into a provided-buffer ring,
-    /// sends batched into one system call (Linux 6.0+).
+    /// io_uring loops, --workers of them: multishot receives into a ring of
+    /// shared blocks, sends batched into one system call (Linux 6.0+); the
+    /// default: fastest on every workload measured, ~240 bytes per idle
+    /// connection.
     Uring,
 }
 
 impl Model {
+    /// The model `serve` uses without `--model`: uring where this kernel
+    /// (and its seccomp policy: containers often forbid io_uring) allows
+    /// it, else epoll. See docs/BENCHMARKS.md for the measurements.
+    pub fn default_here() -> Model {
+        if uring::available() {
+            Model::Uring
+        } else {
+            Model::Epoll
+        }
+    }
+
     pub const ALL: [Model; 8] = [
         Model::Iterative,
         Model::Fork,
@@ -167,6 +180,7 @@ pub fn announce(listeners: &[Listener]) -> anyhow::Result<()> {
 pub fn run(config: Config) -> anyhow::Result<()> {
     let listeners = bind_all(&config)?;
     announce(&listeners)?;
+    tracing::info!("serving with the {} model", config.model.name());
     match config.model {
         Model::Iterative => iterative::run(config, listeners),
         Model::Fork => fork::run(config, listeners),

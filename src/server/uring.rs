@@ -1,4 +1,6 @@
-//! The `uring` model: one io_uring loop (Linux 6.0 or later).
+//! The `uring` model: io_uring loops (Linux 6.0 or later), one per
+//! `--workers` (default: one per two cores), all accepting from the same
+//! listeners as the epoll loops do.
 //!
 //! The readiness models pay two system calls per message (read, write) plus
 //! their share of epoll_wait. Here each connection has one *multishot*
@@ -9,15 +11,20 @@
 //! share one system call; an idle connection holds no buffer at all.
 //!
 //! Backpressure: a connection keeps at most [`MAX_QUEUED`] received blocks
-//! waiting to be sent. Past that its receive is cancelled, and re-armed
-//! only when its sends have caught up: a client that does not read stops
-//! being read, as the contract says.
+//! waiting to be sent (and sends them all at once). Past that its receive
+//! is cancelled, and re-armed only when its sends have caught up: a client
+//! that does not read stops being read, as the contract says. The blocks
+//! are shared by a loop's connections, so its memory for data is bounded
+//! by the ring ([`RING_BYTES`]) whatever the number of clients; when the
+//! ring runs dry, receives wait for blocks to come back.
 //!
 //! UDP listeners are served on threads of their own.
 
 use std::collections::VecDeque;
 use std::io;
 use std::os::fd::{AsFd, AsRawFd, RawFd};
+use std::sync::Mutex;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use io_uring::{IoUring, cqueue, opcode, squeue, types};
@@ -30,9 +37,11 @@ use crate::net::{Listener, Stream};
 use crate::relay::{ConnLog, idle_error};
 use crate::transform::Transformer;
 
-/// Blocks in the provided-buffer ring, and their size.
-const BUFFERS: u16 = 256;
-const BLOCK: usize = 64 * 1024;
+/// A loop's provided-buffer ring: about this many bytes, in blocks of
+/// `--block` but at most [`MAX_BLOCK`] (larger blocks starve connections
+/// of blocks sooner; see docs/BENCHMARKS.md).
+const RING_BYTES: usize = 16 << 20;
+const MAX_BLOCK: usize = 64 * 1024;
 /// Received blocks a connection may hold before it stops receiving.
 const MAX_QUEUED: usize = 8;
 const GROUP: u16 = 0;
@@ -114,9 +123,55 @@ impl Conn {
     }
 }
 
+/// What the loops share: the connection count (for `--max-conns`) and the
+/// accept back-off (so that a burst of EMFILE is logged once).
+struct Shared {
+    total: AtomicUsize,
+    backoff: Mutex<AcceptBackoff>,
+}
+
 pub fn run(config: Config, listeners: Vec<Listener>) -> anyhow::Result<()> {
     let shutdown = Shutdown::on_signals(config.drain_timeout)?;
-    let acceptor = blocking::Acceptor::new(blocking::start(listeners, &config, &shutdown)?);
+    let listeners = blocking::start(listeners, &config, &shutdown)?;
+    let shared = Shared {
+        total: AtomicUsize::new(0),
+        backoff: Mutex::new(AcceptBackoff::default()),
+    };
+    let loops = config.workers.max(1);
+    tracing::info!("{loops} io_uring loop(s)");
+    let results: Vec<anyhow::Result<()>> = std::thread::scope(|s| {
+        let handles: Vec<_> = (0..loops)
+            .map(|id| {
+                let (config, listeners, shutdown, shared) =
+                    (&config, &listeners, &shutdown, &shared);
+                std::thread::Builder::new()
+                    .name(format!("upcase-uring-{id}"))
+                    .spawn_scoped(s, move || run_loop(config, listeners, shutdown, shared))
+            })
+            .collect();
+        handles
+            .into_iter()
+            .map(|h| match h {
+                Ok(h) => h
+                    .join()
+                    .unwrap_or_else(|_| Err(anyhow::anyhow!("an io_uring loop panicked"))),
+                Err(e) => Err(anyhow::anyhow!("starting the io_uring loops: {e}")),
+            })
+            .collect()
+    });
+    // The listeners (and Unix socket files) go away only now.
+    drop(listeners);
+    results.into_iter().collect::<anyhow::Result<Vec<()>>>()?;
+    tracing::info!("all connections finished");
+    Ok(())
+}
+
+fn run_loop(
+    config: &Config,
+    listeners: &[Listener],
+    shutdown: &Shutdown,
+    shared: &Shared,
+) -> anyhow::Result<()> {
     // One thread submits and reaps: task work is run only when it asks
     // for completions (no interrupts to deliver it), the cheap way.
     let ring = IoUring::builder()
@@ -127,19 +182,20 @@ pub fn run(config: Config, listeners: Vec<Listener>) -> anyhow::Result<()> {
         .map_err(|e| {
         anyhow::anyhow!("io_uring_setup: {e} (the uring model needs Linux 6.0 or later, with io_uring enabled)")
     })?;
-    let bufs = BufRing::new(&ring, BUFFERS, BLOCK, GROUP)
+    let block = config.block.min(MAX_BLOCK);
+    let count = (RING_BYTES / block).next_power_of_two().clamp(256, 4096) as u16;
+    let bufs = BufRing::new(&ring, count, block, GROUP)
         .map_err(|e| anyhow::anyhow!("registering the buffer ring: {e}"))?;
-    let n = acceptor.listeners.len();
     let mut lp = Loop {
         ring,
         bufs,
         backlog: VecDeque::new(),
         conns: Slab::new(),
-        listeners: acceptor.listeners,
-        polled: vec![false; n],
+        listeners,
+        polled: vec![false; listeners.len()],
         starved: Vec::new(),
-        config: &config,
-        backoff: AcceptBackoff::default(),
+        config,
+        shared,
         paused_until: None,
         draining: false,
     };
@@ -150,7 +206,6 @@ pub fn run(config: Config, listeners: Vec<Listener>) -> anyhow::Result<()> {
     );
     lp.arm_listeners();
     lp.run()?;
-    tracing::info!("all connections finished");
     Ok(())
 }
 
@@ -162,13 +217,13 @@ struct Loop<'a> {
     /// Entries that did not fit in the submission queue yet.
     backlog: VecDeque<squeue::Entry>,
     conns: Slab<Conn>,
-    listeners: Vec<Listener>,
+    listeners: &'a [Listener],
     /// Which listeners have a poll in flight.
     polled: Vec<bool>,
     /// Connections whose receive stopped for want of buffers.
     starved: Vec<usize>,
     config: &'a Config,
-    backoff: AcceptBackoff,
+    shared: &'a Shared,
     paused_until: Option<Instant>,
     draining: bool,
 }
@@ -244,9 +299,7 @@ impl Loop<'_> {
         let key = (data & 0xFFFF_FFFF) as usize;
         match kind {
             SHUTDOWN => {
-                self.draining = true;
-                self.listeners.clear(); // stop accepting; removes Unix socket files
-                self.polled.clear();
+                self.draining = true; // stop accepting
             }
             LISTENER => {
                 if let Some(p) = self.polled.get_mut(key) {
@@ -273,8 +326,7 @@ impl Loop<'_> {
     /// Polls every listener that is not polled yet, unless accepting is
     /// paused (at --max-conns, or out of descriptors).
     fn arm_listeners(&mut self) {
-        if self.draining || self.paused_until.is_some() || self.conns.len() >= self.config.max_conns
-        {
+        if self.draining || self.paused_until.is_some() || self.at_limit() {
             return;
         }
         for i in 0..self.listeners.len() {
@@ -291,13 +343,14 @@ impl Loop<'_> {
     }
 
     fn accept(&mut self, i: usize) {
-        while !self.draining && self.conns.len() < self.config.max_conns {
+        while !self.draining && !self.at_limit() {
             let Some(l) = self.listeners.get(i) else {
                 return;
             };
             match l.accept() {
                 Ok((sock, peer)) => {
-                    self.backoff.succeeded();
+                    self.backoff().succeeded();
+                    self.shared.total.fetch_add(1, Ordering::Relaxed);
                     sock.tune(&self.config.sockopts);
                     let key = self.conns.insert(Conn {
                         sock,
@@ -318,13 +371,26 @@ impl Loop<'_> {
                 }
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => return,
                 Err(e) => {
-                    if let Some(pause) = self.backoff.failed(&e) {
+                    let pause = self.backoff().failed(&e);
+                    if let Some(pause) = pause {
                         self.paused_until = Some(Instant::now() + pause);
                     }
                     return;
                 }
             }
         }
+    }
+
+    /// At `--max-conns`, counted over all loops.
+    fn at_limit(&self) -> bool {
+        self.shared.total.load(Ordering::Relaxed) >= self.config.max_conns
+    }
+
+    fn backoff(&self) -> std::sync::MutexGuard<'_, AcceptBackoff> {
+        self.shared
+            .backoff
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
     }
 
     fn fd(&self, key: usize) -> types::Fd {
@@ -540,6 +606,7 @@ impl Loop<'_> {
         let result = c.closing.unwrap_or(Ok(()));
         c.log.finish(&result);
         drop(c.sock);
+        self.shared.total.fetch_sub(1, Ordering::Relaxed);
         self.feed_starved();
         self.arm_listeners();
     }
