@@ -106,7 +106,12 @@ impl Running {
     fn start(target: &Target, mode: crate::transform::Mode) -> anyhow::Result<Running> {
         match target {
             Target::Model(m) => {
-                let exe = std::env::current_exe().context("finding the upcase binary")?;
+                // /proc/self/exe still runs this very binary if its file
+                // was replaced meanwhile (a rebuild during a long compare).
+                let exe = match std::path::Path::new("/proc/self/exe") {
+                    p if p.exists() => p.to_path_buf(),
+                    _ => std::env::current_exe().context("finding the upcase binary")?,
+                };
                 let mut child = Command::new(exe)
                     .args(["serve", "--model", m.name(), "-q"])
                     .args(match mode {

@@ -64,12 +64,6 @@ struct Conn {
     messages: u64,
 }
 
-impl Conn {
-    fn fd(&self) -> types::Fd {
-        types::Fd(raw(&self.sock))
-    }
-}
-
 struct Engine<'a> {
     // The ring goes before the blocks it writes into.
     ring: IoUring,
@@ -130,6 +124,10 @@ fn drive(job: &Job, live: &Live, r: &mut ThreadResult) -> io::Result<()> {
             messages: 0,
         });
     }
+    // Registered ("fixed") descriptors: the kernel looks each socket up
+    // once, not at every operation (fget/fput were 5 % of a profile).
+    let fds: Vec<RawFd> = conns.iter().map(|c: &Conn| raw(&c.sock)).collect();
+    ring.submitter().register_files(&fds)?;
     let mut request = Vec::with_capacity(job.size);
     while request.len() < job.size {
         let more = job
@@ -170,7 +168,7 @@ impl Engine<'_> {
     }
 
     fn arm_recv(&mut self, i: usize) {
-        let fd = self.conns[i].fd();
+        let fd = fixed(i);
         self.conns[i].receiving = true;
         let e = opcode::RecvMulti::new(fd, GROUP)
             .build()
@@ -187,7 +185,7 @@ impl Engine<'_> {
         let c = &mut self.conns[i];
         let rest = &self.request[c.sent as usize..];
         c.sending = true;
-        let e = opcode::Send::new(c.fd(), rest.as_ptr(), rest.len() as u32)
+        let e = opcode::Send::new(fixed(i), rest.as_ptr(), rest.len() as u32)
             .flags(libc::MSG_NOSIGNAL)
             .build()
             .user_data(ud(SEND, i));
@@ -392,7 +390,7 @@ impl Engine<'_> {
             let c = &mut self.conns[i];
             c.done = true;
             if !c.eof && c.receiving {
-                let e = opcode::Shutdown::new(c.fd(), libc::SHUT_WR)
+                let e = opcode::Shutdown::new(fixed(i), libc::SHUT_WR)
                     .build()
                     .user_data(ud(SHUT_WR, i));
                 let _ = self.push(e);
@@ -434,6 +432,11 @@ impl Engine<'_> {
     fn in_flight(&self) -> bool {
         self.conns.iter().any(|c| c.receiving || c.sending)
     }
+}
+
+/// Connection `i`'s registered descriptor.
+fn fixed(i: usize) -> types::Fixed {
+    types::Fixed(i as u32)
 }
 
 fn raw(s: &MioStream) -> RawFd {
