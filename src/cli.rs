@@ -158,6 +158,10 @@ pub struct SockArgs {
     /// Enable TCP keepalive, probing after this much idle time (e.g. 60s).
     #[arg(long, allow_negative_numbers = true, value_name = "DURATION", value_parser = units::parse_positive_duration)]
     pub keepalive: Option<Duration>,
+    /// TCP congestion control for these sockets (TCP_CONGESTION: reno,
+    /// cubic, bbr, ...) instead of the system's default, as iperf3 -C.
+    #[arg(long, value_name = "ALGO")]
+    pub congestion: Option<String>,
 }
 
 /// Send stdin (or a generated stream) to a server and print the reply.
@@ -290,6 +294,7 @@ impl SockArgs {
             rcvbuf: self.rcvbuf,
             sndbuf: self.sndbuf,
             keepalive: self.keepalive,
+            congestion: self.congestion,
             ..SockOpts::default()
         }
     }

@@ -33,6 +33,10 @@ pub struct SockOpts {
     pub sndbuf: Option<usize>,
     /// SO_KEEPALIVE with this idle time before the first probe.
     pub keepalive: Option<Duration>,
+    /// TCP_CONGESTION: the congestion control algorithm (reno, cubic, bbr,
+    /// ...), else the system's default. Set on TCP listeners (accepted
+    /// sockets inherit it) and on client sockets before they connect.
+    pub congestion: Option<String>,
     /// listen(2) backlog.
     pub backlog: i32,
 }
@@ -45,6 +49,7 @@ impl Default for SockOpts {
             rcvbuf: None,
             sndbuf: None,
             keepalive: None,
+            congestion: None,
             backlog: 1024,
         }
     }
@@ -82,6 +87,10 @@ pub enum NetError {
     UnixMissing(Endpoint),
     #[error("{endpoint}: connection refused: is a server listening there?")]
     Refused { endpoint: Endpoint },
+    #[error(
+        "--congestion {name}: {why} (see /proc/sys/net/ipv4/tcp_available_congestion_control and tcp_allowed_congestion_control)"
+    )]
+    Congestion { name: String, why: &'static str },
     #[error("{endpoint}: {what}: {source}")]
     Io {
         endpoint: Endpoint,
@@ -162,6 +171,9 @@ fn new_socket(
         set(sock.set_only_v6(true), "IPV6_V6ONLY")?;
     }
     set(sock.set_reuse_address(opts.reuseaddr), "SO_REUSEADDR")?;
+    if ty == Type::STREAM {
+        set_congestion(&sock, opts)?;
+    }
     if let Some(n) = opts.rcvbuf {
         set(sock.set_recv_buffer_size(n), "SO_RCVBUF")?;
     }
@@ -169,6 +181,25 @@ fn new_socket(
         set(sock.set_send_buffer_size(n), "SO_SNDBUF")?;
     }
     Ok(sock)
+}
+
+/// Sets `--congestion` on a TCP socket, with an error that says what the
+/// kernel offers when it refuses.
+fn set_congestion(sock: &Socket, opts: &SockOpts) -> Result<(), NetError> {
+    let Some(name) = &opts.congestion else {
+        return Ok(());
+    };
+    sock.set_tcp_congestion(name.as_bytes())
+        .map_err(|e| NetError::Congestion {
+            name: name.clone(),
+            why: match e.raw_os_error() {
+                Some(libc::ENOENT) => "this kernel has no such congestion control",
+                Some(libc::EPERM) => {
+                    "only root may choose a congestion control not in the allowed list"
+                }
+                _ => "the kernel refused it",
+            },
+        })
 }
 
 fn bind_addr(sock: &Socket, addr: SocketAddr, endpoint: &Endpoint) -> Result<(), NetError> {
@@ -295,7 +326,9 @@ pub fn connect(endpoint: &Endpoint, opts: &SockOpts) -> Result<Stream, NetError>
             for addr in hp.resolve()? {
                 match connect_tcp_addr(addr, opts) {
                     Ok(s) => return Ok(Stream::Tcp(s)),
-                    Err(e) => last = Some(e),
+                    // A refused --congestion is refused for every address.
+                    Err(Attempt::Setup(e)) => return Err(e),
+                    Err(Attempt::Connect(e)) => last = Some(e),
                 }
             }
             let e = last.unwrap_or_else(|| io::Error::other("no address"));
@@ -334,8 +367,22 @@ pub fn connect(endpoint: &Endpoint, opts: &SockOpts) -> Result<Stream, NetError>
     }
 }
 
-fn connect_tcp_addr(addr: SocketAddr, opts: &SockOpts) -> io::Result<TcpStream> {
+/// Why one address of a name failed.
+enum Attempt {
+    /// An option the kernel refused: no other address will do better.
+    Setup(NetError),
+    Connect(io::Error),
+}
+
+impl From<io::Error> for Attempt {
+    fn from(e: io::Error) -> Self {
+        Attempt::Connect(e)
+    }
+}
+
+fn connect_tcp_addr(addr: SocketAddr, opts: &SockOpts) -> Result<TcpStream, Attempt> {
     let sock = Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP))?;
+    set_congestion(&sock, opts).map_err(Attempt::Setup)?;
     // Buffer sizes must be set before connect to shape the window.
     if let Some(n) = opts.rcvbuf {
         sock.set_recv_buffer_size(n)?;
@@ -588,6 +635,7 @@ pub fn connect_nonblocking(
                 .map_err(|e| io_err("socket", e))?;
             sock.set_nonblocking(true)
                 .map_err(|e| io_err("O_NONBLOCK", e))?;
+            set_congestion(&sock, opts)?;
             if let Some(n) = opts.rcvbuf {
                 sock.set_recv_buffer_size(n)
                     .map_err(|e| io_err("SO_RCVBUF", e))?;

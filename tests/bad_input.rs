@@ -44,6 +44,13 @@ fn refused_connection() {
     fails(&["send", &ep], 1, "connection refused");
     fails(&["send", &ep, "--bytes", "1M"], 1, "connection refused");
     fails(&["chat", &ep], 1, "connection refused");
+    for mode in ["stream", "rr", "crr", "hold"] {
+        fails(
+            &["bench", &ep, "--mode", mode, "--duration", "200ms"],
+            1,
+            "connection refused",
+        );
+    }
 }
 
 #[test]
@@ -198,4 +205,28 @@ fn privileged_port_without_privileges() {
     assert_eq!(r.code(), 1, "{}", r.stderr);
     assert!(r.stderr.contains("ports below 1024"), "{}", r.stderr);
     assert_eq!(r.stderr.trim_end().lines().count(), 1, "{}", r.stderr);
+}
+
+#[test]
+fn unknown_congestion_control() {
+    let why = "no such congestion control";
+    fails(
+        &["serve", "--congestion", "nosuch", "tcp://127.0.0.1:0"],
+        1,
+        why,
+    );
+    let srv = Server::start(&["-q", "tcp://127.0.0.1:0"], 1);
+    fails(&["send", srv.addr(0), "--congestion", "nosuch"], 1, why);
+    fails(
+        &[
+            "bench",
+            srv.addr(0),
+            "--congestion",
+            "nosuch",
+            "--duration",
+            "200ms",
+        ],
+        1,
+        why,
+    );
 }

@@ -345,8 +345,7 @@ fn several_loops_share_the_clients_and_the_limit() {
             stop_hog(h);
         }
         c.set_read_timeout(Some(SECS(20))).unwrap();
-        c.read_exact(&mut buf)
-            .expect("served once a slot is free");
+        c.read_exact(&mut buf).expect("served once a slot is free");
         assert_eq!(&buf, b"THIRD", "{model}");
     }
 }

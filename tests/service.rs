@@ -337,6 +337,8 @@ fn socket_options_reach_the_accepted_sockets() {
             "--sndbuf",
             "64K",
             "--nodelay",
+            "--congestion",
+            "reno",
             "--backlog",
             "16",
             "tcp://127.0.0.1:0",
@@ -359,12 +361,16 @@ fn socket_options_reach_the_accepted_sockets() {
             .unwrap();
         let text = String::from_utf8_lossy(&out.stdout).into_owned();
         // SO_KEEPALIVE arms the keepalive timer; the kernel doubles SO_RCVBUF
-        // and SO_SNDBUF (64K -> 131072).
-        text.contains("timer:(keepalive") && text.contains("rb131072") && text.contains("tb131072")
+        // and SO_SNDBUF (64K -> 131072); the accepted socket inherits the
+        // listener's congestion control.
+        text.contains("timer:(keepalive")
+            && text.contains("rb131072")
+            && text.contains("tb131072")
+            && text.contains(" reno ")
     });
     assert!(
         ok,
-        "keepalive and buffer sizes not seen on the server's socket"
+        "keepalive, buffer sizes and congestion control not seen on the server's socket"
     );
     // The service works with them.
     drop(c);

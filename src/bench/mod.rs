@@ -176,6 +176,7 @@ pub struct Report {
 
 /// Runs one workload against one server.
 pub fn run(cfg: &BenchConfig) -> anyhow::Result<Report> {
+    probe(cfg)?;
     if cfg.workload == Workload::Hold {
         return hold(cfg);
     }
@@ -352,6 +353,17 @@ fn intervals(live: &Live, start: Instant, deadline: Instant, workload: Workload)
         }
         (last_b, last_m, last_t) = (b, m, now);
     }
+}
+
+/// One connection first, closed at once: a wrong address, a server that is
+/// not there or a socket option the kernel refuses is then one clear error
+/// (exit 1), not a report of every connection failing.
+fn probe(cfg: &BenchConfig) -> anyhow::Result<()> {
+    if cfg.workload == Workload::Udp {
+        return Ok(()); // no handshake to try; lost datagrams are reported
+    }
+    drop(crate::net::connect(&cfg.endpoint, &cfg.sockopts)?);
+    Ok(())
 }
 
 /// Holds `conns` idle connections open, then runs rr on `active` others.
