@@ -51,7 +51,6 @@ const LISTENER: u64 = 1;
 const SHUTDOWN: u64 = 2;
 const RECV: u64 = 3;
 const SEND: u64 = 4;
-const SHUT_WR: u64 = 5;
 const CANCEL: u64 = 6;
 
 fn ud(kind: u64, key: usize) -> u64 {
@@ -93,8 +92,6 @@ struct Conn {
     receiving: bool,
     cancelling: bool,
     eof: bool,
-    /// Half-close submitted.
-    shutting: bool,
     /// Being closed: free it once nothing is in flight.
     closing: Option<io::Result<()>>,
     last_progress: Instant,
@@ -119,7 +116,7 @@ impl Vectored {
 
 impl Conn {
     fn in_flight(&self) -> bool {
-        self.sending || self.receiving || self.shutting
+        self.sending || self.receiving
     }
 }
 
@@ -310,15 +307,6 @@ impl Loop<'_> {
             }
             RECV => self.received(key, res, flags),
             SEND => self.sent(key, res),
-            SHUT_WR => {
-                if let Some(c) = self.conns.get_mut(key) {
-                    c.shutting = false;
-                    if c.closing.is_none() {
-                        c.closing = Some(Ok(()));
-                    }
-                }
-                self.maybe_free(key);
-            }
             _ => {} // CANCEL
         }
     }
@@ -363,7 +351,6 @@ impl Loop<'_> {
                         receiving: false,
                         cancelling: false,
                         eof: false,
-                        shutting: false,
                         closing: None,
                         last_progress: Instant::now(),
                     });
@@ -489,13 +476,14 @@ impl Loop<'_> {
             return;
         }
         let Some(front) = c.queue.front() else {
-            if c.eof && !c.shutting {
-                c.shutting = true;
-                self.push(
-                    opcode::Shutdown::new(fd, libc::SHUT_WR)
-                        .build()
-                        .user_data(ud(SHUT_WR, key)),
-                );
+            if c.eof {
+                // The half-close as a plain system call: io_uring always
+                // hands IORING_OP_SHUTDOWN to a worker thread, a wake-up
+                // and a thread switch per connection; shutdown(2) on a
+                // socket never blocks.
+                let result = c.sock.shutdown_write();
+                c.closing = Some(result);
+                self.maybe_free(key);
             }
             return;
         };
