@@ -251,6 +251,7 @@ impl Loop<'_> {
             .idle_timeout
             .map_or(Duration::from_secs(1), super::sweep_every);
         let mut next_sweep = Instant::now() + tick;
+        let mut done: Vec<(u64, i32, u32)> = Vec::with_capacity(1024);
         loop {
             if self.draining && self.conns.is_empty() {
                 return Ok(());
@@ -271,12 +272,15 @@ impl Loop<'_> {
                     ) => {}
                 Err(e) => return Err(e),
             }
-            let done: Vec<(u64, i32, u32)> = self
-                .ring
-                .completion()
-                .map(|c| (c.user_data(), c.result(), c.flags()))
-                .collect();
-            for (data, res, flags) in done {
+            // Completions are copied out first (handling one may submit);
+            // the vector is kept, so a round allocates nothing.
+            done.clear();
+            done.extend(
+                self.ring
+                    .completion()
+                    .map(|c| (c.user_data(), c.result(), c.flags())),
+            );
+            for &(data, res, flags) in &done {
                 self.complete(data, res, flags);
             }
             let now = Instant::now();
