@@ -49,9 +49,9 @@ pub enum Model {
     /// event loop, on every core).
     Async,
     /// io_uring loops, --workers of them: multishot receives into a ring of
-    /// shared blocks, sends batched into one system call (Linux 6.0+); the
-    /// default: fastest on every workload measured, ~240 bytes per idle
-    /// connection.
+    /// shared blocks, sends batched into one system call (Linux 6.0+), ~240
+    /// bytes per idle connection; the default, as it leads rr, stream and
+    /// crr in docs/BENCHMARKS.md.
     Uring,
 }
 
