@@ -22,7 +22,7 @@ use anyhow::Context;
 use serde::Serialize;
 
 use crate::addr::Endpoint;
-use crate::net::SockOpts;
+use crate::net::{MioStream, SockOpts};
 use load::{Job, Live, ThreadResult};
 
 /// What the load generator does.
@@ -180,6 +180,11 @@ pub fn run(cfg: &BenchConfig) -> anyhow::Result<Report> {
     if cfg.workload == Workload::Hold {
         return hold(cfg);
     }
+    run_load(cfg)
+}
+
+/// The load itself, once the server answered the probe.
+fn run_load(cfg: &BenchConfig) -> anyhow::Result<Report> {
     let engine = cfg.engine.resolve(cfg.workload)?;
     let live = Arc::new(Live::default());
     let threads = cfg.threads.clamp(1, cfg.conns.max(1));
@@ -358,12 +363,41 @@ fn intervals(live: &Live, start: Instant, deadline: Instant, workload: Workload)
 /// One connection first, closed at once: a wrong address, a server that is
 /// not there or a socket option the kernel refuses is then one clear error
 /// (exit 1), not a report of every connection failing.
+/// Waits at most a second for the handshake: a server that is there but
+/// slow to accept is the run's to measure.
 fn probe(cfg: &BenchConfig) -> anyhow::Result<()> {
+    use std::os::fd::AsRawFd;
     if cfg.workload == Workload::Udp {
         return Ok(()); // no handshake to try; lost datagrams are reported
     }
-    drop(crate::net::connect(&cfg.endpoint, &cfg.sockopts)?);
-    Ok(())
+    let sock = crate::net::connect_nonblocking(&cfg.endpoint, &cfg.sockopts, None)?;
+    let fd = match &sock {
+        MioStream::Tcp(t) => t.as_raw_fd(),
+        MioStream::Unix(u) => u.as_raw_fd(),
+    };
+    let mut pfd = libc::pollfd {
+        fd,
+        events: libc::POLLOUT,
+        revents: 0,
+    };
+    // SAFETY: one valid pollfd, for the duration of the call.
+    unsafe { libc::poll(&mut pfd, 1, 1000) };
+    let error = match &sock {
+        MioStream::Tcp(t) => t.take_error(),
+        MioStream::Unix(u) => u.take_error(),
+    };
+    match error {
+        Ok(None) => Ok(()),
+        Ok(Some(e)) | Err(e) if e.kind() == std::io::ErrorKind::ConnectionRefused => {
+            Err(crate::net::NetError::Refused {
+                endpoint: cfg.endpoint.clone(),
+            }
+            .into())
+        }
+        Ok(Some(e)) | Err(e) => {
+            Err(anyhow::Error::new(e).context(format!("connecting to {}", cfg.endpoint)))
+        }
+    }
 }
 
 /// Holds `conns` idle connections open, then runs rr on `active` others.
@@ -381,7 +415,7 @@ fn hold(cfg: &BenchConfig) -> anyhow::Result<Report> {
         conns: cfg.active,
         ..cfg.clone()
     };
-    let mut report = run(&rr)?;
+    let mut report = run_load(&rr)?;
     report.workload = Workload::Hold;
     report.held = Some(held.len());
     report.server_bytes_per_held_conn = match (before, after) {
