@@ -50,8 +50,8 @@ pub enum Model {
     Async,
     /// io_uring loops, --workers of them: multishot receives into a ring of
     /// shared blocks, sends batched into one system call (Linux 6.0+), ~240
-    /// bytes per idle connection; the default, as it leads rr, stream and
-    /// crr in docs/BENCHMARKS.md.
+    /// bytes per idle connection; the default, as it leads request/response
+    /// and streams in docs/BENCHMARKS.md.
     Uring,
 }
 
