@@ -26,8 +26,10 @@ fn seed_tcp_client_gets_capitalized_text() {
         let r = run(cmd, b"", SECS(20));
         assert_eq!(r.code(), 0, "{}", r.stderr);
         assert!(
+            // One or two copies: the server may answer the first 16 bytes
+            // before the next arrive.
             r.out()
-                .contains("The first data received says b'CAPITALIZE THIS!CAPITALIZE THIS!'"),
+                .contains("The first data received says b'CAPITALIZE THIS!"),
             "{}",
             r.out()
         );

@@ -100,7 +100,10 @@ fn naive_client_small_size_completes() {
         (32, 32, 0)
     );
     assert!(
-        r.stderr.contains("CAPITALIZE THIS!CAPITALIZE THIS!"),
+        // One or two copies in the first read: the server may answer the
+        // first 16 bytes before the next arrive. The counts above say 32.
+        r.stderr
+            .contains("The first data received says \"CAPITALIZE THIS!"),
         "{}",
         r.stderr
     );
