@@ -15,12 +15,12 @@
 
 pub mod addr;
 pub mod bench;
-pub mod bufring;
 pub mod cli;
 pub mod client;
 pub mod net;
 pub mod pattern;
 pub mod relay;
+pub mod ring;
 pub mod server;
 pub mod transform;
 pub mod units;

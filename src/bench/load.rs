@@ -74,6 +74,24 @@ pub struct Job {
     pub deadline: Instant,
 }
 
+impl Job {
+    /// Time between one connection's requests (open loop), if any.
+    pub(super) fn interval(&self) -> Option<Duration> {
+        self.per_conn_rate
+            .map(|rate| Duration::from_secs_f64(1.0 / rate))
+    }
+
+    /// When this thread's connection `i` sends its first request: an
+    /// open-loop schedule spreads the first requests of all connections
+    /// over one interval.
+    pub(super) fn first_due(&self, start: Instant, i: usize) -> Instant {
+        let offset = self.interval().map_or(Duration::ZERO, |iv| {
+            iv.mul_f64((self.first + i) as f64 / self.total_conns.max(1) as f64)
+        });
+        start + offset
+    }
+}
+
 struct Conn {
     sock: Option<MioStream>,
     /// Request bytes written / reply bytes read, of the current message
@@ -159,23 +177,17 @@ fn drive(job: &Job, live: &Live, r: &mut ThreadResult) -> io::Result<()> {
     let mut events = Events::with_capacity(1024);
     let (request, reply) = (&job.request, &job.reply);
     let start = Instant::now();
-    let interval = job
-        .per_conn_rate
-        .map(|rate| Duration::from_secs_f64(1.0 / rate));
+    let interval = job.interval();
     let mut conns = Vec::with_capacity(job.conns);
     let mut connects = job.first as u64;
     for i in 0..job.conns {
         let mut sock = connect(job, &mut connects)?;
         sock.register(poll.registry(), Token(i))?;
-        // Spread the first requests of an open-loop schedule over one interval.
-        let offset = interval.map_or(Duration::ZERO, |iv| {
-            iv.mul_f64((job.first + i) as f64 / job.total_conns.max(1) as f64)
-        });
         conns.push(Conn {
             sock: Some(sock),
             sent: 0,
             got: 0,
-            due: start + offset,
+            due: job.first_due(start, i),
             in_flight: false,
             peer_closed: false,
             received_total: 0,

@@ -6,7 +6,7 @@
 //! reporting it; profiles showed that work as half of the load generator's
 //! time, and the load generator is what limits rr on two cores. Here every
 //! connection has one multishot receive into a ring of provided blocks
-//! ([`crate::bufring`]), and one `io_uring_enter` submits every send that is
+//! ([`crate::ring`]), and one `io_uring_enter` submits every send that is
 //! due and collects every reply that arrived. What it measures is the same:
 //! each reply is verified byte for byte, never assumed to come in one piece,
 //! and latency counts from when the message was due (open loop with
@@ -24,8 +24,8 @@ use std::time::{Duration, Instant};
 use io_uring::{IoUring, cqueue, opcode, squeue, types};
 
 use super::load::{self, Job, Live, ThreadResult};
-use crate::bufring::BufRing;
 use crate::net::MioStream;
+use crate::ring::{self, BufRing, Completion};
 
 const GROUP: u16 = 0;
 const BLOCK: usize = 16 * 1024;
@@ -42,7 +42,7 @@ fn ud(kind: u64, i: usize) -> u64 {
 
 /// Whether the engine can run here.
 pub fn available() -> bool {
-    crate::bufring::available()
+    ring::available()
 }
 
 struct Conn {
@@ -76,7 +76,7 @@ struct Engine<'a> {
     live: &'a Live,
     interval: Option<Duration>,
     /// Completions of one round, kept to save an allocation per round.
-    done: Vec<(u64, i32, u32)>,
+    done: Vec<Completion>,
 }
 
 pub fn run(job: Job, live: std::sync::Arc<Live>) -> ThreadResult {
@@ -89,31 +89,21 @@ pub fn run(job: Job, live: std::sync::Arc<Live>) -> ThreadResult {
 }
 
 fn drive(job: &Job, live: &Live, r: &mut ThreadResult) -> io::Result<()> {
-    let ring = IoUring::builder()
-        .setup_single_issuer()
-        .setup_defer_taskrun()
-        .build(4096)
-        .or_else(|_| IoUring::new(4096))?;
+    let ring = ring::new_ring(4096)?;
     // Two blocks per connection: a reply and the start of the next never
     // need more, so a receive rarely finds the ring empty.
     let count = (job.conns * 2).next_power_of_two().clamp(64, 4096) as u16;
     let bufs = BufRing::new(&ring, count, BLOCK, GROUP)?;
     let start = Instant::now();
-    let interval = job
-        .per_conn_rate
-        .map(|rate| Duration::from_secs_f64(1.0 / rate));
     let mut conns = Vec::with_capacity(job.conns);
     let mut connects = job.first as u64;
     for i in 0..job.conns {
         let sock = load::connect(job, &mut connects)?;
-        let offset = interval.map_or(Duration::ZERO, |iv| {
-            iv.mul_f64((job.first + i) as f64 / job.total_conns.max(1) as f64)
-        });
         conns.push(Conn {
             sock,
             sent: 0,
             got: 0,
-            due: start + offset,
+            due: job.first_due(start, i),
             in_flight: false,
             sending: false,
             receiving: false,
@@ -142,7 +132,7 @@ fn drive(job: &Job, live: &Live, r: &mut ThreadResult) -> io::Result<()> {
         job,
         request,
         live,
-        interval,
+        interval: job.interval(),
         done: Vec::with_capacity(1024),
     };
     for i in 0..e.conns.len() {
@@ -248,27 +238,7 @@ impl Engine<'_> {
 
     /// Submits, waits for a completion or `until`, and collects them.
     fn wait(&mut self, until: Instant) -> io::Result<()> {
-        let left = until.saturating_duration_since(Instant::now());
-        let ts = types::Timespec::new()
-            .sec(left.as_secs())
-            .nsec(left.subsec_nanos());
-        let args = types::SubmitArgs::new().timespec(&ts);
-        match self.ring.submitter().submit_with_args(1, &args) {
-            Ok(_) => {}
-            Err(e)
-                if matches!(
-                    e.raw_os_error(),
-                    Some(libc::ETIME | libc::EINTR | libc::EBUSY)
-                ) => {}
-            Err(e) => return Err(e),
-        }
-        self.done.clear();
-        self.done.extend(
-            self.ring
-                .completion()
-                .map(|c| (c.user_data(), c.result(), c.flags())),
-        );
-        Ok(())
+        ring::submit_and_wait(&mut self.ring, until, &mut self.done)
     }
 
     /// Counts a connection's failure as the mio loop does: an error, and

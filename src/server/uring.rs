@@ -32,9 +32,9 @@ use slab::Slab;
 
 use super::shutdown::Shutdown;
 use super::{AcceptBackoff, Config, blocking};
-use crate::bufring::BufRing;
 use crate::net::{Listener, Stream};
 use crate::relay::{ConnLog, idle_error};
+use crate::ring::{self, BufRing, Completion};
 use crate::transform::Transformer;
 
 /// A loop's provided-buffer ring: about this many bytes, in blocks of
@@ -169,15 +169,10 @@ fn run_loop(
     shutdown: &Shutdown,
     shared: &Shared,
 ) -> anyhow::Result<()> {
-    // One thread submits and reaps: task work is run only when it asks
-    // for completions (no interrupts to deliver it), the cheap way.
-    let ring = IoUring::builder()
-        .setup_single_issuer()
-        .setup_defer_taskrun()
-        .build(4096)
-        .or_else(|_| IoUring::builder().setup_coop_taskrun().build(4096))
-        .map_err(|e| {
-        anyhow::anyhow!("io_uring_setup: {e} (the uring model needs Linux 6.0 or later, with io_uring enabled)")
+    let ring = ring::new_ring(4096).map_err(|e| {
+        anyhow::anyhow!(
+            "io_uring_setup: {e} (the uring model needs Linux 6.0 or later, with io_uring enabled)"
+        )
     })?;
     let block = config.block.min(MAX_BLOCK);
     let count = (RING_BYTES / block).next_power_of_two().clamp(256, 4096) as u16;
@@ -251,35 +246,15 @@ impl Loop<'_> {
             .idle_timeout
             .map_or(Duration::from_secs(1), super::sweep_every);
         let mut next_sweep = Instant::now() + tick;
-        let mut done: Vec<(u64, i32, u32)> = Vec::with_capacity(1024);
+        // Kept across rounds, so that a round allocates nothing.
+        let mut done: Vec<Completion> = Vec::with_capacity(1024);
         loop {
             if self.draining && self.conns.is_empty() {
                 return Ok(());
             }
             self.flush_backlog();
             let wake = self.paused_until.map_or(next_sweep, |p| p.min(next_sweep));
-            let wait = wake.saturating_duration_since(Instant::now());
-            let ts = types::Timespec::new()
-                .sec(wait.as_secs())
-                .nsec(wait.subsec_nanos());
-            let args = types::SubmitArgs::new().timespec(&ts);
-            match self.ring.submitter().submit_with_args(1, &args) {
-                Ok(_) => {}
-                Err(e)
-                    if matches!(
-                        e.raw_os_error(),
-                        Some(libc::ETIME | libc::EINTR | libc::EBUSY)
-                    ) => {}
-                Err(e) => return Err(e),
-            }
-            // Completions are copied out first (handling one may submit);
-            // the vector is kept, so a round allocates nothing.
-            done.clear();
-            done.extend(
-                self.ring
-                    .completion()
-                    .map(|c| (c.user_data(), c.result(), c.flags())),
-            );
+            ring::submit_and_wait(&mut self.ring, wake, &mut done)?;
             for &(data, res, flags) in &done {
                 self.complete(data, res, flags);
             }
@@ -635,5 +610,5 @@ fn raw(s: &Stream) -> RawFd {
 
 /// Whether this kernel can run the model (for tests and `--compare`).
 pub fn available() -> bool {
-    crate::bufring::available()
+    ring::available()
 }

