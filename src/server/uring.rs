@@ -190,6 +190,7 @@ fn run_loop(
         shared,
         paused_until: None,
         draining: false,
+        now: Instant::now(),
     };
     lp.push(
         opcode::PollAdd::new(types::Fd(shutdown.fd().as_raw_fd()), libc::POLLIN as u32)
@@ -218,6 +219,8 @@ struct Loop<'a> {
     shared: &'a Shared,
     paused_until: Option<Instant>,
     draining: bool,
+    /// When the current round's completions were collected.
+    now: Instant,
 }
 
 impl Loop<'_> {
@@ -255,10 +258,13 @@ impl Loop<'_> {
             self.flush_backlog();
             let wake = self.paused_until.map_or(next_sweep, |p| p.min(next_sweep));
             ring::submit_and_wait(&mut self.ring, wake, &mut done)?;
+            // One clock read per round, not per message: progress times
+            // need no finer grain than the idle timeout's.
+            self.now = Instant::now();
             for &(data, res, flags) in &done {
                 self.complete(data, res, flags);
             }
-            let now = Instant::now();
+            let now = self.now;
             if self.paused_until.is_some_and(|t| now >= t) {
                 self.paused_until = None;
                 self.arm_listeners();
@@ -331,7 +337,7 @@ impl Loop<'_> {
                         cancelling: false,
                         eof: false,
                         closing: None,
-                        last_progress: Instant::now(),
+                        last_progress: self.now,
                     });
                     self.arm_recv(key);
                 }
@@ -406,7 +412,7 @@ impl Loop<'_> {
         match (res, bid) {
             (n, Some(b)) if n > 0 => {
                 let n = n as usize;
-                c.last_progress = Instant::now();
+                c.last_progress = self.now;
                 c.log.add(n);
                 let block = self.bufs.block(b, n);
                 let at = block.as_ptr();
@@ -508,7 +514,7 @@ impl Loop<'_> {
             return self.close(key, Err(io::Error::from_raw_os_error(-res)));
         }
         c.sent += res as usize;
-        c.last_progress = Instant::now();
+        c.last_progress = self.now;
         // The send may have covered several queued blocks.
         let mut freed = false;
         while let Some(front) = c.queue.front() {
