@@ -17,7 +17,7 @@
 
 use std::io;
 use std::sync::atomic::{AtomicU16, Ordering};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use io_uring::{IoUring, types};
 
@@ -34,14 +34,45 @@ pub fn new_ring(entries: u32) -> io::Result<IoUring> {
 /// A completion as the loops keep it: user data, result, flags.
 pub type Completion = (u64, i32, u32);
 
+/// `io_uring_enter`'s flag to run deferred completion work.
+const ENTER_GETEVENTS: u32 = 1;
+
 /// Submits what is queued, waits until a completion arrives or `until`,
 /// and copies every completion into `done` (cleared first; copied out
 /// because handling one may submit more).
+///
+/// With `spin`, it first polls without sleeping for up to that long. A
+/// loop that sleeps after every round pays a wake-up per round, and with
+/// few busy connections rounds are small: the uring model with 10
+/// request/response clients measured 231-269k msg/s sleeping and 276-286k
+/// polling for 20 us first (no change beyond noise at 50 or 1,000 clients).
+/// The caller spins only after a round that had work, so an idle loop
+/// sleeps; at 1,000 requests/s on one connection the server's CPU went
+/// from 0.01 to 0.03 cores.
 pub fn submit_and_wait(
     ring: &mut IoUring,
     until: Instant,
+    spin: Duration,
     done: &mut Vec<Completion>,
 ) -> io::Result<()> {
+    if !spin.is_zero() {
+        let stop = (Instant::now() + spin).min(until);
+        loop {
+            let queued = ring.submission().len() as u32;
+            // SAFETY: no extended argument is passed.
+            let polled = unsafe {
+                ring.submitter()
+                    .enter::<libc::sigset_t>(queued, 0, ENTER_GETEVENTS, None)
+            };
+            if polled.is_err() || !ring.completion().is_empty() || Instant::now() >= stop {
+                break;
+            }
+        }
+        if !ring.completion().is_empty() {
+            collect(ring, done);
+            return Ok(());
+        }
+    }
     let left = until.saturating_duration_since(Instant::now());
     let ts = types::Timespec::new()
         .sec(left.as_secs())
@@ -57,12 +88,16 @@ pub fn submit_and_wait(
             ) => {}
         Err(e) => return Err(e),
     }
+    collect(ring, done);
+    Ok(())
+}
+
+fn collect(ring: &mut IoUring, done: &mut Vec<Completion>) {
     done.clear();
     done.extend(
         ring.completion()
             .map(|c| (c.user_data(), c.result(), c.flags())),
     );
-    Ok(())
 }
 
 pub struct BufRing {

@@ -238,7 +238,9 @@ impl Engine<'_> {
 
     /// Submits, waits for a completion or `until`, and collects them.
     fn wait(&mut self, until: Instant) -> io::Result<()> {
-        ring::submit_and_wait(&mut self.ring, until, &mut self.done)
+        // The load generator sleeps between rounds, as it did for every
+        // figure in docs/BENCHMARKS.md: no spinning in the instrument.
+        ring::submit_and_wait(&mut self.ring, until, Duration::ZERO, &mut self.done)
     }
 
     /// Counts a connection's failure as the mio loop does: an error, and

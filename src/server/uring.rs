@@ -42,6 +42,9 @@ use crate::transform::Transformer;
 /// of blocks sooner; see docs/BENCHMARKS.md).
 const RING_BYTES: usize = 16 << 20;
 const MAX_BLOCK: usize = 64 * 1024;
+/// How long a busy loop polls for completions before it sleeps (see
+/// [`ring::submit_and_wait`]).
+const SPIN: Duration = Duration::from_micros(20);
 /// Received blocks a connection may hold before it stops receiving.
 const MAX_QUEUED: usize = 8;
 const GROUP: u16 = 0;
@@ -257,7 +260,13 @@ impl Loop<'_> {
             }
             self.flush_backlog();
             let wake = self.paused_until.map_or(next_sweep, |p| p.min(next_sweep));
-            ring::submit_and_wait(&mut self.ring, wake, &mut done)?;
+            // Poll briefly before sleeping, but only while there is work.
+            let spin = if done.is_empty() {
+                Duration::ZERO
+            } else {
+                SPIN
+            };
+            ring::submit_and_wait(&mut self.ring, wake, spin, &mut done)?;
             // One clock read per round, not per message: progress times
             // need no finer grain than the idle timeout's.
             self.now = Instant::now();
