@@ -541,3 +541,27 @@ fn udp_loss_in_a_private_network_namespace() {
     assert!(answered >= 195, "{v}");
     assert_eq!(v["wrong"], 0, "{v}");
 }
+
+/// After a burst of work a loop may poll briefly (uring does, for 20 us),
+/// but a server whose clients went quiet sleeps: 1 s of an idle connection
+/// costs at most a few scheduler ticks in every model.
+#[test]
+fn an_idle_server_sleeps_in_every_model() {
+    for model in runnable(&ALL) {
+        let srv = serve(model, &["-q"]);
+        let mut c = std::net::TcpStream::connect(srv.hostport(0)).unwrap();
+        // A burst, then silence on an open connection.
+        let mut buf = [0u8; 5];
+        for _ in 0..200 {
+            c.write_all(b"quiet").unwrap();
+            c.read_exact(&mut buf).unwrap();
+        }
+        assert_eq!(&buf, b"QUIET");
+        thread::sleep(Duration::from_millis(100));
+        let before = cpu_ticks(srv.pid());
+        thread::sleep(Duration::from_secs(1));
+        let used = cpu_ticks(srv.pid()) - before;
+        // Ticks are 10 ms: 5 of them is 5 % of a core.
+        assert!(used <= 5, "{model}: {used} ticks of CPU in 1 s of idleness");
+    }
+}
