@@ -228,7 +228,9 @@ impl Engine<'_> {
                 let i = (data & 0xFFFF_FFFF) as usize;
                 let outcome = match data >> KIND_SHIFT {
                     RECV => self.received(i, res, flags, r),
-                    SEND => self.sent(i, res),
+                    // The reply may have come in before the send's own
+                    // completion was read: the message may end here too.
+                    SEND => self.sent(i, res).and_then(|()| self.complete(i, r)),
                     _ => Ok(()),
                 };
                 self.check(i, outcome, r);
