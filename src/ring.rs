@@ -31,6 +31,17 @@ pub fn new_ring(entries: u32) -> io::Result<IoUring> {
         .or_else(|_| IoUring::builder().setup_coop_taskrun().build(entries))
 }
 
+/// An operation's user data: what kind of operation it is (the caller's
+/// numbering) and which connection or listener it is for.
+pub fn user_data(kind: u64, index: usize) -> u64 {
+    (kind << 56) | index as u64
+}
+
+/// The kind and index that [`user_data`] packed.
+pub fn split(data: u64) -> (u64, usize) {
+    (data >> 56, (data & 0xFFFF_FFFF) as usize)
+}
+
 /// A completion as the loops keep it: user data, result, flags.
 pub type Completion = (u64, i32, u32);
 

@@ -303,22 +303,30 @@ fn max_conns_makes_new_clients_wait() {
             continue;
         }
         let srv = serve(model, &["tcp://127.0.0.1:0", "--max-conns", "1"], 1);
-        let (hog, _) = start_hog(srv.hostport(0));
-        let mut c = TcpStream::connect(srv.hostport(0)).expect("connect (backlog)");
-        c.set_read_timeout(Some(Duration::from_millis(800)))
-            .unwrap();
-        c.write_all(b"wait").unwrap();
-        let mut buf = [0u8; 4];
-        assert!(
-            c.read_exact(&mut buf).is_err(),
-            "{model}: served beyond --max-conns 1"
-        );
-        stop_hog(hog);
-        c.set_read_timeout(Some(SECS(20))).unwrap();
-        c.read_exact(&mut buf)
-            .expect("served once the slot is free");
-        assert_eq!(&buf, b"WAIT", "{model}");
+        let hog = start_hog(srv.hostport(0)).0;
+        waits_until_a_slot_frees(model, &srv, vec![hog]);
     }
+}
+
+/// With `hogs` holding every slot of `--max-conns`, a new client is not
+/// served; once they are gone, it is.
+fn waits_until_a_slot_frees(model: &str, srv: &Server, hogs: Vec<TcpStream>) {
+    let mut c = TcpStream::connect(srv.hostport(0)).expect("connect (backlog)");
+    c.set_read_timeout(Some(Duration::from_millis(800)))
+        .unwrap();
+    c.write_all(b"wait").unwrap();
+    let mut buf = [0u8; 4];
+    assert!(
+        c.read_exact(&mut buf).is_err(),
+        "{model}: served beyond --max-conns with {} hogs",
+        hogs.len()
+    );
+    for h in hogs {
+        stop_hog(h);
+    }
+    c.set_read_timeout(Some(SECS(20))).unwrap();
+    c.read_exact(&mut buf).expect("served once a slot is free");
+    assert_eq!(&buf, b"WAIT", "{model}");
 }
 
 /// Several event loops share the listeners: every client is served, and
@@ -336,21 +344,7 @@ fn several_loops_share_the_clients_and_the_limit() {
             &["tcp://127.0.0.1:0", "--workers", "3", "--max-conns", "2"],
             1,
         );
-        let hogs = [start_hog(srv.hostport(0)).0, start_hog(srv.hostport(0)).0];
-        let mut c = TcpStream::connect(srv.hostport(0)).expect("connect (backlog)");
-        c.set_read_timeout(Some(Duration::from_millis(800)))
-            .unwrap();
-        c.write_all(b"third").unwrap();
-        let mut buf = [0u8; 5];
-        assert!(
-            c.read_exact(&mut buf).is_err(),
-            "{model}: 3 loops served beyond --max-conns 2"
-        );
-        for h in hogs {
-            stop_hog(h);
-        }
-        c.set_read_timeout(Some(SECS(20))).unwrap();
-        c.read_exact(&mut buf).expect("served once a slot is free");
-        assert_eq!(&buf, b"THIRD", "{model}");
+        let hogs = vec![start_hog(srv.hostport(0)).0, start_hog(srv.hostport(0)).0];
+        waits_until_a_slot_frees(model, &srv, hogs);
     }
 }

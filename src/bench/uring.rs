@@ -34,11 +34,6 @@ const RECV: u64 = 1;
 const SEND: u64 = 2;
 const SHUT_WR: u64 = 3;
 const CANCEL: u64 = 4;
-const KIND_SHIFT: u64 = 56;
-
-fn ud(kind: u64, i: usize) -> u64 {
-    (kind << KIND_SHIFT) | i as u64
-}
 
 /// Whether the engine can run here.
 pub fn available() -> bool {
@@ -162,7 +157,7 @@ impl Engine<'_> {
         self.conns[i].receiving = true;
         let e = opcode::RecvMulti::new(fd, GROUP)
             .build()
-            .user_data(ud(RECV, i));
+            .user_data(ring::user_data(RECV, i));
         if let Err(err) = self.push(e) {
             self.conns[i].receiving = false;
             self.conns[i].done = true;
@@ -178,7 +173,7 @@ impl Engine<'_> {
         let e = opcode::Send::new(fixed(i), rest.as_ptr(), rest.len() as u32)
             .flags(libc::MSG_NOSIGNAL)
             .build()
-            .user_data(ud(SEND, i));
+            .user_data(ring::user_data(SEND, i));
         self.push(e)
     }
 
@@ -225,8 +220,8 @@ impl Engine<'_> {
             self.wait(wake)?;
             for k in 0..self.done.len() {
                 let (data, res, flags) = self.done[k];
-                let i = (data & 0xFFFF_FFFF) as usize;
-                let outcome = match data >> KIND_SHIFT {
+                let (kind, i) = ring::split(data);
+                let outcome = match kind {
                     RECV => self.received(i, res, flags, r),
                     // The reply may have come in before the send's own
                     // completion was read: the message may end here too.
@@ -262,9 +257,9 @@ impl Engine<'_> {
         c.in_flight = false;
         if c.receiving && !c.cancelled {
             c.cancelled = true;
-            let e = opcode::AsyncCancel::new(ud(RECV, i))
+            let e = opcode::AsyncCancel::new(ring::user_data(RECV, i))
                 .build()
-                .user_data(ud(CANCEL, i));
+                .user_data(ring::user_data(CANCEL, i));
             let _ = self.push(e);
         }
     }
@@ -366,7 +361,7 @@ impl Engine<'_> {
             if !c.eof && c.receiving {
                 let e = opcode::Shutdown::new(fixed(i), libc::SHUT_WR)
                     .build()
-                    .user_data(ud(SHUT_WR, i));
+                    .user_data(ring::user_data(SHUT_WR, i));
                 let _ = self.push(e);
             }
         }
@@ -377,8 +372,8 @@ impl Engine<'_> {
             }
             for k in 0..self.done.len() {
                 let (data, res, flags) = self.done[k];
-                let i = (data & 0xFFFF_FFFF) as usize;
-                match data >> KIND_SHIFT {
+                let (kind, i) = ring::split(data);
+                match kind {
                     RECV => {
                         let _ = self.received(i, res, flags, r);
                     }

@@ -49,16 +49,11 @@ const SPIN: Duration = Duration::from_micros(20);
 const MAX_QUEUED: usize = 8;
 const GROUP: u16 = 0;
 
-const KIND_SHIFT: u64 = 56;
 const LISTENER: u64 = 1;
 const SHUTDOWN: u64 = 2;
 const RECV: u64 = 3;
 const SEND: u64 = 4;
 const CANCEL: u64 = 6;
-
-fn ud(kind: u64, key: usize) -> u64 {
-    (kind << KIND_SHIFT) | key as u64
-}
 
 /// Bytes waiting to be sent: a block of the ring, or (UTF-8 output of
 /// another length, the transform's final bytes) a buffer of our own.
@@ -198,7 +193,7 @@ fn run_loop(
     lp.push(
         opcode::PollAdd::new(types::Fd(shutdown.fd().as_raw_fd()), libc::POLLIN as u32)
             .build()
-            .user_data(ud(SHUTDOWN, 0)),
+            .user_data(ring::user_data(SHUTDOWN, 0)),
     );
     lp.arm_listeners();
     lp.run()?;
@@ -286,8 +281,7 @@ impl Loop<'_> {
     }
 
     fn complete(&mut self, data: u64, res: i32, flags: u32) {
-        let kind = data >> KIND_SHIFT;
-        let key = (data & 0xFFFF_FFFF) as usize;
+        let (kind, key) = ring::split(data);
         match kind {
             SHUTDOWN => {
                 self.draining = true; // stop accepting
@@ -318,7 +312,7 @@ impl Loop<'_> {
                 self.push(
                     opcode::PollAdd::new(fd, libc::POLLIN as u32)
                         .build()
-                        .user_data(ud(LISTENER, i)),
+                        .user_data(ring::user_data(LISTENER, i)),
                 );
             }
         }
@@ -384,7 +378,7 @@ impl Loop<'_> {
         self.push(
             opcode::RecvMulti::new(fd, GROUP)
                 .build()
-                .user_data(ud(RECV, key)),
+                .user_data(ring::user_data(RECV, key)),
         );
     }
 
@@ -393,9 +387,9 @@ impl Loop<'_> {
         if c.receiving && !c.cancelling {
             c.cancelling = true;
             self.push(
-                opcode::AsyncCancel::new(ud(RECV, key))
+                opcode::AsyncCancel::new(ring::user_data(RECV, key))
                     .build()
-                    .user_data(ud(CANCEL, key)),
+                    .user_data(ring::user_data(CANCEL, key)),
             );
         }
     }
@@ -508,7 +502,7 @@ impl Loop<'_> {
                 .flags(libc::MSG_NOSIGNAL as u32)
                 .build()
         };
-        self.push(e.user_data(ud(SEND, key)));
+        self.push(e.user_data(ring::user_data(SEND, key)));
     }
 
     fn sent(&mut self, key: usize, res: i32) {
@@ -606,9 +600,9 @@ impl Loop<'_> {
             .collect();
         for key in stale {
             if self.conns[key].sending {
-                let e = opcode::AsyncCancel::new(ud(SEND, key))
+                let e = opcode::AsyncCancel::new(ring::user_data(SEND, key))
                     .build()
-                    .user_data(ud(CANCEL, key));
+                    .user_data(ring::user_data(CANCEL, key));
                 self.push(e);
             }
             self.close(key, Err(idle_error(idle)));
