@@ -17,6 +17,7 @@ pub mod addr;
 pub mod bench;
 pub mod cli;
 pub mod client;
+pub mod conn;
 pub mod net;
 pub mod pattern;
 pub mod relay;

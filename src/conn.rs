@@ -1,0 +1,511 @@
+//! The connection core: the whole contract of one connection, with no
+//! socket in it.
+//!
+//! Every server model moves bytes through this one state machine and
+//! differs only in how it waits; that is why it owns no socket, no buffer
+//! of the driver's and no clock. A driver tells it what happened ("these
+//! bytes arrived", "n bytes were written", "end of input", "the write side
+//! is shut") with the time, and asks it what to do next ([`Conn::read_budget`],
+//! [`Conn::wants_write`], [`Conn::wants_shutdown`], [`Conn::is_finished`]).
+//! Because it is pure it is tested against an in-memory peer that splits
+//! every read and write at every size (the tests below), the way quinn-proto
+//! is tested without a network.
+//!
+//! The contract, as the seeds teach it:
+//! 1. Read at most one block (`--block`) at a time.
+//! 2. Transform it (ASCII or UTF-8 uppercase).
+//! 3. Do not read more while the reply is unsent beyond the read-ahead
+//!    (zero for the blocking and readiness drivers: write everything before
+//!    reading again). A client that never reads therefore stops the server
+//!    from reading *it*: TCP's flow control reaches the client, and memory
+//!    per connection stays bounded. This is the seeds' deadlock seen from
+//!    the server's side.
+//! 4. At end of input (the client's half-close), send what the transform
+//!    still owes, then shut the write side.
+//! 5. A connection that could have moved bytes for `--idle-timeout` and did
+//!    not is closed; a drain that runs out of time cuts it.
+//!
+//! Output storage is the driver's: the core hands back the bytes to send
+//! (the driver's own read buffer, transformed in place, whenever it can) and
+//! counts what is unsent, so the uring driver can send from the very block
+//! the kernel filled and the readiness drivers from their shared buffer.
+
+use std::io;
+use std::time::{Duration, Instant};
+
+use crate::transform::{Mode, Transformer};
+
+/// How a connection is bounded; the same for every connection of a server.
+#[derive(Debug, Clone, Copy)]
+pub struct Limits {
+    /// Largest read at once (`--block`).
+    pub block: usize,
+    /// Unsent reply bytes allowed before reading stops: 0 for "write all
+    /// before reading again"; the uring driver reads a few blocks ahead.
+    pub read_ahead: usize,
+    /// `--idle-timeout`: close after this long without progress.
+    pub idle: Option<Duration>,
+}
+
+/// Why a connection ended; what the logs say and metrics will count.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum End {
+    /// The reply was sent and the write side shut: the contract kept.
+    Done,
+    /// The peer reset or the socket failed.
+    Error,
+    /// No progress for `--idle-timeout`.
+    Idle,
+    /// Invalid input (`--utf8=strict`).
+    Invalid,
+    /// Still open when the drain ran out of time.
+    Cut,
+}
+
+impl End {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            End::Done => "done",
+            End::Error => "error",
+            End::Idle => "idle",
+            End::Invalid => "invalid input",
+            End::Cut => "drain cut",
+        }
+    }
+}
+
+/// The state of one connection.
+pub struct Conn {
+    transform: Transformer,
+    limits: Limits,
+    /// Reply bytes handed to the driver and not yet reported written.
+    unsent: usize,
+    input_ended: bool,
+    write_shut: bool,
+    /// Set once the connection is over for a reason other than `Done`.
+    failed: Option<(End, String)>,
+    last_progress: Instant,
+    started: Instant,
+    last_report: Instant,
+    verbose: bool,
+    peer: String,
+    pub bytes_in: u64,
+    pub bytes_out: u64,
+}
+
+/// How often `-v` logs a connection's bytes-processed-so-far line.
+const REPORT_EVERY: Duration = Duration::from_secs(1);
+
+impl Conn {
+    /// A new connection from `peer` (a name for the logs), accepted at `now`.
+    pub fn new(peer: String, mode: Mode, limits: Limits, now: Instant) -> Conn {
+        tracing::info!("connection from {peer}");
+        Conn {
+            transform: Transformer::new(mode),
+            limits,
+            unsent: 0,
+            input_ended: false,
+            write_shut: false,
+            failed: None,
+            last_progress: now,
+            started: now,
+            last_report: now,
+            verbose: tracing::enabled!(tracing::Level::DEBUG),
+            peer,
+            bytes_in: 0,
+            bytes_out: 0,
+        }
+    }
+
+    pub fn peer(&self) -> &str {
+        &self.peer
+    }
+
+    pub fn limits(&self) -> &Limits {
+        &self.limits
+    }
+
+    /// How many bytes the driver may read now; 0 means "do not read" (the
+    /// reply is unsent past the read-ahead, input ended, or it is over).
+    #[inline]
+    pub fn read_budget(&self) -> usize {
+        if self.input_ended || self.is_finished() || self.unsent > self.limits.read_ahead {
+            0
+        } else {
+            self.limits.block
+        }
+    }
+
+    /// Reply bytes the driver holds and must write before anything else.
+    #[inline]
+    pub fn unsent(&self) -> usize {
+        self.unsent
+    }
+
+    #[inline]
+    pub fn wants_write(&self) -> bool {
+        self.unsent > 0 && !self.is_finished()
+    }
+
+    /// Input ended and every reply byte is written: shut the write side now.
+    #[inline]
+    pub fn wants_shutdown(&self) -> bool {
+        self.input_ended && self.unsent == 0 && !self.is_finished()
+    }
+
+    /// Nothing more to do: the write side is shut, or the connection failed.
+    #[inline]
+    pub fn is_finished(&self) -> bool {
+        self.write_shut || self.failed.is_some()
+    }
+
+    pub fn input_ended(&self) -> bool {
+        self.input_ended
+    }
+
+    /// `buf` just arrived. Returns the reply to send: `buf` itself,
+    /// transformed in place, whenever the transform keeps the length (the
+    /// hot path allocates and copies nothing), else bytes the core holds
+    /// until the next call. The driver must write all of them, in order,
+    /// reporting each write with [`Conn::on_written`].
+    #[inline]
+    pub fn on_input<'a>(&'a mut self, buf: &'a mut [u8], now: Instant) -> io::Result<&'a [u8]> {
+        let n = buf.len();
+        self.bytes_in += n as u64;
+        if n > 0 {
+            self.last_progress = now;
+        }
+        if self.verbose && now.duration_since(self.last_report) >= REPORT_EVERY {
+            self.last_report = now;
+            tracing::debug!("{}: {} bytes processed so far", self.peer, self.bytes_in);
+        }
+        match self.transform.push(buf) {
+            Ok(out) => {
+                self.unsent += out.len();
+                Ok(out)
+            }
+            Err(e) => {
+                let e = io::Error::from(e);
+                self.failed = Some((End::Invalid, e.to_string()));
+                Err(e)
+            }
+        }
+    }
+
+    /// The peer half-closed (a read returned 0). Returns what the transform
+    /// still owes, to be written like any reply.
+    pub fn on_input_end(&mut self, now: Instant) -> io::Result<&[u8]> {
+        self.input_ended = true;
+        self.last_progress = now;
+        match self.transform.finish() {
+            Ok(tail) => {
+                self.unsent += tail.len();
+                Ok(tail)
+            }
+            Err(e) => {
+                let e = io::Error::from(e);
+                self.failed = Some((End::Invalid, e.to_string()));
+                Err(e)
+            }
+        }
+    }
+
+    /// `n` reply bytes were written.
+    #[inline]
+    pub fn on_written(&mut self, n: usize, now: Instant) {
+        debug_assert!(n <= self.unsent, "wrote {n} of {} unsent", self.unsent);
+        self.unsent = self.unsent.saturating_sub(n);
+        self.bytes_out += n as u64;
+        if n > 0 {
+            self.last_progress = now;
+        }
+    }
+
+    /// The write side was shut after the whole reply: the contract is kept.
+    pub fn on_shutdown(&mut self) {
+        self.write_shut = true;
+    }
+
+    /// The socket failed (a reset, a write error): the connection is over.
+    pub fn on_error(&mut self, e: &io::Error) {
+        if self.failed.is_none() {
+            self.failed = Some((End::Error, e.to_string()));
+        }
+    }
+
+    /// When the connection becomes idle, if nothing moves before then.
+    pub fn idle_deadline(&self) -> Option<Instant> {
+        let idle = self.limits.idle?;
+        (!self.is_finished()).then(|| self.last_progress + idle)
+    }
+
+    /// Whether the connection is past its idle deadline at `now`. The
+    /// driver asks this only after taking whatever the socket already had
+    /// for it (see `server::readiness::could_progress`): a connection whose
+    /// bytes are waiting is not idle, however long the server was away.
+    pub fn is_idle(&self, now: Instant) -> bool {
+        self.idle_deadline().is_some_and(|d| now >= d)
+    }
+
+    /// Marks the connection as progressing at `now`: its bytes are waiting.
+    pub fn touch(&mut self, now: Instant) {
+        self.last_progress = now;
+    }
+
+    /// Ends the connection as idle.
+    pub fn close_idle(&mut self) {
+        if self.failed.is_none() {
+            let idle = self.limits.idle.unwrap_or_default();
+            self.failed = Some((
+                End::Idle,
+                format!(
+                    "idle for {}: closed (--idle-timeout)",
+                    humantime::format_duration(idle)
+                ),
+            ));
+        }
+    }
+
+    /// How it ended: `Done` unless it failed, was idle or was cut.
+    pub fn end(&self) -> End {
+        match &self.failed {
+            Some((end, _)) => *end,
+            None if self.write_shut => End::Done,
+            None => End::Cut,
+        }
+    }
+
+    /// Logs how the connection ended (once, when the driver drops it).
+    pub fn log_end(&self, now: Instant) {
+        let secs = now.duration_since(self.started).as_secs_f64();
+        match (&self.failed, self.write_shut) {
+            (None, true) => tracing::info!(
+                "completed {}: {} bytes in {:.3} s",
+                self.peer,
+                self.bytes_in,
+                secs
+            ),
+            (Some((end, why)), _) => tracing::warn!(
+                "connection {} ended ({}) after {} bytes: {why}",
+                self.peer,
+                end.as_str(),
+                self.bytes_in
+            ),
+            (None, false) => tracing::warn!(
+                "connection {} cut after {} bytes with {} unsent",
+                self.peer,
+                self.bytes_in,
+                self.unsent
+            ),
+        }
+    }
+
+    /// The error that ended the connection, if any (for drivers that must
+    /// return one).
+    pub fn error(&self) -> Option<io::Error> {
+        self.failed
+            .as_ref()
+            .map(|(_, why)| io::Error::other(why.clone()))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    //! The core against an in-memory peer: input cut into reads of every
+    //! size, output taken in writes of every size, with the backpressure
+    //! bound and the half-close order checked at each step.
+
+    use super::*;
+    use crate::transform::{self, Mode};
+    use proptest::prelude::*;
+
+    const T0: fn() -> Instant = Instant::now;
+
+    fn limits(block: usize, read_ahead: usize) -> Limits {
+        Limits {
+            block,
+            read_ahead,
+            idle: Some(Duration::from_secs(5)),
+        }
+    }
+
+    /// Runs a connection to its end. `reads[i % len]` bounds the i-th read,
+    /// `writes[j % len]` the j-th write (0: the peer is not reading now).
+    /// Returns the output and whether the half-close came after all of it.
+    fn run(mode: Mode, input: &[u8], lim: Limits, reads: &[usize], writes: &[usize]) -> Vec<u8> {
+        let now = T0();
+        let mut c = Conn::new("test".into(), mode, lim, now);
+        let mut pos = 0;
+        let mut pending: Vec<u8> = Vec::new(); // the driver's unsent output
+        let mut out = Vec::new();
+        let (mut r, mut w) = (0, 0);
+        let max_growth = if mode == Mode::Ascii { 1 } else { 3 };
+        for _round in 0..1_000_000 {
+            if c.is_finished() {
+                assert!(pending.is_empty(), "shut with output unsent");
+                assert_eq!(c.end(), End::Done);
+                return out;
+            }
+            if c.wants_shutdown() {
+                assert!(pending.is_empty());
+                c.on_shutdown();
+                continue;
+            }
+            // The peer takes some output.
+            if !pending.is_empty() {
+                let k = writes[w % writes.len()].min(pending.len());
+                w += 1;
+                out.extend(pending.drain(..k));
+                c.on_written(k, now);
+                assert_eq!(c.unsent(), pending.len());
+            }
+            let budget = c.read_budget();
+            if budget == 0 {
+                // Backpressure: the bound holds while reading is stopped.
+                assert!(
+                    c.input_ended() || pending.len() > lim.read_ahead,
+                    "reading stopped without cause"
+                );
+                continue;
+            }
+            assert!(pending.len() <= lim.read_ahead);
+            if pos == input.len() {
+                let tail = c.on_input_end(now).unwrap().to_vec();
+                pending.extend_from_slice(&tail);
+                continue;
+            }
+            let n = reads[r % reads.len()]
+                .clamp(1, budget)
+                .min(input.len() - pos);
+            r += 1;
+            let mut buf = input[pos..pos + n].to_vec();
+            pos += n;
+            let reply = c.on_input(&mut buf, now).unwrap();
+            assert!(reply.len() <= n * max_growth + 3);
+            pending.extend_from_slice(reply);
+            assert_eq!(c.unsent(), pending.len());
+            // Never more unsent than the read-ahead plus one block's reply.
+            assert!(pending.len() <= lim.read_ahead + lim.block * max_growth + 3);
+        }
+        panic!("no progress");
+    }
+
+    #[test]
+    fn every_read_and_write_size() {
+        let input = b"capitalize this! hello, world\n".repeat(7);
+        let expect = transform::upper(&input);
+        for read in 1..=input.len() {
+            for write in [1, 2, 3, 7, 16, 64, 1000] {
+                let got = run(Mode::Ascii, &input, limits(64, 0), &[read], &[0, write, 0]);
+                assert_eq!(got, expect, "reads of {read}, writes of {write}");
+            }
+        }
+    }
+
+    #[test]
+    fn read_ahead_lets_reading_run_ahead_of_writes_boundedly() {
+        let input = b"x".repeat(10_000);
+        let got = run(Mode::Ascii, &input, limits(100, 350), &[100], &[0, 0, 0, 7]);
+        assert_eq!(got, transform::upper(&input));
+    }
+
+    #[test]
+    fn utf8_split_everywhere_matches_whole() {
+        let input = "straße ﬁne ωμέγα ǅ ΐ".repeat(3).into_bytes();
+        let expect = transform::apply(Mode::Utf8 { strict: false }, &input).unwrap();
+        for read in 1..=input.len() {
+            let got = run(
+                Mode::Utf8 { strict: false },
+                &input,
+                limits(16, 0),
+                &[read, 1],
+                &[5, 0],
+            );
+            assert_eq!(got, expect, "reads of {read}");
+        }
+    }
+
+    #[test]
+    fn half_close_waits_for_every_byte() {
+        let now = T0();
+        let mut c = Conn::new("t".into(), Mode::Ascii, limits(8, 0), now);
+        let mut buf = *b"abc";
+        assert_eq!(c.on_input(&mut buf, now).unwrap(), b"ABC");
+        assert_eq!(c.read_budget(), 0, "reply unsent: no reading");
+        assert!(c.on_input_end(now).unwrap().is_empty());
+        assert!(!c.wants_shutdown(), "3 bytes still unsent");
+        c.on_written(2, now);
+        assert!(!c.wants_shutdown());
+        c.on_written(1, now);
+        assert!(c.wants_shutdown());
+        c.on_shutdown();
+        assert!(c.is_finished());
+        assert_eq!((c.end(), c.bytes_in, c.bytes_out), (End::Done, 3, 3));
+    }
+
+    #[test]
+    fn strict_utf8_fails_with_the_offset() {
+        let now = T0();
+        let mut c = Conn::new("t".into(), Mode::Utf8 { strict: true }, limits(8, 0), now);
+        let mut buf = *b"ok\xff";
+        let e = c.on_input(&mut buf, now).unwrap_err();
+        assert!(e.to_string().contains("offset 2"), "{e}");
+        assert!(c.is_finished());
+        assert_eq!(c.end(), End::Invalid);
+        assert_eq!(c.read_budget(), 0);
+    }
+
+    #[test]
+    fn idle_counts_from_the_last_progress() {
+        let t = T0();
+        let s = Duration::from_secs(1);
+        let mut c = Conn::new("t".into(), Mode::Ascii, limits(8, 0), t);
+        assert!(!c.is_idle(t + 4 * s));
+        assert!(c.is_idle(t + 5 * s));
+        let mut buf = *b"a";
+        c.on_input(&mut buf, t + 3 * s).unwrap();
+        assert!(!c.is_idle(t + 7 * s), "the read at 3 s moved the deadline");
+        c.on_written(0, t + 7 * s);
+        assert!(c.is_idle(t + 8 * s), "a write of nothing is no progress");
+        c.touch(t + 8 * s);
+        assert!(!c.is_idle(t + 9 * s));
+        c.close_idle();
+        assert_eq!(c.end(), End::Idle);
+        assert!(c.is_finished() && c.idle_deadline().is_none());
+        let mut none = Conn::new(
+            "t".into(),
+            Mode::Ascii,
+            Limits {
+                idle: None,
+                ..limits(8, 0)
+            },
+            t,
+        );
+        assert!(!none.is_idle(t + 1000 * s));
+        none.on_error(&io::ErrorKind::ConnectionReset.into());
+        assert_eq!(none.end(), End::Error);
+    }
+
+    #[test]
+    fn unfinished_is_a_cut() {
+        let c = Conn::new("t".into(), Mode::Ascii, limits(8, 0), T0());
+        assert_eq!(c.end(), End::Cut);
+    }
+
+    proptest! {
+        #[test]
+        fn any_input_any_splits(
+            input in proptest::collection::vec(any::<u8>(), 0..3000),
+            reads in proptest::collection::vec(1usize..300, 1..6),
+            writes in proptest::collection::vec(0usize..300, 1..6),
+            block in 1usize..256,
+            ahead in 0usize..600,
+            utf8 in any::<bool>(),
+        ) {
+            let writes = if writes.iter().all(|&w| w == 0) { vec![1] } else { writes };
+            let mode = if utf8 { Mode::Utf8 { strict: false } } else { Mode::Ascii };
+            let got = run(mode, &input, limits(block, ahead), &reads, &writes);
+            prop_assert_eq!(got, transform::apply(mode, &input).unwrap());
+        }
+    }
+}
