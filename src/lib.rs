@@ -4,11 +4,13 @@
 //! - [`transform`]: what happens to the bytes;
 //! - [`addr`]: the one address syntax every command takes;
 //! - [`pattern`]: the seeds' test stream and its verifier;
-//! - [`units`]: sizes and durations as users type them.
+//! - [`units`]: sizes and durations as users type them;
+//! - [`conn`]: the connection core, one connection's whole contract (read
+//!   budget, transform, backpressure, half-close, idle), with no socket.
 //!
 //! The drivers around it:
 //! - [`net`]: sockets, options, binding and connecting;
-//! - [`relay`]: the connection contract every server model keeps;
+//! - [`lifecycle`]: signals, the drain and its deadline, cleanup;
 //! - [`server`]: `upcase serve` and its models;
 //! - [`client`]: `upcase send` and `upcase chat`;
 //! - [`bench`]: `upcase bench`, the load generator and the model comparison.
@@ -18,9 +20,9 @@ pub mod bench;
 pub mod cli;
 pub mod client;
 pub mod conn;
+pub mod lifecycle;
 pub mod net;
 pub mod pattern;
-pub mod relay;
 pub mod ring;
 pub mod server;
 pub mod transform;

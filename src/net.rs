@@ -286,6 +286,15 @@ impl UnixPathGuard {
     pub fn path(&self) -> &Path {
         &self.path
     }
+
+    /// Moves the duty to remove the file into the returned guard; this one
+    /// keeps the path (for the `listening` line) and removes nothing.
+    pub fn take(&mut self) -> UnixPathGuard {
+        UnixPathGuard {
+            path: self.path.clone(),
+            ino: self.ino.take(),
+        }
+    }
 }
 
 impl Drop for UnixPathGuard {
@@ -293,7 +302,7 @@ impl Drop for UnixPathGuard {
         let now = std::fs::metadata(&self.path)
             .ok()
             .map(|m| (m.dev(), m.ino()));
-        if now.is_some() && now == self.ino {
+        if self.ino.is_some() && now == self.ino {
             let _ = std::fs::remove_file(&self.path);
         }
     }
@@ -593,6 +602,15 @@ impl io::Write for MioStream {
 
     fn flush(&mut self) -> io::Result<()> {
         Ok(())
+    }
+}
+
+impl std::os::fd::AsFd for MioStream {
+    fn as_fd(&self) -> std::os::fd::BorrowedFd<'_> {
+        match self {
+            MioStream::Tcp(s) => s.as_fd(),
+            MioStream::Unix(s) => s.as_fd(),
+        }
     }
 }
 

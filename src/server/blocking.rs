@@ -1,16 +1,23 @@
-//! What the blocking models (iterative, threads, pool) share: waiting for a
-//! client without missing a shutdown, serving one connection by the
-//! contract, and UDP listeners on threads of their own.
+//! The blocking driver (iterative, fork, threads, pool): one connection on
+//! a blocking socket, read and written in turn, through [`Conn`]; and what
+//! those models share: waiting for a client without missing the drain, and
+//! UDP listeners on threads of their own.
+//!
+//! A blocking driver has the seeds' loop exactly: read one block, write the
+//! whole reply, repeat. Its read-ahead is zero by construction (the write
+//! returns only when the kernel took every byte), and `--idle-timeout` is
+//! the socket's own SO_RCVTIMEO and SO_SNDTIMEO: a read or write that makes
+//! no progress for that long fails, and the connection is closed as idle.
 
-use std::io;
+use std::io::{self, Read, Write};
 use std::os::fd::AsFd;
 use std::sync::Arc;
+use std::time::Instant;
 
-use super::shutdown::{Shutdown, wait_readable};
 use super::{AcceptBackoff, Config};
+use crate::conn::Conn;
+use crate::lifecycle::{Lifecycle, wait_readable};
 use crate::net::{Listener, Stream};
-use crate::relay::{ConnLog, relay_blocking};
-use crate::transform::Transformer;
 
 /// Splits listeners into stream listeners (made non-blocking, since we
 /// wait in poll and then accept) and UDP sockets, each of which gets a
@@ -18,17 +25,17 @@ use crate::transform::Transformer;
 pub fn start(
     listeners: Vec<Listener>,
     config: &Config,
-    shutdown: &Arc<Shutdown>,
+    life: &Arc<Lifecycle>,
 ) -> io::Result<Vec<Listener>> {
     let mut streams = Vec::new();
     for l in listeners {
         match l {
             Listener::Udp(u) => {
-                let (mode, shutdown) = (config.mode, shutdown.clone());
+                let (mode, life) = (config.mode, life.clone());
                 std::thread::Builder::new()
                     .name("upcase-udp".into())
                     .spawn(move || {
-                        if let Err(e) = super::udp::serve_blocking(u, mode, shutdown) {
+                        if let Err(e) = super::udp::serve_blocking(u, mode, &life) {
                             tracing::error!("udp listener failed: {e}");
                         }
                     })?;
@@ -56,45 +63,36 @@ impl Acceptor {
         }
     }
 
-    /// Waits for the next client; `None` once the drain has started.
-    pub fn next_client(&mut self, shutdown: &Shutdown) -> Option<(Stream, String)> {
-        next_client(&self.listeners, &mut self.backoff, shutdown)
-    }
-}
-
-/// Waits for the next client on any of `listeners`; `None` once the drain
-/// has started. Accept errors are logged and waited out, never fatal.
-fn next_client(
-    listeners: &[Listener],
-    backoff: &mut AcceptBackoff,
-    shutdown: &Shutdown,
-) -> Option<(Stream, String)> {
-    loop {
-        if shutdown.is_draining() {
-            return None;
-        }
-        let mut fds: Vec<_> = listeners.iter().map(|l| l.as_fd()).collect();
-        fds.push(shutdown.fd());
-        let ready = match wait_readable(&fds, None) {
-            Ok(r) => r,
-            Err(e) => {
-                tracing::error!("poll: {e}");
-                std::thread::sleep(std::time::Duration::from_millis(100));
-                continue;
+    /// Waits for the next client on any listener; `None` once the drain
+    /// has started. Accept errors are logged and waited out, never fatal.
+    pub fn next_client(&mut self, life: &Lifecycle) -> Option<(Stream, String)> {
+        loop {
+            if life.is_draining() {
+                return None;
             }
-        };
-        for (l, _) in listeners.iter().zip(&ready).filter(|(_, r)| **r) {
-            match l.accept() {
-                Ok(c) => {
-                    backoff.succeeded();
-                    return Some(c);
-                }
-                // Another worker took it first.
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+            let mut fds: Vec<_> = self.listeners.iter().map(|l| l.as_fd()).collect();
+            fds.push(life.draining_fd());
+            let ready = match wait_readable(&fds, None) {
+                Ok(r) => r,
                 Err(e) => {
-                    if let Some(pause) = backoff.failed(&e) {
-                        // Still readable: waiting in poll would spin.
-                        std::thread::sleep(pause);
+                    tracing::error!("poll: {e}");
+                    std::thread::sleep(AcceptBackoff::PAUSE);
+                    continue;
+                }
+            };
+            for (l, _) in self.listeners.iter().zip(&ready).filter(|(_, r)| **r) {
+                match l.accept() {
+                    Ok(c) => {
+                        self.backoff.succeeded();
+                        return Some(c);
+                    }
+                    // Another worker took it first.
+                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+                    Err(e) => {
+                        if let Some(pause) = self.backoff.failed(&e) {
+                            // Still readable: waiting in poll would spin.
+                            std::thread::sleep(pause);
+                        }
                     }
                 }
             }
@@ -103,26 +101,85 @@ fn next_client(
 }
 
 /// Serves one connection to its end, by the contract, and logs how it went.
-pub fn serve(mut conn: Stream, peer: String, config: &Config) {
-    conn.tune(&config.sockopts);
-    let mut log = ConnLog::new(peer);
-    // --idle-timeout: every blocking read and write must make progress in
-    // time (SO_RCVTIMEO, SO_SNDTIMEO), else it fails with EAGAIN.
-    if let Err(e) = conn.set_io_timeout(config.idle_timeout) {
+pub fn serve(mut sock: Stream, peer: String, config: &Config) {
+    sock.tune(&config.sockopts);
+    let mut conn = Conn::new(peer, config.mode, config.limits(0), Instant::now());
+    if let Err(e) = sock.set_io_timeout(config.idle_timeout) {
         tracing::warn!("setting the idle timeout: {e}");
     }
-    let result = relay_blocking(
-        &mut conn,
-        |s| s.shutdown_write(),
-        Transformer::new(config.mode),
-        config.block,
-        &mut log,
-    );
-    let result = match (result, config.idle_timeout) {
-        (Err(e), Some(d)) if e.kind() == io::ErrorKind::WouldBlock => {
-            Err(crate::relay::idle_error(d))
+    let mut buf = BlockBuf::new(config.block);
+    if let Err(e) = drive(&mut sock, &mut conn, &mut buf) {
+        // SO_RCVTIMEO / SO_SNDTIMEO expired: no progress for --idle-timeout.
+        if e.kind() == io::ErrorKind::WouldBlock && config.idle_timeout.is_some() {
+            conn.close_idle();
+        } else {
+            conn.on_error(&e);
         }
-        (r, _) => r,
-    };
-    log.finish(&result);
+    }
+    conn.log_end(Instant::now());
+}
+
+/// The seeds' loop: read a block, write all of the reply, until the peer's
+/// end of input; then shut the write side.
+fn drive(sock: &mut Stream, conn: &mut Conn, buf: &mut BlockBuf) -> io::Result<()> {
+    while !conn.is_finished() {
+        if conn.wants_shutdown() {
+            sock.shutdown_write()?;
+            conn.on_shutdown();
+            break;
+        }
+        let n = match sock.read(buf.space(conn.read_budget())) {
+            Ok(n) => n,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+            Err(e) => return Err(e),
+        };
+        let now = Instant::now();
+        let reply = if n == 0 {
+            conn.on_input_end(now)?
+        } else {
+            conn.on_input(buf.filled(n), now)?
+        };
+        let len = reply.len();
+        sock.write_all(reply)?;
+        conn.on_written(len, Instant::now());
+    }
+    Ok(())
+}
+
+/// The block buffer of one connection. It starts small and doubles each
+/// time a read fills it, up to `--block`: an idle or chatty connection costs
+/// a few KiB, a bulk stream gets large reads (fewer system calls), and no
+/// connection ever holds more than one block.
+pub struct BlockBuf {
+    buf: Vec<u8>,
+    max: usize,
+}
+
+const FIRST_BLOCK: usize = 4096;
+
+impl BlockBuf {
+    pub fn new(max: usize) -> Self {
+        BlockBuf {
+            buf: vec![0u8; FIRST_BLOCK.min(max)],
+            max,
+        }
+    }
+
+    /// Where the next read goes: at most `budget` bytes (at least one, so
+    /// that a read can still see the end of input).
+    #[inline]
+    pub fn space(&mut self, budget: usize) -> &mut [u8] {
+        let n = budget.clamp(1, self.buf.len());
+        &mut self.buf[..n]
+    }
+
+    /// The first `n` bytes just read; grows the buffer if they filled it.
+    #[inline]
+    pub fn filled(&mut self, n: usize) -> &mut [u8] {
+        if n == self.buf.len() && n < self.max {
+            // Grow after use: the bytes are still at the front.
+            self.buf.resize((n * 2).min(self.max), 0);
+        }
+        &mut self.buf[..n]
+    }
 }

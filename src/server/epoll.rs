@@ -6,7 +6,8 @@
 //! connections, not all of them. Each loop owns its connections outright (no
 //! locks on the data path) and reads into one buffer it shares among them;
 //! a connection keeps bytes of its own only after a partial write (see
-//! [`ReadyConn`]), so an idle connection costs a few hundred bytes.
+//! [`ReadyConn`], the readiness driver over the connection core), so an
+//! idle connection costs a few hundred bytes.
 //!
 //! Every loop registers every listener: a new client wakes the loops, one
 //! wins the accept and the others find nothing (on two cores, at most one
@@ -19,8 +20,7 @@
 //! accepting and retries whenever one of its connections closes.
 
 use std::io;
-use std::os::fd::AsRawFd;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::os::fd::{AsFd, AsRawFd};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -31,21 +31,19 @@ use mio::{Events, Interest, Poll, Token};
 use slab::Slab;
 use socket2::SockRef;
 
-use super::shutdown::Shutdown;
+use super::readiness::{ReadyConn, Step, could_progress};
 use super::udp::{UdpState, answer_ready};
 use super::{AcceptBackoff, Config};
 use crate::addr::HostPort;
+use crate::conn::Conn;
+use crate::lifecycle::{Lifecycle, Slot};
 use crate::net::{self, Listener, MioStream};
-use crate::relay::{ConnLog, ReadyConn, Step};
-use crate::transform::Transformer;
 
 const SHUTDOWN: Token = Token(usize::MAX - 1);
 const CONN_BASE: usize = 1 << 20;
 
-pub fn run(config: Config, listeners: Vec<Listener>) -> anyhow::Result<()> {
-    let shutdown = Shutdown::on_signals(config.drain_timeout)?;
+pub fn run(config: Config, listeners: Vec<Listener>, life: &Arc<Lifecycle>) -> anyhow::Result<()> {
     let config = Arc::new(config);
-    let total = Arc::new(AtomicUsize::new(0));
     let loops = config.workers.max(1);
     tracing::info!("{loops} event loop(s)");
     let mut handles = Vec::new();
@@ -55,17 +53,12 @@ pub fn run(config: Config, listeners: Vec<Listener>) -> anyhow::Result<()> {
     let backoff = Arc::new(Mutex::new(AcceptBackoff::default()));
     for id in 0..loops {
         let mine = clone_for_loop(&listeners, id == 0).context("sharing the listeners")?;
-        let (config, shutdown, total, ready, backoff) = (
-            config.clone(),
-            shutdown.clone(),
-            total.clone(),
-            ready.clone(),
-            backoff.clone(),
-        );
+        let (config, life, ready, backoff) =
+            (config.clone(), life.clone(), ready.clone(), backoff.clone());
         let h = std::thread::Builder::new()
             .name(format!("upcase-epoll-{id}"))
             .spawn(move || {
-                let l = EventLoop::new(mine, &config, &shutdown, &total, &backoff);
+                let l = EventLoop::new(mine, &config, &life, &backoff);
                 ready.wait();
                 if let Err(e) = l.and_then(|l| l.run()) {
                     tracing::error!("event loop {id} failed: {e}");
@@ -118,7 +111,9 @@ fn clone_for_loop(listeners: &[Listener], with_udp: bool) -> io::Result<Vec<Sour
     Ok(out)
 }
 
-struct Conn {
+struct Client {
+    /// Counts the connection in the lifecycle's gauge while it lives.
+    _slot: Slot,
     sock: MioStream,
     conn: ReadyConn,
 }
@@ -126,14 +121,13 @@ struct Conn {
 struct EventLoop<'a> {
     poll: Poll,
     sources: Vec<Source>,
-    conns: Slab<Conn>,
+    conns: Slab<Client>,
     /// Connections that used their turn and are still ready.
     again: Vec<usize>,
     scratch: Vec<u8>,
     udp: UdpState,
     config: &'a Config,
-    shutdown: &'a Shutdown,
-    total: &'a AtomicUsize,
+    life: &'a Lifecycle,
     draining: bool,
     /// Stopped accepting at --max-conns.
     paused: bool,
@@ -149,8 +143,7 @@ impl<'a> EventLoop<'a> {
     fn new(
         mut sources: Vec<Source>,
         config: &'a Config,
-        shutdown: &'a Shutdown,
-        total: &'a AtomicUsize,
+        life: &'a Lifecycle,
         backoff: &Arc<Mutex<AcceptBackoff>>,
     ) -> io::Result<Self> {
         let poll = Poll::new()?;
@@ -164,7 +157,7 @@ impl<'a> EventLoop<'a> {
                 }
             }
         }
-        let fd = shutdown.fd().as_raw_fd();
+        let fd = life.draining_fd().as_raw_fd();
         poll.registry()
             .register(&mut SourceFd(&fd), SHUTDOWN, Interest::READABLE)?;
         Ok(EventLoop {
@@ -175,8 +168,7 @@ impl<'a> EventLoop<'a> {
             scratch: vec![0u8; config.block],
             udp: UdpState::default(),
             config,
-            shutdown,
-            total,
+            life,
             draining: false,
             paused: false,
             backoff: backoff.clone(),
@@ -190,7 +182,7 @@ impl<'a> EventLoop<'a> {
     fn run(mut self) -> io::Result<()> {
         let mut events = Events::with_capacity(1024);
         loop {
-            if self.shutdown.is_draining() && !self.draining {
+            if self.life.is_draining() && !self.draining {
                 self.draining = true;
                 self.sources.clear();
             }
@@ -244,7 +236,7 @@ impl<'a> EventLoop<'a> {
             if let Some(idle) = self.config.idle_timeout
                 && self.next_sweep.is_some_and(|t| Instant::now() >= t)
             {
-                self.close_idle(idle);
+                self.close_idle();
                 self.next_sweep = Some(Instant::now() + super::sweep_every(idle));
             }
             if self.retry_at.is_some_and(|t| Instant::now() >= t) {
@@ -259,19 +251,27 @@ impl<'a> EventLoop<'a> {
         Ok(())
     }
 
-    /// Closes the connections that moved no bytes for `idle`.
-    fn close_idle(&mut self, idle: Duration) {
-        let stale: Vec<usize> = self
+    /// Closes the connections that could have moved bytes for
+    /// --idle-timeout and did not; one whose input is waiting is driven
+    /// instead (its event may still be on the way after a long pause).
+    fn close_idle(&mut self) {
+        let now = Instant::now();
+        let idle: Vec<usize> = self
             .conns
             .iter()
-            .filter(|(_, c)| c.conn.last_progress.elapsed() >= idle)
+            .filter(|(_, c)| c.conn.conn.is_idle(now))
             .map(|(k, _)| k)
             .collect();
-        for key in stale {
-            let c = self.conns.remove(key);
-            c.conn.log.finish(&Err(crate::relay::idle_error(idle)));
-            drop(c);
-            self.total.fetch_sub(1, Ordering::Relaxed);
+        for key in idle {
+            let c = &mut self.conns[key];
+            if could_progress(c.sock.as_fd(), &c.conn.conn) {
+                c.conn.conn.touch(now);
+                self.again.push(key);
+                continue;
+            }
+            let mut c = self.conns.remove(key);
+            c.conn.conn.close_idle();
+            c.conn.conn.log_end(now);
         }
         self.resume_accepting();
     }
@@ -295,16 +295,11 @@ impl<'a> EventLoop<'a> {
     /// Accepts until the listener is empty or the limit is reached.
     fn accept_all(&mut self, i: usize) {
         loop {
-            if self.total.load(Ordering::Relaxed) >= self.config.max_conns {
-                if !self.paused {
-                    self.paused = true;
-                    tracing::warn!(
-                        "at --max-conns {}: new connections wait in the backlog",
-                        self.config.max_conns
-                    );
-                }
+            if !self.life.conns.try_acquire() {
+                self.paused = true;
                 return;
             }
+            let slot = Slot(self.life.conns.clone());
             let accepted = match &self.sources[i] {
                 Source::Tcp(l) => l.accept().map(|(s, peer)| {
                     let _ = net::tune_tcp(SockRef::from(&s), &self.config.sockopts);
@@ -346,10 +341,16 @@ impl<'a> EventLoop<'a> {
                 tracing::warn!("{peer}: cannot register: {e}");
                 continue;
             }
-            self.total.fetch_add(1, Ordering::Relaxed);
-            entry.insert(Conn {
+            let conn = Conn::new(
+                peer,
+                self.config.mode,
+                self.config.limits(0),
+                Instant::now(),
+            );
+            entry.insert(Client {
+                _slot: slot,
                 sock,
-                conn: ReadyConn::new(Transformer::new(self.config.mode), ConnLog::new(peer)),
+                conn: ReadyConn::new(conn),
             });
             // Data may have arrived with the handshake: drive it now.
             self.again.push(key);
@@ -360,19 +361,18 @@ impl<'a> EventLoop<'a> {
         let Some(c) = self.conns.get_mut(key) else {
             return; // closed earlier in this round
         };
-        let result = c
+        let step = c
             .conn
             .drive(&mut c.sock, &mut self.scratch, short_read_drains, |s| {
                 s.shutdown_write()
             });
-        match result {
-            Ok(Step::WaitRead | Step::WaitWrite) => {}
-            Ok(Step::Again) => self.again.push(key),
-            done => {
+        match step {
+            Step::WaitRead | Step::WaitWrite => {}
+            Step::Again => self.again.push(key),
+            Step::Done => {
                 let c = self.conns.remove(key);
-                c.conn.log.finish(&done.map(|_| ()));
-                drop(c); // deregisters and closes
-                self.total.fetch_sub(1, Ordering::Relaxed);
+                c.conn.conn.log_end(Instant::now());
+                drop(c); // deregisters, closes and frees the slot
                 self.resume_accepting();
             }
         }

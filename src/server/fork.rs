@@ -16,27 +16,33 @@
 //! sends to the whole process group, lets the parent decide: stop accepting,
 //! let children finish within `--drain-timeout`, then SIGKILL the rest. A
 //! child also dies with its parent (PR_SET_PDEATHSIG), so none is orphaned.
+//! SIGINT and SIGTERM are blocked across `fork()` and only unblocked in the
+//! child once it ignores them: a Ctrl-C that lands in between would
+//! otherwise run the parent's handler in the child, which writes to the
+//! parent's signal pipe (a second "signal" that makes the parent kill every
+//! child).
 //! `--max-conns` bounds the number of children: at the limit the parent
 //! stops polling its listeners and new clients wait in the backlog.
 //!
 //! fork() and threads do not mix (a child gets a copy of one thread and of
 //! every lock, held or not), so this model starts no thread at all: one
 //! poll(2) loop in the parent watches the listeners, UDP sockets, and two
-//! signal self-pipes (stop, and SIGCHLD).
+//! signal self-pipes (the lifecycle's, and SIGCHLD): the parent hosts the
+//! lifecycle's signals itself.
 
 use std::collections::HashMap;
 use std::os::fd::{AsFd, AsRawFd};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use anyhow::Context;
 
-use super::shutdown::{SignalPipe, wait_readable};
 use super::udp::{UdpState, answer_ready};
 use super::{AcceptBackoff, Config, blocking};
+use crate::lifecycle::{Lifecycle, Next, STOP_SIGNALS, SignalPipe, wait_readable};
 use crate::net::{Listener, Stream};
 
-pub fn run(config: Config, listeners: Vec<Listener>) -> anyhow::Result<()> {
-    let mut stop = SignalPipe::install().context("installing signal handlers")?;
+pub fn run(config: Config, listeners: Vec<Listener>, life: &Lifecycle) -> anyhow::Result<()> {
+    let stop = life.signal_fd();
     let mut chld =
         SignalPipe::for_signals(&[libc::SIGCHLD]).context("installing SIGCHLD handler")?;
     for l in &listeners {
@@ -46,32 +52,22 @@ pub fn run(config: Config, listeners: Vec<Listener>) -> anyhow::Result<()> {
     let mut children: HashMap<libc::pid_t, String> = HashMap::new();
     let mut udp = UdpState::default();
     let mut backoff = AcceptBackoff::default();
-    let mut signals = 0;
-    let mut deadline: Option<Instant> = None;
-    let mut at_limit_logged = false;
 
     loop {
-        reap(&mut children);
-        if let Some(d) = deadline {
+        reap(&mut children, life);
+        if life.is_draining() {
+            // The lifecycle shut the listeners; close our copies.
+            listeners = None;
             if children.is_empty() {
                 tracing::info!("all connections finished");
                 break;
             }
-            if Instant::now() >= d {
-                tracing::warn!("drain timeout: killing {} child(ren)", children.len());
-                kill_all(&mut children);
-                break;
-            }
         }
 
-        let at_limit = children.len() >= config.max_conns;
-        if at_limit && !at_limit_logged {
-            tracing::warn!(
-                "at --max-conns {}: new connections wait in the backlog",
-                config.max_conns
-            );
+        let at_limit = life.conns.is_full();
+        if at_limit {
+            life.conns.warn_full();
         }
-        at_limit_logged = at_limit;
         let mut fds = vec![stop.as_fd(), chld.as_fd()];
         let mut polled: Vec<&Listener> = Vec::new();
         for l in listeners.iter().flatten() {
@@ -80,8 +76,15 @@ pub fn run(config: Config, listeners: Vec<Listener>) -> anyhow::Result<()> {
                 polled.push(l);
             }
         }
-        let wait = deadline.map(|d| d.saturating_duration_since(Instant::now()));
+        let wait = life
+            .deadline()
+            .map(|d| d.saturating_duration_since(std::time::Instant::now()));
         let ready = wait_readable(&fds, wait).context("poll")?;
+        // Signals, and the drain deadline: the lifecycle decides.
+        if life.on_signals() == Next::Stop {
+            kill_all(&mut children, life);
+            break;
+        }
 
         if ready[1] {
             chld.take();
@@ -91,34 +94,15 @@ pub fn run(config: Config, listeners: Vec<Listener>) -> anyhow::Result<()> {
                 Listener::Udp(u) => {
                     answer_ready(u, &mut udp, config.mode, 64);
                 }
+                _ if life.is_draining() => {}
                 _ => accept_and_fork(
                     l,
                     listeners.as_deref().unwrap_or(&[]),
                     &config,
+                    life,
                     &mut children,
                     &mut backoff,
                 ),
-            }
-        }
-        if ready[0] {
-            signals += stop.take();
-            if signals >= 2 {
-                tracing::warn!("second signal: killing {} child(ren) now", children.len());
-                kill_all(&mut children);
-                break;
-            }
-            if signals >= 1 && deadline.is_none() {
-                // Closing the listeners (and removing Unix socket files)
-                // stops new clients at once.
-                listeners = None;
-                deadline = Some(Instant::now() + config.drain_timeout);
-                if !children.is_empty() {
-                    tracing::info!(
-                        "shutting down: {} connection(s) may finish within {:?} (signal again to stop now)",
-                        children.len(),
-                        config.drain_timeout
-                    );
-                }
             }
         }
     }
@@ -130,16 +114,21 @@ fn accept_and_fork(
     listener: &Listener,
     all: &[Listener],
     config: &Config,
+    life: &Lifecycle,
     children: &mut HashMap<libc::pid_t, String>,
     backoff: &mut AcceptBackoff,
 ) {
+    if !life.conns.try_acquire() {
+        return;
+    }
     let (conn, peer) = match listener.accept() {
         Ok(c) => {
             backoff.succeeded();
             c
         }
-        Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => return,
+        Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => return life.conns.release(),
         Err(e) => {
+            life.conns.release();
             if let Some(pause) = backoff.failed(&e) {
                 // Single-threaded: the pause also holds UDP, briefly.
                 std::thread::sleep(pause);
@@ -147,16 +136,20 @@ fn accept_and_fork(
             return;
         }
     };
+    let mask = SignalMask::block(&STOP_SIGNALS);
     // SAFETY: this process has a single thread (the model starts none), so
     // the child may run ordinary code after fork.
     match unsafe { libc::fork() } {
         -1 => {
+            drop(mask);
+            life.conns.release();
             let e = std::io::Error::last_os_error();
             tracing::warn!("fork failed: {e}; closing {peer} and pausing 100 ms");
             std::thread::sleep(Duration::from_millis(100));
         }
-        0 => child(conn, peer, all, config),
+        0 => child(conn, peer, all, config, mask),
         pid => {
+            drop(mask);
             // The parent's copy of the connection is closed here (drop).
             tracing::debug!("child {pid} serves {peer}");
             children.insert(pid, peer);
@@ -164,9 +157,17 @@ fn accept_and_fork(
     }
 }
 
-fn child(conn: Stream, peer: String, listeners: &[Listener], config: &Config) -> ! {
+fn child(
+    conn: Stream,
+    peer: String,
+    listeners: &[Listener],
+    config: &Config,
+    mask: SignalMask,
+) -> ! {
     // SAFETY: plain libc calls on signal dispositions and our own fds.
     unsafe {
+        // Still blocked since before fork: ignore them, then unblock, so a
+        // signal meant for the group never runs the parent's handler here.
         libc::signal(libc::SIGINT, libc::SIG_IGN);
         libc::signal(libc::SIGTERM, libc::SIG_IGN);
         libc::signal(libc::SIGCHLD, libc::SIG_DFL);
@@ -177,6 +178,7 @@ fn child(conn: Stream, peer: String, listeners: &[Listener], config: &Config) ->
             libc::close(l.as_fd().as_raw_fd());
         }
     }
+    drop(mask);
     blocking::serve(conn, peer, config);
     // SAFETY: _exit skips destructors and atexit handlers that belong to the
     // parent's state (the listeners, the signal pipes).
@@ -184,7 +186,7 @@ fn child(conn: Stream, peer: String, listeners: &[Listener], config: &Config) ->
 }
 
 /// Collects every child that has exited, so none stays a zombie.
-fn reap(children: &mut HashMap<libc::pid_t, String>) {
+fn reap(children: &mut HashMap<libc::pid_t, String>, life: &Lifecycle) {
     loop {
         let mut status = 0;
         // SAFETY: waitpid writes the status through a valid pointer.
@@ -192,15 +194,17 @@ fn reap(children: &mut HashMap<libc::pid_t, String>) {
         if pid <= 0 {
             return;
         }
-        if let Some(peer) = children.remove(&pid)
-            && !(libc::WIFEXITED(status) && libc::WEXITSTATUS(status) == 0)
-        {
+        let Some(peer) = children.remove(&pid) else {
+            continue;
+        };
+        life.conns.release();
+        if !(libc::WIFEXITED(status) && libc::WEXITSTATUS(status) == 0) {
             tracing::warn!("child {pid} serving {peer} ended abnormally (status {status:#x})");
         }
     }
 }
 
-fn kill_all(children: &mut HashMap<libc::pid_t, String>) {
+fn kill_all(children: &mut HashMap<libc::pid_t, String>, life: &Lifecycle) {
     for &pid in children.keys() {
         // SAFETY: signalling our own children.
         unsafe { libc::kill(pid, libc::SIGKILL) };
@@ -209,6 +213,36 @@ fn kill_all(children: &mut HashMap<libc::pid_t, String>) {
         let mut status = 0;
         // SAFETY: waitpid on our own child, with a valid status pointer.
         unsafe { libc::waitpid(pid, &mut status, 0) };
+        life.conns.release();
     }
     children.clear();
+}
+
+/// Signals blocked for as long as this lives (then the old mask returns).
+struct SignalMask {
+    old: libc::sigset_t,
+}
+
+impl SignalMask {
+    fn block(signals: &[libc::c_int]) -> SignalMask {
+        // SAFETY: sigset_t is plain data, initialised by sigemptyset before
+        // use; pthread_sigmask reads and writes valid sets.
+        unsafe {
+            let mut set: libc::sigset_t = std::mem::zeroed();
+            let mut old: libc::sigset_t = std::mem::zeroed();
+            libc::sigemptyset(&mut set);
+            for &s in signals {
+                libc::sigaddset(&mut set, s);
+            }
+            libc::pthread_sigmask(libc::SIG_BLOCK, &set, &mut old);
+            SignalMask { old }
+        }
+    }
+}
+
+impl Drop for SignalMask {
+    fn drop(&mut self) {
+        // SAFETY: restores the mask saved in `block`.
+        unsafe { libc::pthread_sigmask(libc::SIG_SETMASK, &self.old, std::ptr::null_mut()) };
+    }
 }

@@ -17,21 +17,21 @@
 //! drain simply lets the current client finish (within `--drain-timeout`).
 //! UDP listeners are answered on threads of their own.
 
+use std::sync::Arc;
+
 use super::Config;
 use super::blocking;
-use super::shutdown::{Gauge, Shutdown, Slot, drain};
+use crate::lifecycle::{Lifecycle, Slot};
 use crate::net::Listener;
 
-pub fn run(config: Config, listeners: Vec<Listener>) -> anyhow::Result<()> {
-    let shutdown = Shutdown::on_signals(config.drain_timeout)?;
-    let mut acceptor = blocking::Acceptor::new(blocking::start(listeners, &config, &shutdown)?);
-    let gauge = Gauge::new(1);
-    while let Some((conn, peer)) = acceptor.next_client(&shutdown) {
-        if gauge.try_acquire() {
-            let _slot = Slot(gauge.clone());
+pub fn run(config: Config, listeners: Vec<Listener>, life: &Arc<Lifecycle>) -> anyhow::Result<()> {
+    let mut acceptor = blocking::Acceptor::new(blocking::start(listeners, &config, life)?);
+    while let Some((conn, peer)) = acceptor.next_client(life) {
+        if life.conns.try_acquire() {
+            let _slot = Slot(life.conns.clone());
             blocking::serve(conn, peer, &config);
         }
     }
-    drain(&gauge, config.drain_timeout);
+    life.finish_drain();
     Ok(())
 }

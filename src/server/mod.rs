@@ -4,16 +4,16 @@
 //! a port in use fails before anything is announced), print one
 //! `listening ENDPOINT` line per listener on stdout, then hand the bound
 //! sockets to the model, which waits for clients its own way. Every model
-//! relays bytes through [`crate::relay`] and stops on the same [`Shutdown`]
-//! signal.
+//! moves bytes through [`crate::conn`] and lives by one
+//! [`crate::lifecycle`].
 
 pub mod blocking;
 pub mod epoll;
 pub mod fork;
 pub mod iterative;
 pub mod pool;
+pub mod readiness;
 pub mod select;
-pub mod shutdown;
 pub mod tasks;
 pub mod threads;
 pub mod udp;
@@ -25,6 +25,7 @@ use std::time::Duration;
 use anyhow::Context;
 
 use crate::addr::Endpoint;
+use crate::lifecycle::Lifecycle;
 use crate::net::{self, Listener, SockOpts};
 use crate::transform::Mode;
 
@@ -111,6 +112,18 @@ pub struct Config {
     pub idle_timeout: Option<Duration>,
 }
 
+impl Config {
+    /// The bounds of each connection, for a driver that reads `read_ahead`
+    /// bytes ahead of its writes (see [`crate::conn::Limits`]).
+    pub fn limits(&self, read_ahead: usize) -> crate::conn::Limits {
+        crate::conn::Limits {
+            block: self.block,
+            read_ahead,
+            idle: self.idle_timeout,
+        }
+    }
+}
+
 /// The default listeners: the seeds' port, on loopback.
 pub fn default_listeners() -> Vec<Endpoint> {
     vec![
@@ -176,21 +189,43 @@ pub fn announce(listeners: &[Listener]) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Runs the server until SIGINT or SIGTERM.
+/// Connections a model serves at once: `--max-conns`, except where the
+/// model itself sets the bound (one for `iterative`, the workers of `pool`).
+pub fn capacity(config: &Config) -> usize {
+    match config.model {
+        Model::Iterative => 1,
+        Model::Pool => config.workers.min(config.max_conns).max(1),
+        _ => config.max_conns,
+    }
+}
+
+/// Runs the server until SIGINT or SIGTERM (see [`crate::lifecycle`]).
 pub fn run(config: Config) -> anyhow::Result<()> {
-    let listeners = bind_all(&config)?;
+    // Signals are caught from before the first `listening` line.
+    let life = Lifecycle::install(config.drain_timeout, capacity(&config))
+        .context("installing signal handlers")?;
+    let mut listeners = bind_all(&config)?;
+    life.adopt(&mut listeners)
+        .context("sharing the listeners")?;
+    if config.model != Model::Fork {
+        // fork() and threads do not mix: that model hosts the signals itself.
+        life.spawn_signal_thread()
+            .context("starting the signal thread")?;
+    }
     announce(&listeners)?;
     tracing::info!("serving with the {} model", config.model.name());
-    match config.model {
-        Model::Iterative => iterative::run(config, listeners),
-        Model::Fork => fork::run(config, listeners),
-        Model::Threads => threads::run(config, listeners),
-        Model::Pool => pool::run(config, listeners),
-        Model::Select => select::run(config, listeners),
-        Model::Epoll => epoll::run(config, listeners),
-        Model::Async => tasks::run(config, listeners),
-        Model::Uring => uring::run(config, listeners),
-    }
+    let result = match config.model {
+        Model::Iterative => iterative::run(config, listeners, &life),
+        Model::Fork => fork::run(config, listeners, &life),
+        Model::Threads => threads::run(config, listeners, &life),
+        Model::Pool => pool::run(config, listeners, &life),
+        Model::Select => select::run(config, listeners, &life),
+        Model::Epoll => epoll::run(config, listeners, &life),
+        Model::Async => tasks::run(config, listeners, &life),
+        Model::Uring => uring::run(config, listeners, &life),
+    };
+    life.cleanup();
+    result
 }
 
 /// What every model does when accept(2) fails.

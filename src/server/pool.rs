@@ -26,74 +26,49 @@ use anyhow::Context;
 
 use super::Config;
 use super::blocking;
-use super::shutdown::{Gauge, Shutdown, Slot, drain};
+use crate::lifecycle::{Lifecycle, Slot};
 use crate::net::Listener;
 
-pub fn run(config: Config, listeners: Vec<Listener>) -> anyhow::Result<()> {
-    let shutdown = Shutdown::on_signals(config.drain_timeout)?;
-    let acceptor = blocking::Acceptor::new(blocking::start(listeners, &config, &shutdown)?);
+pub fn run(config: Config, listeners: Vec<Listener>, life: &Arc<Lifecycle>) -> anyhow::Result<()> {
+    let acceptor = blocking::Acceptor::new(blocking::start(listeners, &config, life)?);
     let acceptor = Arc::new(Mutex::new(acceptor));
-    let workers = config.workers.min(config.max_conns).max(1);
+    let workers = life.conns.max();
     let config = Arc::new(config);
-    let gauge = Gauge::new(workers);
     tracing::info!("pool of {workers} workers");
     let mut handles = Vec::new();
     for i in 0..workers {
-        let (acceptor, shutdown, gauge, config) = (
-            acceptor.clone(),
-            shutdown.clone(),
-            gauge.clone(),
-            config.clone(),
-        );
+        let (acceptor, life, config) = (acceptor.clone(), life.clone(), config.clone());
         let h = std::thread::Builder::new()
             .name(format!("upcase-pool-{i}"))
-            .spawn(move || worker(&acceptor, &shutdown, &gauge, &config))
+            .spawn(move || worker(&acceptor, &life, &config))
             .context("starting the pool's workers")?;
         handles.push(h);
     }
     // Workers return once the drain starts and their client is done (the
-    // signal thread ends the process if that takes past --drain-timeout).
-    let _ = shutdown_wait(&shutdown);
-    drain(&gauge, config.drain_timeout);
+    // lifecycle ends the process if that takes past --drain-timeout).
+    life.wait_draining();
+    life.finish_drain();
     for h in handles {
         let _ = h.join();
     }
-    // Dropping the listeners removes Unix socket files.
-    drop(acceptor);
     Ok(())
 }
 
-fn worker(
-    acceptor: &Mutex<blocking::Acceptor>,
-    shutdown: &Shutdown,
-    gauge: &Arc<Gauge>,
-    config: &Config,
-) {
+fn worker(acceptor: &Mutex<blocking::Acceptor>, life: &Lifecycle, config: &Config) {
     loop {
         // The seed's accept lock: one idle worker at a time waits for a client.
         let next = acceptor
             .lock()
             .unwrap_or_else(|e| e.into_inner())
-            .next_client(shutdown);
+            .next_client(life);
         let Some((conn, peer)) = next else { return };
-        if !gauge.try_acquire() {
+        if !life.conns.try_acquire() {
             return; // cannot happen: one slot per worker
         }
-        let _slot = Slot(gauge.clone());
-        if gauge.active() == gauge.max() {
-            gauge.warn_full(&format!(
-                "all {} workers busy: new clients wait in the backlog",
-                gauge.max()
-            ));
+        let _slot = Slot(life.conns.clone());
+        if life.conns.is_full() {
+            life.conns.warn_full();
         }
         blocking::serve(conn, peer, config);
     }
-}
-
-fn shutdown_wait(shutdown: &Shutdown) -> std::io::Result<()> {
-    use super::shutdown::wait_readable;
-    while !shutdown.is_draining() {
-        wait_readable(&[shutdown.fd()], None)?;
-    }
-    Ok(())
 }

@@ -14,7 +14,8 @@
 //!
 //! The seed's `conn.send()` may send only part of the reply, and a blocking
 //! `sendall()` in its place would let one client that does not read stall
-//! the whole loop. Here each connection is a [`ReadyConn`]: what a write
+//! the whole loop. Here each connection is a [`ReadyConn`] (the readiness
+//! driver over the connection core): what a write
 //! could not take waits in that connection's pending buffer, the loop waits
 //! for *writability* on it and stops reading it meanwhile, and everyone
 //! else goes on. A busy connection yields after a turn, so none starves the
@@ -24,32 +25,34 @@
 
 use std::io;
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd};
+use std::sync::Arc;
 use std::time::Instant;
 
 use anyhow::Context;
 
-use super::shutdown::Shutdown;
+use super::readiness::{ReadyConn, Step, could_progress};
 use super::udp::{UdpState, answer_ready};
 use super::{AcceptBackoff, Config};
+use crate::conn::Conn;
+use crate::lifecycle::{Lifecycle, Slot, poll_ms};
 use crate::net::{Listener, Stream};
-use crate::relay::{ConnLog, ReadyConn, Step};
-use crate::transform::Transformer;
 
 struct Client {
+    /// Counts the connection in the lifecycle's gauge while it lives.
+    _slot: Slot,
     sock: Stream,
     conn: ReadyConn,
     step: Step,
 }
 
 #[derive(Clone, Copy)]
-enum Slot {
-    Shutdown,
+enum Interest {
+    Draining,
     Listener(usize),
     Client(usize),
 }
 
-pub fn run(config: Config, listeners: Vec<Listener>) -> anyhow::Result<()> {
-    let shutdown = Shutdown::on_signals(config.drain_timeout)?;
+pub fn run(config: Config, listeners: Vec<Listener>, life: &Arc<Lifecycle>) -> anyhow::Result<()> {
     for l in &listeners {
         l.set_nonblocking(true)?;
     }
@@ -57,7 +60,6 @@ pub fn run(config: Config, listeners: Vec<Listener>) -> anyhow::Result<()> {
     let mut clients: Vec<Client> = Vec::new();
     let mut scratch = vec![0u8; config.block];
     let mut udp = UdpState::default();
-    let mut draining = false;
     let mut backoff = AcceptBackoff::default();
     let mut paused_until: Option<Instant> = None;
     let mut next_sweep = config
@@ -65,16 +67,9 @@ pub fn run(config: Config, listeners: Vec<Listener>) -> anyhow::Result<()> {
         .map(|d| Instant::now() + super::sweep_every(d));
 
     loop {
-        if shutdown.is_draining() && !draining {
-            draining = true;
-            listeners.clear(); // stop accepting; removes Unix socket files
-            if !clients.is_empty() {
-                tracing::info!(
-                    "shutting down: {} connection(s) may finish within {:?} (signal again to stop now)",
-                    clients.len(),
-                    config.drain_timeout
-                );
-            }
+        let draining = life.is_draining();
+        if draining && !listeners.is_empty() {
+            listeners.clear(); // stop accepting (the lifecycle shut them)
         }
         if draining && clients.is_empty() {
             break;
@@ -84,10 +79,10 @@ pub fn run(config: Config, listeners: Vec<Listener>) -> anyhow::Result<()> {
         if paused_until.is_some_and(|t| Instant::now() >= t) {
             paused_until = None;
         }
-        let accepting = clients.len() < config.max_conns && paused_until.is_none();
+        let accepting = !life.conns.is_full() && paused_until.is_none();
         let mut pfds: Vec<libc::pollfd> = Vec::with_capacity(clients.len() + listeners.len() + 1);
-        let mut slots: Vec<Slot> = Vec::with_capacity(pfds.capacity());
-        let mut push = |fd: BorrowedFd<'_>, events: libc::c_short, slot: Slot| {
+        let mut slots: Vec<Interest> = Vec::with_capacity(pfds.capacity());
+        let mut push = |fd: BorrowedFd<'_>, events: libc::c_short, slot: Interest| {
             pfds.push(libc::pollfd {
                 fd: fd.as_raw_fd(),
                 events,
@@ -96,18 +91,18 @@ pub fn run(config: Config, listeners: Vec<Listener>) -> anyhow::Result<()> {
             slots.push(slot);
         };
         if !draining {
-            push(shutdown.fd(), libc::POLLIN, Slot::Shutdown);
+            push(life.draining_fd(), libc::POLLIN, Interest::Draining);
         }
         for (i, l) in listeners.iter().enumerate() {
             if accepting || !l.is_stream() {
-                push(l.as_fd(), libc::POLLIN, Slot::Listener(i));
+                push(l.as_fd(), libc::POLLIN, Interest::Listener(i));
             }
         }
         let mut again = false;
         for (i, c) in clients.iter().enumerate() {
             match c.step {
-                Step::WaitRead => push(c.sock.as_fd(), libc::POLLIN, Slot::Client(i)),
-                Step::WaitWrite => push(c.sock.as_fd(), libc::POLLOUT, Slot::Client(i)),
+                Step::WaitRead => push(c.sock.as_fd(), libc::POLLIN, Interest::Client(i)),
+                Step::WaitWrite => push(c.sock.as_fd(), libc::POLLOUT, Interest::Client(i)),
                 Step::Again | Step::Done => again = true,
             }
         }
@@ -121,21 +116,16 @@ pub fn run(config: Config, listeners: Vec<Listener>) -> anyhow::Result<()> {
         .min();
         let timeout = match (again, wake) {
             (true, _) => 0,
-            (false, Some(t)) => t.saturating_duration_since(Instant::now()).as_millis() as i32 + 1,
+            (false, Some(t)) => poll_ms(t.saturating_duration_since(Instant::now())),
             (false, None) => -1,
         };
         poll(&mut pfds, timeout).context("poll")?;
-        if let Some(idle) = config.idle_timeout
-            && next_sweep.is_some_and(|t| Instant::now() >= t)
-        {
-            close_idle(&mut clients, idle);
-            next_sweep = Some(Instant::now() + super::sweep_every(idle));
-        }
 
-        // Connections first (reverse order, so swap_remove keeps indices valid).
+        // Connections first, while the indices of this round hold (reverse
+        // order, so that swap_remove moves only connections already seen).
         let mut ready: Vec<bool> = vec![false; clients.len()];
         for (p, s) in pfds.iter().zip(&slots) {
-            if let (Slot::Client(i), true) = (s, p.revents != 0) {
+            if let (Interest::Client(i), true) = (s, p.revents != 0) {
                 ready[*i] = true;
             }
         }
@@ -144,23 +134,15 @@ pub fn run(config: Config, listeners: Vec<Listener>) -> anyhow::Result<()> {
                 continue;
             }
             let c = &mut clients[i];
-            match c
+            c.step = c
                 .conn
-                .drive(&mut c.sock, &mut scratch, true, |s| s.shutdown_write())
-            {
-                Ok(Step::Done) => {
-                    c.conn.log.finish(&Ok(()));
-                    clients.swap_remove(i);
-                }
-                Ok(step) => c.step = step,
-                Err(e) => {
-                    c.conn.log.finish(&Err(e));
-                    clients.swap_remove(i);
-                }
+                .drive(&mut c.sock, &mut scratch, true, |s| s.shutdown_write());
+            if c.step == Step::Done {
+                clients.swap_remove(i).conn.conn.log_end(Instant::now());
             }
         }
         for (p, s) in pfds.iter().zip(&slots) {
-            let Slot::Listener(i) = *s else { continue };
+            let Interest::Listener(i) = *s else { continue };
             if p.revents == 0 {
                 continue;
             }
@@ -168,22 +150,45 @@ pub fn run(config: Config, listeners: Vec<Listener>) -> anyhow::Result<()> {
                 Listener::Udp(u) => {
                     answer_ready(u, &mut udp, config.mode, 64);
                 }
-                l => accept_some(l, &mut clients, &config, &mut backoff, &mut paused_until),
+                l => accept_some(
+                    l,
+                    &mut clients,
+                    &config,
+                    life,
+                    &mut backoff,
+                    &mut paused_until,
+                ),
             }
         }
+        // Last, once this round's input is taken: the idle sweep.
+        if let Some(idle) = config.idle_timeout
+            && next_sweep.is_some_and(|t| Instant::now() >= t)
+        {
+            close_idle(&mut clients);
+            next_sweep = Some(Instant::now() + super::sweep_every(idle));
+        }
     }
-    // The drain timeout is enforced by the signal thread, which exits.
     tracing::info!("all connections finished");
     udp.log_totals();
     Ok(())
 }
 
-/// Closes the connections that moved no bytes for `idle`.
-fn close_idle(clients: &mut Vec<Client>, idle: std::time::Duration) {
+/// Closes the connections that could have moved bytes for --idle-timeout
+/// and did not; one whose input is waiting is driven next round instead.
+fn close_idle(clients: &mut Vec<Client>) {
+    let now = Instant::now();
     for i in (0..clients.len()).rev() {
-        if clients[i].conn.last_progress.elapsed() >= idle {
-            let c = clients.swap_remove(i);
-            c.conn.log.finish(&Err(crate::relay::idle_error(idle)));
+        let c = &mut clients[i];
+        if !c.conn.conn.is_idle(now) {
+            continue;
+        }
+        if could_progress(c.sock.as_fd(), &c.conn.conn) {
+            c.conn.conn.touch(now);
+            c.step = Step::Again;
+        } else {
+            let mut c = clients.swap_remove(i);
+            c.conn.conn.close_idle();
+            c.conn.conn.log_end(now);
         }
     }
 }
@@ -193,13 +198,15 @@ fn accept_some(
     l: &Listener,
     clients: &mut Vec<Client>,
     config: &Config,
+    life: &Lifecycle,
     backoff: &mut AcceptBackoff,
     paused_until: &mut Option<Instant>,
 ) {
     for _ in 0..64 {
-        if clients.len() >= config.max_conns {
+        if !life.conns.try_acquire() {
             return;
         }
+        let slot = Slot(life.conns.clone());
         match l.accept() {
             Ok((sock, peer)) => {
                 backoff.succeeded();
@@ -208,9 +215,11 @@ fn accept_some(
                     continue;
                 }
                 sock.tune(&config.sockopts);
+                let conn = Conn::new(peer, config.mode, config.limits(0), Instant::now());
                 clients.push(Client {
+                    _slot: slot,
                     sock,
-                    conn: ReadyConn::new(Transformer::new(config.mode), ConnLog::new(peer)),
+                    conn: ReadyConn::new(conn),
                     // Data may already be waiting: drive it next round.
                     step: Step::Again,
                 });

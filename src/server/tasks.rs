@@ -1,5 +1,5 @@
 //! The `async` model: a task per connection on tokio's multi-threaded
-//! runtime.
+//! runtime, and the async driver it runs.
 //!
 //! This is lecture 3's asynchronous event loop grown up: each connection is
 //! written as the seed's simple loop (read a block, uppercase, send it all),
@@ -7,141 +7,97 @@
 //! (epoll underneath), with one loop per core. A connection that does not
 //! read only parks its own task.
 //!
-//! Limits: a semaphore of `--max-conns` permits is taken before each
-//! accept, so beyond the limit new clients wait in the kernel's backlog.
-//! Shutdown: the first SIGINT/SIGTERM stops the accept loops and lets
-//! streams in progress finish for up to `--drain-timeout`; a second signal
-//! ends at once. Draining is complete when every permit is back.
+//! Limits: a slot of `--max-conns` is taken before each accept, so beyond
+//! the limit new clients wait in the kernel's backlog. The drain is the
+//! lifecycle's: the accept loops stop when it starts, and the model returns
+//! when the last connection is done.
 
 use std::io;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicUsize, Ordering};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use anyhow::Context;
-use socket2::SockRef;
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::{TcpListener, UnixListener};
-use tokio::sync::{Semaphore, watch};
 
-use super::shutdown::FULL_LOG_EVERY;
+use super::blocking::BlockBuf;
 use super::{AcceptBackoff, Config, udp};
-use crate::net::{self, Listener, SockOpts};
-use crate::relay::{ConnLog, relay_async};
-use crate::transform::Transformer;
+use crate::conn::Conn;
+use crate::lifecycle::{Lifecycle, Slot};
+use crate::net::{self, Listener};
 
-/// Where the server is in its life; sent to every loop on a watch channel.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Phase {
-    Running,
-    /// Stop accepting; let streams in progress finish.
-    Draining,
-    /// Stop everything now.
-    Stopping,
-}
-
-pub fn run(config: Config, listeners: Vec<Listener>) -> anyhow::Result<()> {
+pub fn run(config: Config, listeners: Vec<Listener>, life: &Arc<Lifecycle>) -> anyhow::Result<()> {
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(config.workers.max(1))
         .enable_all()
         .thread_name("upcase-worker")
         .build()
         .context("starting the tokio runtime")?;
-    let result = rt.block_on(serve(config, listeners));
-    // Connections still open after the drain are dropped (closed) here.
+    rt.block_on(serve(config, listeners, life.clone()))?;
+    // Waiting for the last connections blocks: not on a runtime thread.
+    life.finish_drain();
     rt.shutdown_timeout(Duration::from_millis(200));
-    result
+    Ok(())
 }
 
-async fn serve(config: Config, listeners: Vec<Listener>) -> anyhow::Result<()> {
-    let (phase_tx, phase) = watch::channel(Phase::Running);
-    tokio::spawn(watch_signals(phase_tx)?);
-
-    let max = config
-        .max_conns
-        .min(Semaphore::MAX_PERMITS)
-        .min(u32::MAX as usize);
-    let permits = Arc::new(Semaphore::new(max));
+async fn serve(
+    config: Config,
+    listeners: Vec<Listener>,
+    life: Arc<Lifecycle>,
+) -> anyhow::Result<()> {
     let config = Arc::new(config);
-    let active = Arc::new(AtomicUsize::new(0));
     for listener in listeners {
-        let ctx = Ctx {
-            config: config.clone(),
-            permits: permits.clone(),
-            phase: phase.clone(),
-            active: active.clone(),
-        };
+        let (config, life) = (config.clone(), life.clone());
         match listener {
             Listener::Tcp(l) => {
                 l.set_nonblocking(true)?;
-                tokio::spawn(accept_loop(Accepting::Tcp(TcpListener::from_std(l)?), ctx));
+                let l = Accepting::Tcp(TcpListener::from_std(l)?);
+                tokio::spawn(accept_loop(l, config, life));
             }
-            Listener::Unix(l, guard) => {
+            Listener::Unix(l, _) => {
                 l.set_nonblocking(true)?;
-                let l = UnixListener::from_std(l)?;
-                tokio::spawn(async move {
-                    accept_loop(Accepting::Unix(l), ctx).await;
-                    drop(guard); // removes the socket file once we stop accepting
-                });
+                let l = Accepting::Unix(UnixListener::from_std(l)?);
+                tokio::spawn(accept_loop(l, config, life));
             }
             Listener::Udp(u) => {
                 u.set_nonblocking(true)?;
                 let u = tokio::net::UdpSocket::from_std(u)?;
-                tokio::spawn(udp::serve(u, config.mode, phase.clone()));
+                tokio::spawn(udp::serve(u, config.mode, life));
             }
         }
     }
-
-    let mut phase_rx = phase.clone();
-    let _ = phase_rx.wait_for(|p| *p != Phase::Running).await;
-    // Accept loops hold a permit while they wait; once they see the phase
-    // change they give it back, so count connections by the spawned tasks.
-    let open = active.load(Ordering::Relaxed);
-    if open == 0 || *phase_rx.borrow() == Phase::Stopping {
-        tracing::info!("shutting down");
-        return Ok(());
-    }
-    tracing::info!(
-        "shutting down: {open} connection(s) may finish within {:?} (signal again to stop now)",
-        config.drain_timeout
-    );
-    tokio::select! {
-        _ = permits.acquire_many(max as u32) => tracing::info!("all connections finished"),
-        _ = tokio::time::sleep(config.drain_timeout) => {
-            let open = active.load(Ordering::Relaxed);
-            tracing::warn!("drain timeout: closing {open} unfinished connection(s)");
-        }
-        _ = phase_rx.wait_for(|p| *p == Phase::Stopping) => {
-            let open = active.load(Ordering::Relaxed);
-            tracing::warn!("second signal: closing {open} connection(s) now");
-        }
-    }
+    until_draining(&life).await;
     Ok(())
 }
 
-/// First SIGINT/SIGTERM: drain. Second: stop.
-fn watch_signals(
-    tx: watch::Sender<Phase>,
-) -> anyhow::Result<impl Future<Output = ()> + Send + 'static> {
-    use tokio::signal::unix::{SignalKind, signal};
-    let mut term = signal(SignalKind::terminate()).context("installing SIGTERM handler")?;
-    let mut int = signal(SignalKind::interrupt()).context("installing SIGINT handler")?;
-    Ok(async move {
-        for next in [Phase::Draining, Phase::Stopping] {
-            tokio::select! {
-                _ = term.recv() => tracing::info!("SIGTERM received"),
-                _ = int.recv() => tracing::info!("SIGINT received"),
-            }
-            let _ = tx.send(next);
+/// Resolves once the drain has started.
+pub async fn until_draining(life: &Lifecycle) {
+    // The drain descriptor is one end of a socket pair: tokio watches a
+    // copy of it, which turns readable (end of file) for good at the drain.
+    let watch = life
+        .draining_fd()
+        .try_clone_to_owned()
+        .map(std::os::unix::net::UnixStream::from)
+        .and_then(|s| {
+            s.set_nonblocking(true)?;
+            tokio::net::UnixStream::from_std(s)
+        });
+    let watch = match watch {
+        Ok(w) => w,
+        Err(e) => {
+            tracing::error!("watching for the drain: {e}");
+            return std::future::pending().await;
         }
-    })
-}
-
-struct Ctx {
-    config: Arc<Config>,
-    permits: Arc<Semaphore>,
-    phase: watch::Receiver<Phase>,
-    /// Connections being served, for the shutdown log.
-    active: Arc<AtomicUsize>,
+    };
+    while !life.is_draining() {
+        if watch.readable().await.is_err() {
+            return std::future::pending().await;
+        }
+        if !life.is_draining() {
+            // A spurious wake-up: clear it by trying a read.
+            let _ = watch.try_read(&mut [0u8; 1]);
+        }
+    }
 }
 
 enum Accepting {
@@ -149,51 +105,34 @@ enum Accepting {
     Unix(UnixListener),
 }
 
-async fn accept_loop(listener: Accepting, ctx: Ctx) {
-    let mut stop = ctx.phase.clone();
-    let stopping = async move {
-        let _ = stop.wait_for(|p| *p != Phase::Running).await;
-    };
-    tokio::pin!(stopping);
+async fn accept_loop(listener: Accepting, config: Arc<Config>, life: Arc<Lifecycle>) {
+    let draining = until_draining(&life);
+    tokio::pin!(draining);
     let mut backoff = AcceptBackoff::default();
-    let mut last_full_log: Option<std::time::Instant> = None;
     loop {
-        let permit = match ctx.permits.clone().try_acquire_owned() {
-            Ok(p) => p,
-            Err(_) => {
-                if last_full_log.is_none_or(|t| t.elapsed() >= FULL_LOG_EVERY) {
-                    last_full_log = Some(std::time::Instant::now());
-                    tracing::warn!(
-                        "at --max-conns {}: new connections wait in the backlog",
-                        ctx.config.max_conns
-                    );
-                }
-                tokio::select! {
-                    p = ctx.permits.clone().acquire_owned() => match p {
-                        Ok(p) => p,
-                        Err(_) => return,
-                    },
-                    _ = &mut stopping => return,
-                }
+        // A slot first: at --max-conns new clients wait in the backlog.
+        while !life.conns.try_acquire() {
+            tokio::select! {
+                _ = tokio::time::sleep(Duration::from_millis(10)) => {}
+                _ = &mut draining => return,
             }
-        };
+        }
+        let slot = Slot(life.conns.clone());
         let accepted = tokio::select! {
             r = accept(&listener) => r,
-            _ = &mut stopping => return,
+            _ = &mut draining => return,
         };
         match accepted {
             Ok((conn, peer)) => {
                 backoff.succeeded();
-                let config = ctx.config.clone();
-                let active = ctx.active.clone();
-                active.fetch_add(1, Ordering::Relaxed);
+                let config = config.clone();
                 tokio::spawn(async move {
+                    let _slot = slot;
                     handle(conn, peer, &config).await;
-                    active.fetch_sub(1, Ordering::Relaxed);
-                    drop(permit);
                 });
             }
             Err(e) => {
+                drop(slot);
                 if let Some(pause) = backoff.failed(&e) {
                     tokio::time::sleep(pause).await;
                 }
@@ -202,17 +141,17 @@ async fn accept_loop(listener: Accepting, ctx: Ctx) {
     }
 }
 
-enum Conn {
+enum Stream {
     Tcp(tokio::net::TcpStream),
     Unix(tokio::net::UnixStream),
 }
 
-async fn accept(listener: &Accepting) -> io::Result<(Conn, String)> {
+async fn accept(listener: &Accepting) -> io::Result<(Stream, String)> {
     match listener {
         Accepting::Tcp(l) => {
             let (s, peer) = l.accept().await?;
             Ok((
-                Conn::Tcp(s),
+                Stream::Tcp(s),
                 format!("tcp://{}", crate::addr::HostPort::from(peer)),
             ))
         }
@@ -220,28 +159,81 @@ async fn accept(listener: &Accepting) -> io::Result<(Conn, String)> {
             let (s, _) = l.accept().await?;
             use std::os::fd::AsRawFd;
             let name = net::unix_peer_name(s.as_raw_fd());
-            Ok((Conn::Unix(s), name))
+            Ok((Stream::Unix(s), name))
         }
     }
 }
 
-async fn handle(conn: Conn, peer: String, config: &Config) {
-    let mut log = ConnLog::new(peer);
-    let t = Transformer::new(config.mode);
-    let result = match conn {
-        Conn::Tcp(mut s) => {
-            tune(&s, &config.sockopts);
-            relay_async(&mut s, t, config.block, config.idle_timeout, &mut log).await
+async fn handle(sock: Stream, peer: String, config: &Config) {
+    let mut conn = Conn::new(peer, config.mode, config.limits(0), Instant::now());
+    let result = match sock {
+        Stream::Tcp(mut s) => {
+            if let Err(e) = net::tune_tcp(socket2::SockRef::from(&s), &config.sockopts) {
+                tracing::warn!("setting socket options: {e}");
+            }
+            drive(&mut s, &mut conn, config.block).await
         }
-        Conn::Unix(mut s) => {
-            relay_async(&mut s, t, config.block, config.idle_timeout, &mut log).await
-        }
+        Stream::Unix(mut s) => drive(&mut s, &mut conn, config.block).await,
     };
-    log.finish(&result);
+    match result {
+        Ok(()) => {}
+        Err(Stop::Idle) => conn.close_idle(),
+        Err(Stop::Io(e)) => conn.on_error(&e),
+    }
+    conn.log_end(Instant::now());
 }
 
-fn tune(s: &tokio::net::TcpStream, opts: &SockOpts) {
-    if let Err(e) = net::tune_tcp(SockRef::from(s), opts) {
-        tracing::warn!("setting socket options: {e}");
+/// Why the async driver stopped early.
+enum Stop {
+    Idle,
+    Io(io::Error),
+}
+
+impl From<io::Error> for Stop {
+    fn from(e: io::Error) -> Self {
+        Stop::Io(e)
+    }
+}
+
+/// The async driver: the blocking driver's loop, where each read and write
+/// must make progress within `--idle-timeout`.
+async fn drive<S: AsyncRead + AsyncWrite + Unpin>(
+    s: &mut S,
+    conn: &mut Conn,
+    block: usize,
+) -> Result<(), Stop> {
+    let idle = conn.limits().idle;
+    let mut buf = BlockBuf::new(block);
+    while !conn.is_finished() {
+        if conn.wants_shutdown() {
+            within(idle, s.shutdown()).await??;
+            conn.on_shutdown();
+            break;
+        }
+        let n = within(idle, s.read(buf.space(conn.read_budget()))).await??;
+        let now = Instant::now();
+        let mut reply = if n == 0 {
+            conn.on_input_end(now)?
+        } else {
+            conn.on_input(buf.filled(n), now)?
+        };
+        let len = reply.len();
+        while !reply.is_empty() {
+            let k = within(idle, s.write(reply)).await??;
+            if k == 0 {
+                return Err(io::Error::from(io::ErrorKind::WriteZero).into());
+            }
+            reply = &reply[k..];
+        }
+        conn.on_written(len, Instant::now());
+    }
+    Ok(())
+}
+
+/// Runs `f`, or stops as idle if it takes longer than `idle`.
+async fn within<F: Future>(idle: Option<Duration>, f: F) -> Result<F::Output, Stop> {
+    match idle {
+        None => Ok(f.await),
+        Some(d) => tokio::time::timeout(d, f).await.map_err(|_| Stop::Idle),
     }
 }

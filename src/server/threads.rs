@@ -11,24 +11,24 @@
 //! client can make the server create threads without end. Here a slot of
 //! `--max-conns` is taken *before* accepting, so past the limit new clients
 //! wait in the kernel's backlog and the thread count stays bounded; each
-//! thread has a small stack, since it only runs the relay loop.
+//! thread has a small stack, since it only runs the blocking driver.
+
+use std::sync::Arc;
 
 use super::Config;
 use super::blocking;
-use super::shutdown::{Gauge, Shutdown, Slot, drain};
+use crate::lifecycle::{Lifecycle, Slot};
 use crate::net::Listener;
 
-/// The relay loop needs little stack; 8 MiB each would waste address space.
+/// The blocking driver needs little stack; 8 MiB each would waste address space.
 const STACK: usize = 256 * 1024;
 
-pub fn run(config: Config, listeners: Vec<Listener>) -> anyhow::Result<()> {
-    let shutdown = Shutdown::on_signals(config.drain_timeout)?;
-    let mut acceptor = blocking::Acceptor::new(blocking::start(listeners, &config, &shutdown)?);
-    let config = std::sync::Arc::new(config);
-    let gauge = Gauge::new(config.max_conns);
-    while gauge.acquire(&shutdown) {
-        let slot = Slot(gauge.clone());
-        let Some((conn, peer)) = acceptor.next_client(&shutdown) else {
+pub fn run(config: Config, listeners: Vec<Listener>, life: &Arc<Lifecycle>) -> anyhow::Result<()> {
+    let mut acceptor = blocking::Acceptor::new(blocking::start(listeners, &config, life)?);
+    let config = Arc::new(config);
+    while life.conns.acquire(life) {
+        let slot = Slot(life.conns.clone());
+        let Some((conn, peer)) = acceptor.next_client(life) else {
             break;
         };
         let cfg = config.clone();
@@ -42,9 +42,9 @@ pub fn run(config: Config, listeners: Vec<Listener>) -> anyhow::Result<()> {
         if let Err(e) = spawned {
             // The connection (moved into the failed closure) is closed.
             tracing::warn!("cannot start a thread: {e}; pausing accepts for 100 ms");
-            std::thread::sleep(std::time::Duration::from_millis(100));
+            std::thread::sleep(super::AcceptBackoff::PAUSE);
         }
     }
-    drain(&gauge, config.drain_timeout);
+    life.finish_drain();
     Ok(())
 }

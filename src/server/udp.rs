@@ -10,15 +10,16 @@
 use std::io;
 
 use tokio::net::UdpSocket;
-use tokio::sync::watch;
 
-use super::tasks::Phase;
+use crate::lifecycle::Lifecycle;
 use crate::transform::Mode;
 
 /// Largest UDP payload over IPv4 (65,535 − 8 UDP − 20 IP header bytes).
 pub const MAX_DATAGRAM: usize = 65_507;
 
-pub async fn serve(sock: UdpSocket, mode: Mode, mut phase: watch::Receiver<Phase>) {
+pub async fn serve(sock: UdpSocket, mode: Mode, life: std::sync::Arc<Lifecycle>) {
+    let draining = super::tasks::until_draining(&life);
+    tokio::pin!(draining);
     // One byte more than the maximum lets us tell a full datagram from a
     // truncated one (IPv6 jumbograms aside, nothing larger arrives).
     let mut buf = vec![0u8; MAX_DATAGRAM + 1];
@@ -36,7 +37,7 @@ pub async fn serve(sock: UdpSocket, mode: Mode, mut phase: watch::Receiver<Phase
                     continue;
                 }
             },
-            _ = phase.wait_for(|p| *p != Phase::Running) => break,
+            _ = &mut draining => break,
         };
         if n == 0 {
             tracing::debug!("udp: empty datagram (goodbye) from {peer}");
@@ -166,16 +167,12 @@ pub fn answer_ready(
 
 /// A UDP listener on a thread of its own, for the thread-based models:
 /// waits in poll(2) for a datagram or the shutdown broadcast.
-pub fn serve_blocking(
-    sock: std::net::UdpSocket,
-    mode: Mode,
-    shutdown: std::sync::Arc<super::shutdown::Shutdown>,
-) -> io::Result<()> {
+pub fn serve_blocking(sock: std::net::UdpSocket, mode: Mode, life: &Lifecycle) -> io::Result<()> {
     use std::os::fd::AsFd;
     sock.set_nonblocking(true)?;
     let mut st = UdpState::default();
     loop {
-        let ready = super::shutdown::wait_readable(&[sock.as_fd(), shutdown.fd()], None)?;
+        let ready = crate::lifecycle::wait_readable(&[sock.as_fd(), life.draining_fd()], None)?;
         if ready[1] {
             break;
         }

@@ -10,9 +10,10 @@
 //! every send that is ready and collects every completion, so many messages
 //! share one system call; an idle connection holds no buffer at all.
 //!
-//! Backpressure: a connection keeps at most [`MAX_QUEUED`] received blocks
-//! waiting to be sent (and sends them all at once). Past that its receive
-//! is cancelled, and re-armed only when its sends have caught up: a client
+//! Backpressure: the connection core ([`crate::conn`]) lets a connection
+//! read a few blocks ahead of its sends (its read-ahead is
+//! [`MAX_QUEUED`]` - 1` blocks), and the queued blocks go out in one send.
+//! Past that its receive is cancelled, and re-armed only when its sends have caught up: a client
 //! that does not read stops being read, as the contract says. The blocks
 //! are shared by a loop's connections, so its memory for data is bounded
 //! by the ring ([`RING_BYTES`]) whatever the number of clients; when the
@@ -23,19 +24,18 @@
 use std::collections::VecDeque;
 use std::io;
 use std::os::fd::{AsFd, AsRawFd, RawFd};
-use std::sync::Mutex;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use io_uring::{IoUring, cqueue, opcode, squeue, types};
 use slab::Slab;
 
-use super::shutdown::Shutdown;
+use super::readiness::could_progress;
 use super::{AcceptBackoff, Config, blocking};
+use crate::conn::Conn as Core;
+use crate::lifecycle::{Lifecycle, Slot};
 use crate::net::{Listener, Stream};
-use crate::relay::{ConnLog, idle_error};
 use crate::ring::{self, BufRing, Completion};
-use crate::transform::Transformer;
 
 /// A loop's provided-buffer ring: about this many bytes, in blocks of
 /// `--block` but at most [`MAX_BLOCK`] (larger blocks starve connections
@@ -73,9 +73,10 @@ impl Out {
 }
 
 struct Conn {
+    /// Counts the connection in the lifecycle's gauge while it lives.
+    _slot: Slot,
     sock: Stream,
-    transform: Transformer,
-    log: ConnLog,
+    core: Core,
     queue: VecDeque<Out>,
     /// Bytes of the queue's front already sent (a send is in flight while
     /// `sending`).
@@ -89,10 +90,8 @@ struct Conn {
     /// stopped for backpressure or closing.
     receiving: bool,
     cancelling: bool,
-    eof: bool,
-    /// Being closed: free it once nothing is in flight.
-    closing: Option<io::Result<()>>,
-    last_progress: Instant,
+    /// Being closed (the core knows why): free it once nothing is in flight.
+    closing: bool,
 }
 
 /// A `sendmsg` header and its iovecs, kept in place while the send is in
@@ -118,18 +117,18 @@ impl Conn {
     }
 }
 
-/// What the loops share: the connection count (for `--max-conns`) and the
-/// accept back-off (so that a burst of EMFILE is logged once).
+/// What the loops share: the lifecycle (its gauge counts connections for
+/// `--max-conns`) and the accept back-off (so that a burst of EMFILE is
+/// logged once).
 struct Shared {
-    total: AtomicUsize,
+    life: Arc<Lifecycle>,
     backoff: Mutex<AcceptBackoff>,
 }
 
-pub fn run(config: Config, listeners: Vec<Listener>) -> anyhow::Result<()> {
-    let shutdown = Shutdown::on_signals(config.drain_timeout)?;
-    let listeners = blocking::start(listeners, &config, &shutdown)?;
+pub fn run(config: Config, listeners: Vec<Listener>, life: &Arc<Lifecycle>) -> anyhow::Result<()> {
+    let listeners = blocking::start(listeners, &config, life)?;
     let shared = Shared {
-        total: AtomicUsize::new(0),
+        life: life.clone(),
         backoff: Mutex::new(AcceptBackoff::default()),
     };
     let loops = config.workers.max(1);
@@ -137,11 +136,10 @@ pub fn run(config: Config, listeners: Vec<Listener>) -> anyhow::Result<()> {
     let results: Vec<anyhow::Result<()>> = std::thread::scope(|s| {
         let handles: Vec<_> = (0..loops)
             .map(|id| {
-                let (config, listeners, shutdown, shared) =
-                    (&config, &listeners, &shutdown, &shared);
+                let (config, listeners, shared) = (&config, &listeners, &shared);
                 std::thread::Builder::new()
                     .name(format!("upcase-uring-{id}"))
-                    .spawn_scoped(s, move || run_loop(config, listeners, shutdown, shared))
+                    .spawn_scoped(s, move || run_loop(config, listeners, shared))
             })
             .collect();
         handles
@@ -161,12 +159,7 @@ pub fn run(config: Config, listeners: Vec<Listener>) -> anyhow::Result<()> {
     Ok(())
 }
 
-fn run_loop(
-    config: &Config,
-    listeners: &[Listener],
-    shutdown: &Shutdown,
-    shared: &Shared,
-) -> anyhow::Result<()> {
+fn run_loop(config: &Config, listeners: &[Listener], shared: &Shared) -> anyhow::Result<()> {
     let ring = ring::new_ring(4096).map_err(|e| {
         anyhow::anyhow!(
             "io_uring_setup: {e} (the uring model needs Linux 6.0 or later, with io_uring enabled)"
@@ -191,9 +184,12 @@ fn run_loop(
         now: Instant::now(),
     };
     lp.push(
-        opcode::PollAdd::new(types::Fd(shutdown.fd().as_raw_fd()), libc::POLLIN as u32)
-            .build()
-            .user_data(ring::user_data(SHUTDOWN, 0)),
+        opcode::PollAdd::new(
+            types::Fd(shared.life.draining_fd().as_raw_fd()),
+            libc::POLLIN as u32,
+        )
+        .build()
+        .user_data(ring::user_data(SHUTDOWN, 0)),
     );
     lp.arm_listeners();
     lp.run()?;
@@ -302,7 +298,11 @@ impl Loop<'_> {
     /// Polls every listener that is not polled yet, unless accepting is
     /// paused (at --max-conns, or out of descriptors).
     fn arm_listeners(&mut self) {
-        if self.draining || self.paused_until.is_some() || self.at_limit() {
+        if self.draining || self.paused_until.is_some() || self.shared.life.is_draining() {
+            return;
+        }
+        if self.shared.life.conns.is_full() {
+            self.shared.life.conns.warn_full();
             return;
         }
         for i in 0..self.listeners.len() {
@@ -319,28 +319,34 @@ impl Loop<'_> {
     }
 
     fn accept(&mut self, i: usize) {
-        while !self.draining && !self.at_limit() {
+        let read_ahead = (MAX_QUEUED - 1) * self.bufs.block_size();
+        while !self.draining && !self.shared.life.is_draining() {
             let Some(l) = self.listeners.get(i) else {
                 return;
             };
+            if !self.shared.life.conns.try_acquire() {
+                return;
+            }
+            let slot = Slot(self.shared.life.conns.clone());
             match l.accept() {
                 Ok((sock, peer)) => {
                     self.backoff().succeeded();
-                    self.shared.total.fetch_add(1, Ordering::Relaxed);
                     sock.tune(&self.config.sockopts);
+                    let limits = crate::conn::Limits {
+                        block: self.bufs.block_size(),
+                        ..self.config.limits(read_ahead)
+                    };
                     let key = self.conns.insert(Conn {
+                        _slot: slot,
                         sock,
-                        transform: Transformer::new(self.config.mode),
-                        log: ConnLog::new(peer),
+                        core: Core::new(peer, self.config.mode, limits, self.now),
                         queue: VecDeque::new(),
                         sent: 0,
                         vectored: None,
                         sending: false,
                         receiving: false,
                         cancelling: false,
-                        eof: false,
-                        closing: None,
-                        last_progress: self.now,
+                        closing: false,
                     });
                     self.arm_recv(key);
                 }
@@ -354,11 +360,6 @@ impl Loop<'_> {
                 }
             }
         }
-    }
-
-    /// At `--max-conns`, counted over all loops.
-    fn at_limit(&self) -> bool {
-        self.shared.total.load(Ordering::Relaxed) >= self.config.max_conns
     }
 
     fn backoff(&self) -> std::sync::MutexGuard<'_, AcceptBackoff> {
@@ -406,7 +407,7 @@ impl Loop<'_> {
             c.receiving = false;
             c.cancelling = false;
         }
-        if c.closing.is_some() {
+        if c.closing {
             if let Some(b) = bid {
                 self.bufs.give_back(b);
             }
@@ -414,35 +415,34 @@ impl Loop<'_> {
         }
         match (res, bid) {
             (n, Some(b)) if n > 0 => {
-                let n = n as usize;
-                c.last_progress = self.now;
-                c.log.add(n);
-                let block = self.bufs.block(b, n);
+                let block = self.bufs.block(b, n as usize);
                 let at = block.as_ptr();
-                let out = match c.transform.push(block) {
-                    Ok(out) if out.as_ptr() == at => Out::Block { bid: b, len: n },
+                let out = match c.core.on_input(block, self.now) {
+                    Ok(out) if out.as_ptr() == at => Out::Block {
+                        bid: b,
+                        len: out.len(),
+                    },
                     Ok(out) => Out::Owned(out.to_vec()),
-                    Err(e) => {
+                    Err(_) => {
                         self.bufs.give_back(b);
-                        return self.close(key, Err(e.into()));
+                        return self.close(key);
                     }
                 };
                 if let Out::Owned(_) = out {
                     self.bufs.give_back(b);
                 }
                 c.queue.push_back(out);
-                if c.queue.len() >= MAX_QUEUED {
+                if c.core.read_budget() == 0 {
                     self.cancel_recv(key); // backpressure: stop reading this client
                 }
                 self.send_next(key);
             }
             (0, _) => {
                 // End of file: what the transform still owes, then half-close.
-                c.eof = true;
-                match c.transform.finish() {
+                match c.core.on_input_end(self.now) {
                     Ok(tail) if !tail.is_empty() => c.queue.push_back(Out::Owned(tail.to_vec())),
                     Ok(_) => {}
-                    Err(e) => return self.close(key, Err(e.into())),
+                    Err(_) => return self.close(key),
                 }
                 self.send_next(key);
             }
@@ -451,7 +451,10 @@ impl Loop<'_> {
                 self.starved.push(key);
             }
             (e, _) if e == -libc::ECANCELED => self.resume(key),
-            (e, _) if e < 0 => self.close(key, Err(io::Error::from_raw_os_error(-e))),
+            (e, _) if e < 0 => {
+                c.core.on_error(&io::Error::from_raw_os_error(-e));
+                self.close(key);
+            }
             _ => {}
         }
     }
@@ -460,18 +463,20 @@ impl Loop<'_> {
     fn send_next(&mut self, key: usize) {
         let fd = self.fd(key);
         let c = &mut self.conns[key];
-        if c.sending || c.closing.is_some() {
+        if c.sending || c.closing {
             return;
         }
         let Some(front) = c.queue.front() else {
-            if c.eof {
+            if c.core.wants_shutdown() {
                 // The half-close as a plain system call: io_uring always
                 // hands IORING_OP_SHUTDOWN to a worker thread, a wake-up
                 // and a thread switch per connection; shutdown(2) on a
                 // socket never blocks.
-                let result = c.sock.shutdown_write();
-                c.closing = Some(result);
-                self.maybe_free(key);
+                match c.sock.shutdown_write() {
+                    Ok(()) => c.core.on_shutdown(),
+                    Err(e) => c.core.on_error(&e),
+                }
+                self.close(key);
             }
             return;
         };
@@ -510,14 +515,15 @@ impl Loop<'_> {
             return;
         };
         c.sending = false;
-        if c.closing.is_some() {
+        if c.closing {
             return self.maybe_free(key);
         }
         if res < 0 {
-            return self.close(key, Err(io::Error::from_raw_os_error(-res)));
+            c.core.on_error(&io::Error::from_raw_os_error(-res));
+            return self.close(key);
         }
         c.sent += res as usize;
-        c.last_progress = self.now;
+        c.core.on_written(res as usize, self.now);
         // The send may have covered several queued blocks.
         let mut freed = false;
         while let Some(front) = c.queue.front() {
@@ -544,7 +550,7 @@ impl Loop<'_> {
     /// Re-arms a connection's receive once its queue has room again.
     fn resume(&mut self, key: usize) {
         let Some(c) = self.conns.get(key) else { return };
-        if !c.receiving && !c.eof && c.closing.is_none() && c.queue.len() < MAX_QUEUED {
+        if !c.receiving && !c.closing && c.core.read_budget() > 0 {
             self.arm_recv(key);
         }
     }
@@ -557,55 +563,61 @@ impl Loop<'_> {
     }
 
     /// Starts closing: stops everything in flight, frees when all is done.
-    fn close(&mut self, key: usize, result: io::Result<()>) {
+    fn close(&mut self, key: usize) {
         let Some(c) = self.conns.get_mut(key) else {
             return;
         };
-        if c.closing.is_none() {
-            c.closing = Some(result);
-        }
+        c.closing = true;
         self.cancel_recv(key);
         self.maybe_free(key);
     }
 
     fn maybe_free(&mut self, key: usize) {
         let Some(c) = self.conns.get(key) else { return };
-        if c.closing.is_none() || c.in_flight() {
+        if !c.closing || c.in_flight() {
             return;
         }
-        let c = self.conns.remove(key);
-        for out in c.queue {
+        let mut c = self.conns.remove(key);
+        for out in c.queue.drain(..) {
             if let Out::Block { bid, .. } = out {
                 self.bufs.give_back(bid);
             }
         }
-        let result = c.closing.unwrap_or(Ok(()));
-        c.log.finish(&result);
-        drop(c.sock);
-        self.shared.total.fetch_sub(1, Ordering::Relaxed);
+        c.core.log_end(self.now);
+        drop(c); // closes the socket and frees the gauge's slot
         self.feed_starved();
         self.arm_listeners();
     }
 
-    /// Closes connections that moved no bytes for `--idle-timeout`.
+    /// Closes the connections that could have moved bytes for
+    /// `--idle-timeout` and did not. One whose input already waits in its
+    /// socket is not idle, however long the loop was away (stopped, or
+    /// starved of CPU): its completion is on the way.
     fn sweep(&mut self) {
-        let Some(idle) = self.config.idle_timeout else {
+        if self.config.idle_timeout.is_none() {
             return;
-        };
-        let stale: Vec<usize> = self
+        }
+        let now = self.now;
+        let idle: Vec<usize> = self
             .conns
             .iter()
-            .filter(|(_, c)| c.closing.is_none() && c.last_progress.elapsed() >= idle)
+            .filter(|(_, c)| !c.closing && c.core.is_idle(now))
             .map(|(k, _)| k)
             .collect();
-        for key in stale {
-            if self.conns[key].sending {
+        for key in idle {
+            let c = &mut self.conns[key];
+            if could_progress(c.sock.as_fd(), &c.core) {
+                c.core.touch(now);
+                continue;
+            }
+            c.core.close_idle();
+            if c.sending {
                 let e = opcode::AsyncCancel::new(ring::user_data(SEND, key))
                     .build()
                     .user_data(ring::user_data(CANCEL, key));
                 self.push(e);
             }
-            self.close(key, Err(idle_error(idle)));
+            self.close(key);
         }
     }
 }
