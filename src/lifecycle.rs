@@ -175,11 +175,6 @@ impl Lifecycle {
         if self.draining.swap(true, Ordering::SeqCst) {
             return;
         }
-        let open = self.conns.active();
-        tracing::info!(
-            "signal received: no new connections; {open} connection(s) may finish within {} (signal again to stop now)",
-            humantime::format_duration(self.drain_timeout)
-        );
         let mut st = self.state();
         st.deadline = Instant::now().checked_add(self.drain_timeout);
         for fd in &st.listeners {
@@ -192,6 +187,11 @@ impl Lifecycle {
         drop(st);
         // Closing the write end makes the read end readable (EOF) forever.
         self.tx.lock().unwrap_or_else(|e| e.into_inner()).take();
+        tracing::info!(
+            "signal received: no new connections; {} connection(s) may finish within {} (signal again to stop now)",
+            self.conns.active(),
+            humantime::format_duration(self.drain_timeout)
+        );
     }
 
     /// Removes what must not outlive the server (the socket files).

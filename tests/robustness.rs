@@ -275,39 +275,6 @@ fn sigterm_drains_a_gigabyte_stream_in_every_model() {
     }
 }
 
-#[test]
-fn a_second_signal_stops_at_once() {
-    for model in runnable(&["threads", "epoll", "async", "fork", "uring"]) {
-        let mut srv = serve(model, &["-q", "--drain-timeout", "60s"]);
-        let mut s = TcpStream::connect(srv.hostport(0)).unwrap();
-        s.write_all(b"a client that never finishes").unwrap();
-        thread::sleep(Duration::from_millis(100));
-        let start = Instant::now();
-        // SAFETY: signalling our own child.
-        unsafe { libc::kill(srv.pid(), libc::SIGTERM) };
-        thread::sleep(Duration::from_millis(200));
-        assert!(
-            srv.child.try_wait().unwrap().is_none(),
-            "{model}: left before the drain"
-        );
-        unsafe { libc::kill(srv.pid(), libc::SIGTERM) };
-        let status = wait_deadline(&mut srv.child, SECS(5)).expect("exits at the second signal");
-        assert_eq!(status.code(), Some(0), "{model}");
-        assert!(start.elapsed() < SECS(5));
-    }
-}
-
-#[test]
-fn drain_timeout_closes_what_is_left() {
-    for model in ["select", "async", "pool"] {
-        let mut srv = serve(model, &["-q", "--drain-timeout", "300ms"]);
-        let _s = TcpStream::connect(srv.hostport(0)).unwrap();
-        thread::sleep(Duration::from_millis(100));
-        let status = srv.signal_and_wait(libc::SIGTERM, SECS(5));
-        assert_eq!(status.code(), Some(0), "{model}");
-    }
-}
-
 /// 1,000 clients that reset mid-stream and a few that are killed: the
 /// server's descriptors and memory come back to where they were.
 fn faults(model: &str) {

@@ -170,6 +170,11 @@ pub fn could_progress(fd: BorrowedFd<'_>, conn: &Conn) -> bool {
     if conn.wants_write() {
         events |= libc::POLLOUT;
     }
+    poll_now(fd, events)
+}
+
+/// Whether `fd` is ready for `events` (or hung up, or failed) right now.
+pub fn poll_now(fd: BorrowedFd<'_>, events: libc::c_short) -> bool {
     let mut p = libc::pollfd {
         fd: fd.as_raw_fd(),
         events,

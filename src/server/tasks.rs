@@ -20,7 +20,10 @@ use anyhow::Context;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::{TcpListener, UnixListener};
 
+use std::os::fd::AsFd;
+
 use super::blocking::BlockBuf;
+use super::readiness::{could_progress, poll_now};
 use super::{AcceptBackoff, Config, udp};
 use crate::conn::Conn;
 use crate::lifecycle::{Lifecycle, Slot};
@@ -110,14 +113,14 @@ async fn accept_loop(listener: Accepting, config: Arc<Config>, life: Arc<Lifecyc
     tokio::pin!(draining);
     let mut backoff = AcceptBackoff::default();
     loop {
-        // A slot first: at --max-conns new clients wait in the backlog.
-        while !life.conns.try_acquire() {
+        // At --max-conns stop accepting: new clients wait in the backlog.
+        while life.conns.is_full() {
+            life.conns.warn_full();
             tokio::select! {
                 _ = tokio::time::sleep(Duration::from_millis(10)) => {}
                 _ = &mut draining => return,
             }
         }
-        let slot = Slot(life.conns.clone());
         let accepted = tokio::select! {
             r = accept(&listener) => r,
             _ = &mut draining => return,
@@ -125,6 +128,12 @@ async fn accept_loop(listener: Accepting, config: Arc<Config>, life: Arc<Lifecyc
         match accepted {
             Ok((conn, peer)) => {
                 backoff.succeeded();
+                // Another listener's loop may have taken the last slot
+                // since: this client waits for the next one.
+                while !life.conns.try_acquire() {
+                    tokio::time::sleep(Duration::from_millis(10)).await;
+                }
+                let slot = Slot(life.conns.clone());
                 let config = config.clone();
                 tokio::spawn(async move {
                     let _slot = slot;
@@ -132,7 +141,6 @@ async fn accept_loop(listener: Accepting, config: Arc<Config>, life: Arc<Lifecyc
                 });
             }
             Err(e) => {
-                drop(slot);
                 if let Some(pause) = backoff.failed(&e) {
                     tokio::time::sleep(pause).await;
                 }
@@ -196,8 +204,11 @@ impl From<io::Error> for Stop {
 }
 
 /// The async driver: the blocking driver's loop, where each read and write
-/// must make progress within `--idle-timeout`.
-async fn drive<S: AsyncRead + AsyncWrite + Unpin>(
+/// must make progress within `--idle-timeout`. When one does not, the
+/// connection is idle only if its socket has nothing for it either: the
+/// runtime's timer can fire before its reactor has seen the bytes that
+/// arrived while the server was stopped.
+async fn drive<S: AsyncRead + AsyncWrite + AsFd + Unpin>(
     s: &mut S,
     conn: &mut Conn,
     block: usize,
@@ -206,11 +217,18 @@ async fn drive<S: AsyncRead + AsyncWrite + Unpin>(
     let mut buf = BlockBuf::new(block);
     while !conn.is_finished() {
         if conn.wants_shutdown() {
-            within(idle, s.shutdown()).await??;
+            s.shutdown().await?;
             conn.on_shutdown();
             break;
         }
-        let n = within(idle, s.read(buf.space(conn.read_budget()))).await??;
+        let n = loop {
+            let read = s.read(buf.space(conn.read_budget()));
+            match within(idle, read).await {
+                Some(r) => break r?,
+                None if could_progress(s.as_fd(), conn) => conn.touch(Instant::now()),
+                None => return Err(Stop::Idle),
+            }
+        };
         let now = Instant::now();
         let mut reply = if n == 0 {
             conn.on_input_end(now)?
@@ -219,7 +237,11 @@ async fn drive<S: AsyncRead + AsyncWrite + Unpin>(
         };
         let len = reply.len();
         while !reply.is_empty() {
-            let k = within(idle, s.write(reply)).await??;
+            let k = match within(idle, s.write(reply)).await {
+                Some(r) => r?,
+                None if poll_now(s.as_fd(), libc::POLLOUT) => continue,
+                None => return Err(Stop::Idle),
+            };
             if k == 0 {
                 return Err(io::Error::from(io::ErrorKind::WriteZero).into());
             }
@@ -230,10 +252,10 @@ async fn drive<S: AsyncRead + AsyncWrite + Unpin>(
     Ok(())
 }
 
-/// Runs `f`, or stops as idle if it takes longer than `idle`.
-async fn within<F: Future>(idle: Option<Duration>, f: F) -> Result<F::Output, Stop> {
+/// Runs `f`; `None` if it takes longer than `idle`.
+async fn within<F: Future>(idle: Option<Duration>, f: F) -> Option<F::Output> {
     match idle {
-        None => Ok(f.await),
-        Some(d) => tokio::time::timeout(d, f).await.map_err(|_| Stop::Idle),
+        None => Some(f.await),
+        Some(d) => tokio::time::timeout(d, f).await.ok(),
     }
 }
