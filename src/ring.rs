@@ -13,23 +13,28 @@
 //! when data actually arrives and reports which (`cqueue::buffer_select`).
 //! So a connection that waits holds no memory, and one `RecvMulti` serves a
 //! connection for its whole life. The program gives a block back
-//! ([`BufRing::give_back`]) once it is done with the bytes in it.
+//! ([`Ring::give_back`]) once it is done with the bytes in it.
+//!
+//! Sound by construction: the kernel writes into a block only while it is
+//! in the kernel's ring, so nothing reachable from safe code may touch a
+//! block the kernel owns, free the blocks while the kernel may write, or
+//! hand a block to the kernel twice:
+//! - a block the program owns is a [`Block`], a token that only a real
+//!   completion creates and only [`Ring::give_back`] consumes (it is
+//!   neither `Copy` nor `Clone`, and names its ring); the bytes are reached
+//!   through the token;
+//! - the ring and its blocks are one value, [`Ring`], whose teardown
+//!   cancels every operation and waits for them to stop, unregisters the
+//!   blocks, closes the ring, and only then frees the memory; where the
+//!   kernel cannot confirm that nothing is in flight, it leaks the blocks
+//!   rather than free memory the kernel may still write.
 
 use std::io;
-use std::sync::atomic::{AtomicU16, Ordering};
+use std::mem::ManuallyDrop;
+use std::sync::atomic::{AtomicU16, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
-use io_uring::{IoUring, types};
-
-/// A ring of `entries` for one thread (see the module's docs); on kernels
-/// before 6.1, without DEFER_TASKRUN.
-pub fn new_ring(entries: u32) -> io::Result<IoUring> {
-    IoUring::builder()
-        .setup_single_issuer()
-        .setup_defer_taskrun()
-        .build(entries)
-        .or_else(|_| IoUring::builder().setup_coop_taskrun().build(entries))
-}
+use io_uring::{IoUring, cqueue, squeue, types};
 
 /// An operation's user data: what kind of operation it is (the caller's
 /// numbering) and which connection or listener it is for.
@@ -42,91 +47,231 @@ pub fn split(data: u64) -> (u64, usize) {
     (data >> 56, (data & 0xFFFF_FFFF) as usize)
 }
 
-/// A completion as the loops keep it: user data, result, flags.
-pub type Completion = (u64, i32, u32);
+/// A completion as the loops keep it.
+#[derive(Debug)]
+pub struct Completion {
+    pub data: u64,
+    pub res: i32,
+    pub flags: u32,
+    /// The block the kernel filled, now the program's: give it back.
+    pub block: Option<Block>,
+}
+
+/// A block of the buffer ring that the program owns (the kernel filled it
+/// and reported it). Move-only: giving it back consumes it.
+#[derive(Debug)]
+pub struct Block {
+    bid: u16,
+    ring: u64,
+}
 
 /// `io_uring_enter`'s flag to run deferred completion work.
 const ENTER_GETEVENTS: u32 = 1;
 
-/// Submits what is queued, waits until a completion arrives or `until`,
-/// and copies every completion into `done` (cleared first; copied out
-/// because handling one may submit more).
-///
-/// With `spin`, it first polls without sleeping for up to that long. A
-/// loop that sleeps after every round pays a wake-up per round, and with
-/// few busy connections rounds are small: the uring model with 10
-/// request/response clients measured 231-269k msg/s sleeping and 276-286k
-/// polling for 20 us first (no change beyond noise at 50 or 1,000 clients).
-/// The caller spins only after a round that had work, so an idle loop
-/// sleeps; at 1,000 requests/s on one connection the server's CPU went
-/// from 0.01 to 0.03 cores.
-pub fn submit_and_wait(
-    ring: &mut IoUring,
-    until: Instant,
-    spin: Duration,
-    done: &mut Vec<Completion>,
-) -> io::Result<()> {
-    if !spin.is_zero() {
-        let stop = (Instant::now() + spin).min(until);
-        loop {
-            let queued = ring.submission().len() as u32;
-            // SAFETY: no extended argument is passed.
-            let polled = unsafe {
-                ring.submitter()
-                    .enter::<libc::sigset_t>(queued, 0, ENTER_GETEVENTS, None)
-            };
-            if polled.is_err() || !ring.completion().is_empty() || Instant::now() >= stop {
-                break;
+/// How long a teardown waits for cancelled operations to stop.
+const TEARDOWN: Duration = Duration::from_secs(1);
+
+/// An io_uring for one thread, with an optional ring of provided blocks.
+pub struct Ring {
+    ring: ManuallyDrop<IoUring>,
+    bufs: Option<BufRing>,
+    id: u64,
+}
+
+impl Ring {
+    /// A ring of `entries` for one thread (see the module's docs); on
+    /// kernels before 6.1, without DEFER_TASKRUN.
+    pub fn new(entries: u32) -> io::Result<Ring> {
+        static NEXT: AtomicU64 = AtomicU64::new(1);
+        let ring = IoUring::builder()
+            .setup_single_issuer()
+            .setup_defer_taskrun()
+            .build(entries)
+            .or_else(|_| IoUring::builder().setup_coop_taskrun().build(entries))?;
+        Ok(Ring {
+            ring: ManuallyDrop::new(ring),
+            bufs: None,
+            id: NEXT.fetch_add(1, Ordering::Relaxed),
+        })
+    }
+
+    /// A ring with `count` blocks of `block` bytes registered as buffer
+    /// group `group`. `count` must be a power of two (at most 32768).
+    pub fn with_buffers(entries: u32, count: u16, block: usize, group: u16) -> io::Result<Ring> {
+        let mut r = Ring::new(entries)?;
+        r.bufs = Some(BufRing::new(&r.ring, count, block, group)?);
+        Ok(r)
+    }
+
+    /// Queues an operation.
+    ///
+    /// # Safety
+    /// Every buffer `e` points to must stay valid (and, for a send,
+    /// unchanged) until the operation's last completion arrives or the
+    /// ring is dropped, whichever comes first.
+    pub unsafe fn push(&mut self, e: &squeue::Entry) -> Result<(), squeue::PushError> {
+        // SAFETY: the caller's promise, passed on.
+        unsafe { self.ring.submission().push(e) }
+    }
+
+    /// Hands the queued operations to the kernel.
+    pub fn submit(&mut self) -> io::Result<usize> {
+        self.ring.submit()
+    }
+
+    pub fn submitter(&self) -> io_uring::Submitter<'_> {
+        self.ring.submitter()
+    }
+
+    /// Submits what is queued, waits until a completion arrives or `until`,
+    /// and moves every completion into `done` (cleared first; moved out
+    /// because handling one may submit more).
+    ///
+    /// With `spin`, it first polls without sleeping for up to that long. A
+    /// loop that sleeps after every round pays a wake-up per round, and
+    /// with few busy connections rounds are small: the uring model with 10
+    /// request/response clients measured 231-269k msg/s sleeping and
+    /// 276-286k polling for 20 us first (no change beyond noise at 50 or
+    /// 1,000 clients). The caller spins only after a round that had work,
+    /// so an idle loop sleeps; at 1,000 requests/s on one connection the
+    /// server's CPU went from 0.01 to 0.03 cores.
+    pub fn submit_and_wait(
+        &mut self,
+        until: Instant,
+        spin: Duration,
+        done: &mut Vec<Completion>,
+    ) -> io::Result<()> {
+        if !spin.is_zero() {
+            let stop = (Instant::now() + spin).min(until);
+            loop {
+                let queued = self.ring.submission().len() as u32;
+                // SAFETY: no extended argument is passed.
+                let polled = unsafe {
+                    self.ring
+                        .submitter()
+                        .enter::<libc::sigset_t>(queued, 0, ENTER_GETEVENTS, None)
+                };
+                if polled.is_err() || !self.ring.completion().is_empty() || Instant::now() >= stop {
+                    break;
+                }
+            }
+            if !self.ring.completion().is_empty() {
+                self.collect(done);
+                return Ok(());
             }
         }
-        if !ring.completion().is_empty() {
-            collect(ring, done);
-            return Ok(());
+        let left = until.saturating_duration_since(Instant::now());
+        let ts = types::Timespec::new()
+            .sec(left.as_secs())
+            .nsec(left.subsec_nanos());
+        let args = types::SubmitArgs::new().timespec(&ts);
+        match self.ring.submitter().submit_with_args(1, &args) {
+            Ok(_) => {}
+            // Timed out, interrupted, or completions to reap first.
+            Err(e)
+                if matches!(
+                    e.raw_os_error(),
+                    Some(libc::ETIME | libc::EINTR | libc::EBUSY)
+                ) => {}
+            Err(e) => return Err(e),
+        }
+        self.collect(done);
+        Ok(())
+    }
+
+    fn collect(&mut self, done: &mut Vec<Completion>) {
+        done.clear();
+        let (id, count) = (self.id, self.bufs.as_ref().map_or(0, |b| b.count));
+        for c in self.ring.completion() {
+            let flags = c.flags();
+            // Only the kernel sets F_BUFFER, and only for a block it took
+            // from our ring: this is the one place a token is made.
+            let block = cqueue::buffer_select(flags)
+                .filter(|&bid| bid < count)
+                .map(|bid| Block { bid, ring: id });
+            done.push(Completion {
+                data: c.user_data(),
+                res: c.result(),
+                flags,
+                block,
+            });
         }
     }
-    let left = until.saturating_duration_since(Instant::now());
-    let ts = types::Timespec::new()
-        .sec(left.as_secs())
-        .nsec(left.subsec_nanos());
-    let args = types::SubmitArgs::new().timespec(&ts);
-    match ring.submitter().submit_with_args(1, &args) {
-        Ok(_) => {}
-        // Timed out, interrupted, or completions to reap first.
-        Err(e)
-            if matches!(
-                e.raw_os_error(),
-                Some(libc::ETIME | libc::EINTR | libc::EBUSY)
-            ) => {}
-        Err(e) => return Err(e),
+
+    fn bufs(&self, b: &Block) -> &BufRing {
+        assert_eq!(b.ring, self.id, "a block of another ring");
+        self.bufs.as_ref().expect("a block without a buffer ring")
     }
-    collect(ring, done);
-    Ok(())
+
+    pub fn block_size(&self) -> usize {
+        self.bufs.as_ref().map_or(0, |b| b.block)
+    }
+
+    /// The first `len` bytes of an owned block.
+    pub fn block(&mut self, b: &Block, len: usize) -> &mut [u8] {
+        let size = self.bufs(b).block;
+        let bufs = self.bufs.as_mut().expect("checked above");
+        let start = b.bid as usize * size;
+        &mut bufs.blocks[start..start + len.min(size)]
+    }
+
+    /// Bytes `from..to` of an owned block (for a send in flight).
+    pub fn range(&self, b: &Block, from: usize, to: usize) -> &[u8] {
+        let bufs = self.bufs(b);
+        let start = b.bid as usize * bufs.block;
+        &bufs.blocks[start + from..start + to.min(bufs.block)]
+    }
+
+    /// Returns an owned block to the kernel.
+    pub fn give_back(&mut self, b: Block) {
+        self.bufs(&b);
+        if let Some(bufs) = self.bufs.as_mut() {
+            bufs.give_back(b.bid);
+        }
+    }
 }
 
-fn collect(ring: &mut IoUring, done: &mut Vec<Completion>) {
-    done.clear();
-    done.extend(
-        ring.completion()
-            .map(|c| (c.user_data(), c.result(), c.flags())),
-    );
+impl Drop for Ring {
+    fn drop(&mut self) {
+        // Stop everything the kernel may still do for us, and wait for it.
+        let stopped = match self.ring.submitter().register_sync_cancel(
+            Some(
+                types::Timespec::new()
+                    .sec(TEARDOWN.as_secs())
+                    .nsec(TEARDOWN.subsec_nanos()),
+            ),
+            types::CancelBuilder::any(),
+        ) {
+            Ok(()) => true,
+            Err(e) => e.raw_os_error() == Some(libc::ENOENT), // nothing in flight
+        };
+        if let Some(b) = &self.bufs {
+            let _ = self.ring.submitter().unregister_buf_ring(b.group);
+        }
+        // SAFETY: dropped once, here, and never used again.
+        unsafe { ManuallyDrop::drop(&mut self.ring) };
+        if !stopped && let Some(b) = self.bufs.take() {
+            // The kernel did not confirm that it is done: keep the blocks
+            // for the process's life rather than free memory it may write.
+            tracing::warn!("io_uring teardown: operations may be in flight; keeping their blocks");
+            std::mem::forget(b);
+        }
+    }
 }
 
-pub struct BufRing {
+/// The provided-buffer ring: private, so that only [`Ring`] holds one.
+struct BufRing {
     entries: *mut types::BufRingEntry,
     layout: std::alloc::Layout,
     blocks: Vec<u8>,
     count: u16,
     block: usize,
+    group: u16,
     tail: u16,
 }
 
 impl BufRing {
-    /// Registers `count` blocks of `block` bytes as buffer group `group`.
-    /// `count` must be a power of two (at most 32768).
-    ///
-    /// The ring must be dropped before the `BufRing` (declare it first in
-    /// a struct): the kernel may use the memory while the ring is alive.
-    pub fn new(ring: &IoUring, count: u16, block: usize, group: u16) -> io::Result<Self> {
+    fn new(ring: &IoUring, count: u16, block: usize, group: u16) -> io::Result<Self> {
         if !count.is_power_of_two() || count > 1 << 15 {
             return Err(io::Error::other("buffer ring size must be a power of two"));
         }
@@ -146,10 +291,12 @@ impl BufRing {
             blocks: vec![0u8; count as usize * block],
             count,
             block,
+            group,
             tail: 0,
         };
         // SAFETY: `entries` is a page-aligned, zeroed ring of `count`
-        // entries that lives as long as the registration (see Drop).
+        // entries; `Ring` keeps it (and the blocks) until the registration
+        // is gone (see its Drop). If registering fails, nothing refers to it.
         unsafe {
             ring.submitter()
                 .register_buf_ring_with_flags(entries as u64, count, group, 0)?;
@@ -160,15 +307,14 @@ impl BufRing {
         Ok(r)
     }
 
-    pub fn block_size(&self) -> usize {
-        self.block
-    }
-
-    /// Returns block `bid` to the kernel.
-    pub fn give_back(&mut self, bid: u16) {
+    /// Publishes block `bid` to the kernel (called for each block once at
+    /// the start, then only with a consumed [`Block`] token).
+    fn give_back(&mut self, bid: u16) {
+        debug_assert!(bid < self.count);
         let i = (self.tail & (self.count - 1)) as usize;
         // SAFETY: i < count; the kernel reads entries up to the published
-        // tail only, and this one is past it until the store below.
+        // tail only, and this one is past it until the store below; the
+        // address is inside `blocks`, which outlives the registration.
         unsafe {
             let e = &mut *self.entries.add(i);
             e.set_addr(self.blocks.as_ptr().add(bid as usize * self.block) as u64);
@@ -179,29 +325,17 @@ impl BufRing {
             (*tail).store(self.tail, Ordering::Release);
         }
     }
-
-    /// The first `len` bytes of block `bid`.
-    pub fn block(&mut self, bid: u16, len: usize) -> &mut [u8] {
-        let start = bid as usize * self.block;
-        &mut self.blocks[start..start + len.min(self.block)]
-    }
-
-    /// Bytes `from..to` of block `bid`, for a send in flight.
-    pub fn range(&self, bid: u16, from: usize, to: usize) -> &[u8] {
-        let start = bid as usize * self.block;
-        &self.blocks[start + from..start + to]
-    }
 }
 
 impl Drop for BufRing {
     fn drop(&mut self) {
-        // SAFETY: allocated in `new` with this layout; the ring that used
-        // it is gone (see `new`).
+        // SAFETY: allocated in `new` with this layout; `Ring` drops this
+        // only after the registration is gone.
         unsafe { std::alloc::dealloc(self.entries as *mut u8, self.layout) };
     }
 }
 
 /// Whether this kernel has io_uring with provided-buffer rings.
 pub fn available() -> bool {
-    IoUring::new(8).is_ok_and(|r| BufRing::new(&r, 8, 4096, 0).is_ok())
+    Ring::with_buffers(8, 8, 4096, 0).is_ok()
 }

@@ -21,11 +21,11 @@ use std::os::fd::{AsRawFd, RawFd};
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
-use io_uring::{IoUring, cqueue, opcode, squeue, types};
+use io_uring::{cqueue, opcode, squeue, types};
 
 use super::load::{self, Job, Live, ThreadResult};
 use crate::net::MioStream;
-use crate::ring::{self, BufRing, Completion};
+use crate::ring::{self, Block, Completion, Ring};
 
 const GROUP: u16 = 0;
 const BLOCK: usize = 16 * 1024;
@@ -60,9 +60,9 @@ struct Conn {
 }
 
 struct Engine<'a> {
-    // The ring goes before the blocks it writes into.
-    ring: IoUring,
-    bufs: BufRing,
+    /// The ring and its blocks; dropped first (fields drop in order), so
+    /// that every operation is stopped before `request` is freed.
+    ring: Ring,
     conns: Vec<Conn>,
     job: &'a Job,
     /// The request, in memory of our own: the kernel reads it during a
@@ -84,11 +84,10 @@ pub fn run(job: Job, live: std::sync::Arc<Live>) -> ThreadResult {
 }
 
 fn drive(job: &Job, live: &Live, r: &mut ThreadResult) -> io::Result<()> {
-    let ring = ring::new_ring(4096)?;
     // Two blocks per connection: a reply and the start of the next never
     // need more, so a receive rarely finds the ring empty.
     let count = (job.conns * 2).next_power_of_two().clamp(64, 4096) as u16;
-    let bufs = BufRing::new(&ring, count, BLOCK, GROUP)?;
+    let ring = Ring::with_buffers(4096, count, BLOCK, GROUP)?;
     let start = Instant::now();
     let mut conns = Vec::with_capacity(job.conns);
     let mut connects = job.first as u64;
@@ -122,7 +121,6 @@ fn drive(job: &Job, live: &Live, r: &mut ThreadResult) -> io::Result<()> {
     }
     let mut e = Engine {
         ring,
-        bufs,
         conns,
         job,
         request,
@@ -146,7 +144,7 @@ impl Engine<'_> {
     fn push(&mut self, entry: squeue::Entry) -> io::Result<()> {
         // SAFETY: a send points into `self.request`, which outlives every
         // send (see `close_gracefully`); receives use the buffer ring.
-        while unsafe { self.ring.submission().push(&entry) }.is_err() {
+        while unsafe { self.ring.push(&entry) }.is_err() {
             self.ring.submit()?; // full: hand the queue to the kernel
         }
         Ok(())
@@ -218,18 +216,19 @@ impl Engine<'_> {
                 }
             }
             self.wait(wake)?;
-            for k in 0..self.done.len() {
-                let (data, res, flags) = self.done[k];
-                let (kind, i) = ring::split(data);
+            let mut done = std::mem::take(&mut self.done);
+            for c in done.drain(..) {
+                let (kind, i) = ring::split(c.data);
                 let outcome = match kind {
-                    RECV => self.received(i, res, flags, r),
+                    RECV => self.received(i, c.res, c.flags, c.block, r),
                     // The reply may have come in before the send's own
                     // completion was read: the message may end here too.
-                    SEND => self.sent(i, res).and_then(|()| self.complete(i, r)),
+                    SEND => self.sent(i, c.res).and_then(|()| self.complete(i, r)),
                     _ => Ok(()),
                 };
                 self.check(i, outcome, r);
             }
+            self.done = done;
         }
     }
 
@@ -237,7 +236,8 @@ impl Engine<'_> {
     fn wait(&mut self, until: Instant) -> io::Result<()> {
         // The load generator sleeps between rounds, as it did for every
         // figure in docs/BENCHMARKS.md: no spinning in the instrument.
-        ring::submit_and_wait(&mut self.ring, until, Duration::ZERO, &mut self.done)
+        self.ring
+            .submit_and_wait(until, Duration::ZERO, &mut self.done)
     }
 
     /// Counts a connection's failure as the mio loop does: an error, and
@@ -264,15 +264,21 @@ impl Engine<'_> {
         }
     }
 
-    fn received(&mut self, i: usize, res: i32, flags: u32, r: &mut ThreadResult) -> io::Result<()> {
-        let bid = cqueue::buffer_select(flags);
+    fn received(
+        &mut self,
+        i: usize,
+        res: i32,
+        flags: u32,
+        block: Option<Block>,
+        r: &mut ThreadResult,
+    ) -> io::Result<()> {
         let c = &mut self.conns[i];
         if !cqueue::more(flags) {
             c.receiving = false;
         }
-        let outcome = match (res, bid) {
+        let outcome = match (res, block) {
             (n, Some(b)) if n > 0 => {
-                let data = self.bufs.block(b, n as usize);
+                let data = self.ring.block(&b, n as usize);
                 let want = self.job.reply_size as u64 - c.got;
                 let result = if c.done {
                     Ok(()) // closing: what the server still sends is discarded
@@ -289,8 +295,12 @@ impl Engine<'_> {
                         self.live,
                     )
                 };
-                self.bufs.give_back(b);
+                self.ring.give_back(b);
                 result
+            }
+            (_, Some(b)) => {
+                self.ring.give_back(b);
+                Ok(())
             }
             (0, _) => {
                 c.eof = true;
@@ -370,32 +380,26 @@ impl Engine<'_> {
             if self.wait(deadline).is_err() {
                 break;
             }
-            for k in 0..self.done.len() {
-                let (data, res, flags) = self.done[k];
-                let (kind, i) = ring::split(data);
+            let mut done = std::mem::take(&mut self.done);
+            for c in done.drain(..) {
+                let (kind, i) = ring::split(c.data);
                 match kind {
                     RECV => {
-                        let _ = self.received(i, res, flags, r);
+                        let _ = self.received(i, c.res, c.flags, c.block, r);
                     }
                     SEND => self.conns[i].sending = false,
                     _ => {}
                 }
             }
+            self.done = done;
             if Instant::now() + Duration::from_millis(200) >= deadline {
                 for i in 0..self.conns.len() {
                     self.stop_conn(i);
                 }
             }
         }
-        if self.in_flight() {
-            // The kernel may still write into the blocks or read the
-            // request: keep both (and the ring) for the process's life
-            // rather than free memory it may touch.
-            tracing::warn!("load generator: operations still in flight at exit");
-            std::mem::forget(self.bufs);
-            std::mem::forget(self.ring);
-            std::mem::forget(self.request);
-        }
+        // Dropping the engine drops the ring first: it cancels what is
+        // still in flight and waits for it (see `ring::Ring`'s Drop).
     }
 
     fn in_flight(&self) -> bool {

@@ -27,7 +27,7 @@ use std::os::fd::{AsFd, AsRawFd, RawFd};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use io_uring::{IoUring, cqueue, opcode, squeue, types};
+use io_uring::{cqueue, opcode, squeue, types};
 use slab::Slab;
 
 use super::readiness::could_progress;
@@ -35,7 +35,7 @@ use super::{AcceptBackoff, Config, blocking};
 use crate::conn::Conn as Core;
 use crate::lifecycle::{Lifecycle, Slot};
 use crate::net::{Listener, Stream};
-use crate::ring::{self, BufRing, Completion};
+use crate::ring::{self, Block, Completion, Ring};
 
 /// A loop's provided-buffer ring: about this many bytes, in blocks of
 /// `--block` but at most [`MAX_BLOCK`] (larger blocks starve connections
@@ -58,16 +58,23 @@ const CANCEL: u64 = 6;
 /// Bytes waiting to be sent: a block of the ring, or (UTF-8 output of
 /// another length, the transform's final bytes) a buffer of our own.
 enum Out {
-    Block { bid: u16, len: usize },
+    Block { block: Block, len: usize },
     Owned(Vec<u8>),
 }
 
 impl Out {
     /// The bytes from `from` on.
-    fn bytes<'a>(&'a self, bufs: &'a BufRing, from: usize) -> &'a [u8] {
+    fn bytes<'a>(&'a self, ring: &'a Ring, from: usize) -> &'a [u8] {
         match self {
-            Out::Block { bid, len } => bufs.range(*bid, from, *len),
+            Out::Block { block, len } => ring.range(block, from, *len),
             Out::Owned(v) => &v[from..],
+        }
+    }
+
+    fn len(&self) -> usize {
+        match self {
+            Out::Block { len, .. } => *len,
+            Out::Owned(v) => v.len(),
         }
     }
 }
@@ -160,18 +167,15 @@ pub fn run(config: Config, listeners: Vec<Listener>, life: &Arc<Lifecycle>) -> a
 }
 
 fn run_loop(config: &Config, listeners: &[Listener], shared: &Shared) -> anyhow::Result<()> {
-    let ring = ring::new_ring(4096).map_err(|e| {
-        anyhow::anyhow!(
-            "io_uring_setup: {e} (the uring model needs Linux 6.0 or later, with io_uring enabled)"
-        )
-    })?;
     let block = config.block.min(MAX_BLOCK);
     let count = (RING_BYTES / block).next_power_of_two().clamp(256, 4096) as u16;
-    let bufs = BufRing::new(&ring, count, block, GROUP)
-        .map_err(|e| anyhow::anyhow!("registering the buffer ring: {e}"))?;
+    let ring = Ring::with_buffers(4096, count, block, GROUP).map_err(|e| {
+        anyhow::anyhow!(
+            "io_uring with a buffer ring: {e} (the uring model needs Linux 6.0 or later, with io_uring enabled)"
+        )
+    })?;
     let mut lp = Loop {
         ring,
-        bufs,
         backlog: VecDeque::new(),
         conns: Slab::new(),
         listeners,
@@ -197,10 +201,10 @@ fn run_loop(config: &Config, listeners: &[Listener], shared: &Shared) -> anyhow:
 }
 
 struct Loop<'a> {
-    // Field order matters: the ring (and its buffer registration) goes
-    // before the memory it points to.
-    ring: IoUring,
-    bufs: BufRing,
+    /// The ring and its blocks; dropped first (fields drop in order), so
+    /// that every operation is stopped before the connections' owned
+    /// buffers it may point to are freed.
+    ring: Ring,
     /// Entries that did not fit in the submission queue yet.
     backlog: VecDeque<squeue::Entry>,
     conns: Slab<Conn>,
@@ -222,7 +226,7 @@ impl Loop<'_> {
         // SAFETY: every buffer an entry points to (a ring block being sent,
         // or a connection's owned buffer at the front of its queue) stays
         // in place and untouched until the entry's completion arrives.
-        if !self.backlog.is_empty() || unsafe { self.ring.submission().push(&e) }.is_err() {
+        if !self.backlog.is_empty() || unsafe { self.ring.push(&e) }.is_err() {
             self.backlog.push_back(e);
         }
     }
@@ -230,7 +234,7 @@ impl Loop<'_> {
     fn flush_backlog(&mut self) {
         while let Some(e) = self.backlog.front() {
             // SAFETY: as in `push`.
-            if unsafe { self.ring.submission().push(e) }.is_err() {
+            if unsafe { self.ring.push(e) }.is_err() {
                 return;
             }
             self.backlog.pop_front();
@@ -257,12 +261,12 @@ impl Loop<'_> {
             } else {
                 SPIN
             };
-            ring::submit_and_wait(&mut self.ring, wake, spin, &mut done)?;
+            self.ring.submit_and_wait(wake, spin, &mut done)?;
             // One clock read per round, not per message: progress times
             // need no finer grain than the idle timeout's.
             self.now = Instant::now();
-            for &(data, res, flags) in &done {
-                self.complete(data, res, flags);
+            for c in done.drain(..) {
+                self.complete(c);
             }
             let now = self.now;
             if self.paused_until.is_some_and(|t| now >= t) {
@@ -276,8 +280,8 @@ impl Loop<'_> {
         }
     }
 
-    fn complete(&mut self, data: u64, res: i32, flags: u32) {
-        let (kind, key) = ring::split(data);
+    fn complete(&mut self, c: Completion) {
+        let (kind, key) = ring::split(c.data);
         match kind {
             SHUTDOWN => {
                 self.draining = true; // stop accepting
@@ -289,8 +293,8 @@ impl Loop<'_> {
                 self.accept(key);
                 self.arm_listeners();
             }
-            RECV => self.received(key, res, flags),
-            SEND => self.sent(key, res),
+            RECV => self.received(key, c.res, c.flags, c.block),
+            SEND => self.sent(key, c.res),
             _ => {} // CANCEL
         }
     }
@@ -319,7 +323,7 @@ impl Loop<'_> {
     }
 
     fn accept(&mut self, i: usize) {
-        let read_ahead = (MAX_QUEUED - 1) * self.bufs.block_size();
+        let read_ahead = (MAX_QUEUED - 1) * self.ring.block_size();
         while !self.draining && !self.shared.life.is_draining() {
             let Some(l) = self.listeners.get(i) else {
                 return;
@@ -333,7 +337,7 @@ impl Loop<'_> {
                     self.backoff().succeeded();
                     sock.tune(&self.config.sockopts);
                     let limits = crate::conn::Limits {
-                        block: self.bufs.block_size(),
+                        block: self.ring.block_size(),
                         ..self.config.limits(read_ahead)
                     };
                     let key = self.conns.insert(Conn {
@@ -395,11 +399,10 @@ impl Loop<'_> {
         }
     }
 
-    fn received(&mut self, key: usize, res: i32, flags: u32) {
-        let bid = cqueue::buffer_select(flags);
+    fn received(&mut self, key: usize, res: i32, flags: u32, block: Option<Block>) {
         let Some(c) = self.conns.get_mut(key) else {
-            if let Some(b) = bid {
-                self.bufs.give_back(b);
+            if let Some(b) = block {
+                self.ring.give_back(b);
             }
             return;
         };
@@ -408,29 +411,31 @@ impl Loop<'_> {
             c.cancelling = false;
         }
         if c.closing {
-            if let Some(b) = bid {
-                self.bufs.give_back(b);
+            if let Some(b) = block {
+                self.ring.give_back(b);
             }
             return self.maybe_free(key);
         }
-        match (res, bid) {
+        match (res, block) {
             (n, Some(b)) if n > 0 => {
-                let block = self.bufs.block(b, n as usize);
-                let at = block.as_ptr();
-                let out = match c.core.on_input(block, self.now) {
-                    Ok(out) if out.as_ptr() == at => Out::Block {
-                        bid: b,
-                        len: out.len(),
-                    },
-                    Ok(out) => Out::Owned(out.to_vec()),
+                let data = self.ring.block(&b, n as usize);
+                let at = data.as_ptr();
+                let (in_place, owned) = match c.core.on_input(data, self.now) {
+                    Ok(out) if out.as_ptr() == at => (Some(out.len()), None),
+                    Ok(out) => (None, Some(out.to_vec())),
                     Err(_) => {
-                        self.bufs.give_back(b);
+                        self.ring.give_back(b);
                         return self.close(key);
                     }
                 };
-                if let Out::Owned(_) = out {
-                    self.bufs.give_back(b);
-                }
+                let out = match (in_place, owned) {
+                    (Some(len), _) => Out::Block { block: b, len },
+                    (None, owned) => {
+                        self.ring.give_back(b);
+                        Out::Owned(owned.unwrap_or_default())
+                    }
+                };
+                let c = &mut self.conns[key];
                 c.queue.push_back(out);
                 if c.core.read_budget() == 0 {
                     self.cancel_recv(key); // backpressure: stop reading this client
@@ -446,6 +451,7 @@ impl Loop<'_> {
                 }
                 self.send_next(key);
             }
+            (_, Some(b)) => self.ring.give_back(b), // a block with no bytes
             (e, _) if e == -libc::ENOBUFS => {
                 // Every block is in use: try again when some come back.
                 self.starved.push(key);
@@ -480,7 +486,7 @@ impl Loop<'_> {
             }
             return;
         };
-        let bufs = &self.bufs;
+        let bufs = &self.ring;
         c.sending = true;
         let e = if c.queue.len() == 1 {
             let rest = front.bytes(bufs, c.sent);
@@ -527,16 +533,13 @@ impl Loop<'_> {
         // The send may have covered several queued blocks.
         let mut freed = false;
         while let Some(front) = c.queue.front() {
-            let len = match front {
-                Out::Block { len, .. } => *len,
-                Out::Owned(v) => v.len(),
-            };
+            let len = front.len();
             if c.sent < len {
                 break;
             }
             c.sent -= len;
-            if let Some(Out::Block { bid, .. }) = c.queue.pop_front() {
-                self.bufs.give_back(bid);
+            if let Some(Out::Block { block, .. }) = c.queue.pop_front() {
+                self.ring.give_back(block);
             }
             freed = true;
         }
@@ -579,8 +582,8 @@ impl Loop<'_> {
         }
         let mut c = self.conns.remove(key);
         for out in c.queue.drain(..) {
-            if let Out::Block { bid, .. } = out {
-                self.bufs.give_back(bid);
+            if let Out::Block { block, .. } = out {
+                self.ring.give_back(block);
             }
         }
         c.core.log_end(self.now);
