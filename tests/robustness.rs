@@ -402,9 +402,7 @@ fn udp_loss_in_a_private_network_namespace() {
     let ns = format!("upcase-test-{}", std::process::id());
     let add = Command::new("ip").args(["netns", "add", &ns]).output();
     if !matches!(&add, Ok(o) if o.status.success()) {
-        eprintln!(
-            "SKIPPED udp_loss_in_a_private_network_namespace: cannot create a network namespace here ({add:?})"
-        );
+        skip(&format!("cannot create a network namespace here ({add:?})"));
         return;
     }
     struct Cleanup(String);
@@ -470,9 +468,7 @@ fn udp_loss_in_a_private_network_namespace() {
             .status
             .success();
         if !ok {
-            eprintln!(
-                "SKIPPED udp_loss_in_a_private_network_namespace: neither netem nor nftables is available"
-            );
+            skip("neither netem nor nftables is available");
             return;
         }
     }

@@ -10,21 +10,6 @@ use std::process::Command;
 
 use common::*;
 
-/// A small deterministic PRNG (xorshift64*), so failures can be replayed.
-struct Rng(u64);
-
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 ^= self.0 >> 12;
-        self.0 ^= self.0 << 25;
-        self.0 ^= self.0 >> 27;
-        self.0.wrapping_mul(0x2545_F491_4F6C_DD1D)
-    }
-    fn below(&mut self, n: usize) -> usize {
-        (self.next() % n as u64) as usize
-    }
-}
-
 fn python(args: &[&str], stdin: &[u8]) -> Vec<u8> {
     require("python3", "python3");
     let mut cmd = Command::new("python3");

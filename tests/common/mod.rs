@@ -257,7 +257,7 @@ pub fn model_available(model: &str) -> bool {
         return true;
     }
     static URING: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
-    *URING.get_or_init(|| {
+    URING.get_or_init(|| {
         let mut child = upcase()
             .args(["serve", "-q", "--model", "uring", "tcp://127.0.0.1:0"])
             .stdout(Stdio::piped())
@@ -270,11 +270,30 @@ pub fn model_available(model: &str) -> bool {
             .is_ok_and(|l| l.starts_with("listening "));
         let _ = child.kill();
         let _ = child.wait();
-        if !ok {
-            eprintln!("SKIPPED the uring model: io_uring is not available on this machine");
-        }
         ok
-    })
+    });
+    if !*URING.get().unwrap_or(&false) {
+        skip("the uring model: io_uring is not available on this machine");
+    }
+    *URING.get().unwrap_or(&false)
+}
+
+/// Records that the current test skipped part of its work, and why: on
+/// stderr, and in the file `$UPCASE_SKIP_LOG` names, which scripts/test.sh
+/// counts into its closing line. A skip is never a silent pass.
+pub fn skip(why: &str) {
+    let test = thread::current().name().unwrap_or("a test").to_string();
+    let line = format!("SKIPPED {test}: {why}");
+    eprintln!("{line}");
+    if let Some(path) = std::env::var_os("UPCASE_SKIP_LOG") {
+        let f = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(path);
+        if let Ok(mut f) = f {
+            let _ = writeln!(f, "{line}");
+        }
+    }
 }
 
 /// The first line `child` prints on stdout (waiting at most 10 s); the rest
@@ -351,4 +370,41 @@ pub fn listening_port(line: &str) -> u16 {
         .next()
         .and_then(|p| p.parse().ok())
         .unwrap_or_else(|| panic!("unexpected line {line:?}"))
+}
+
+/// A small deterministic PRNG (xorshift64*), so failures can be replayed
+/// from their seed.
+pub struct Rng(pub u64);
+
+impl Rng {
+    pub fn next(&mut self) -> u64 {
+        self.0 ^= self.0 >> 12;
+        self.0 ^= self.0 << 25;
+        self.0 ^= self.0 >> 27;
+        self.0.wrapping_mul(0x2545_F491_4F6C_DD1D)
+    }
+    pub fn below(&mut self, n: usize) -> usize {
+        (self.next() % n as u64) as usize
+    }
+}
+
+/// Threads of a process.
+pub fn thread_count(pid: i32) -> usize {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find_map(|l| l.strip_prefix("Threads:"))
+                .and_then(|v| v.trim().parse().ok())
+        })
+        .unwrap_or(0)
+}
+
+/// The pids of a process's children.
+pub fn child_pids(pid: i32) -> Vec<i32> {
+    std::fs::read_to_string(format!("/proc/{pid}/task/{pid}/children"))
+        .unwrap_or_default()
+        .split_whitespace()
+        .filter_map(|p| p.parse().ok())
+        .collect()
 }
