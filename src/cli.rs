@@ -83,8 +83,10 @@ pub enum Command {
 For each listener, once it is bound, prints one line to stdout: \
 `listening tcp://127.0.0.1:40123` (the real port when 0 was asked; \
 `listening unix:/path` for Unix sockets). Logs go to stderr. \
-SIGINT or SIGTERM stops accepting, lets streams in progress finish \
-(up to --drain-timeout) and exits 0; a second signal exits at once.",
+SIGINT or SIGTERM drains: new connects are refused at once (the listeners \
+are shut, Unix socket files removed), streams in progress finish (up to \
+--drain-timeout, then what is left is cut and logged) and the exit is 0; \
+a second signal stops at once.",
     after_help = "EXAMPLES:\n  \
 upcase serve                                   # tcp://127.0.0.1:1060 and udp://127.0.0.1:1060\n  \
 upcase serve tcp://127.0.0.1:0 udp://[::1]:0   # any free ports, printed on stdout\n  \

@@ -223,6 +223,36 @@ impl Lifecycle {
         Ok(())
     }
 
+    /// Resolves once the drain has started (for tasks on a tokio runtime).
+    pub async fn until_draining(&self) {
+        // The drain descriptor is one end of a socket pair: tokio watches a
+        // copy of it, which turns readable (end of file) for good at the drain.
+        let watch = self
+            .draining_fd()
+            .try_clone_to_owned()
+            .map(std::os::unix::net::UnixStream::from)
+            .and_then(|s| {
+                s.set_nonblocking(true)?;
+                tokio::net::UnixStream::from_std(s)
+            });
+        let watch = match watch {
+            Ok(w) => w,
+            Err(e) => {
+                tracing::error!("watching for the drain: {e}");
+                return std::future::pending().await;
+            }
+        };
+        while !self.is_draining() {
+            if watch.readable().await.is_err() {
+                return std::future::pending().await;
+            }
+            if !self.is_draining() {
+                // A spurious wake-up: clear it by trying a read.
+                let _ = watch.try_read(&mut [0u8; 1]);
+            }
+        }
+    }
+
     /// Waits (blocking) until the drain has started.
     pub fn wait_draining(&self) {
         while !self.is_draining() {

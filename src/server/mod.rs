@@ -1,4 +1,4 @@
-//! `upcase serve`: listener setup, limits and shutdown shared by all models.
+//! `upcase serve`: listener setup and limits shared by all models.
 //!
 //! The sequence is the same whatever the model: bind every listener (so that
 //! a port in use fails before anything is announced), print one

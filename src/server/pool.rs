@@ -12,7 +12,7 @@
 //! ```
 //!
 //! We keep the seed's lock, for a reason: a worker waits for a client in
-//! poll(2) (on every listener and on the shutdown broadcast), and without
+//! poll(2) (on every listener and on the lifecycle's drain descriptor), and without
 //! the lock every idle worker would wake for each new client and all but one
 //! would find nothing to accept. With it, exactly one idle worker waits in
 //! poll and the rest sleep on the lock. `--workers` threads (at most

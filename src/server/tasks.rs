@@ -69,38 +69,8 @@ async fn serve(
             }
         }
     }
-    until_draining(&life).await;
+    life.until_draining().await;
     Ok(())
-}
-
-/// Resolves once the drain has started.
-pub async fn until_draining(life: &Lifecycle) {
-    // The drain descriptor is one end of a socket pair: tokio watches a
-    // copy of it, which turns readable (end of file) for good at the drain.
-    let watch = life
-        .draining_fd()
-        .try_clone_to_owned()
-        .map(std::os::unix::net::UnixStream::from)
-        .and_then(|s| {
-            s.set_nonblocking(true)?;
-            tokio::net::UnixStream::from_std(s)
-        });
-    let watch = match watch {
-        Ok(w) => w,
-        Err(e) => {
-            tracing::error!("watching for the drain: {e}");
-            return std::future::pending().await;
-        }
-    };
-    while !life.is_draining() {
-        if watch.readable().await.is_err() {
-            return std::future::pending().await;
-        }
-        if !life.is_draining() {
-            // A spurious wake-up: clear it by trying a read.
-            let _ = watch.try_read(&mut [0u8; 1]);
-        }
-    }
 }
 
 enum Accepting {
@@ -109,7 +79,7 @@ enum Accepting {
 }
 
 async fn accept_loop(listener: Accepting, config: Arc<Config>, life: Arc<Lifecycle>) {
-    let draining = until_draining(&life);
+    let draining = life.until_draining();
     tokio::pin!(draining);
     let mut backoff = AcceptBackoff::default();
     loop {

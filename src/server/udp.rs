@@ -18,7 +18,7 @@ use crate::transform::Mode;
 pub const MAX_DATAGRAM: usize = 65_507;
 
 pub async fn serve(sock: UdpSocket, mode: Mode, life: std::sync::Arc<Lifecycle>) {
-    let draining = super::tasks::until_draining(&life);
+    let draining = life.until_draining();
     tokio::pin!(draining);
     // One byte more than the maximum lets us tell a full datagram from a
     // truncated one (IPv6 jumbograms aside, nothing larger arrives).
@@ -166,7 +166,7 @@ pub fn answer_ready(
 }
 
 /// A UDP listener on a thread of its own, for the thread-based models:
-/// waits in poll(2) for a datagram or the shutdown broadcast.
+/// waits in poll(2) for a datagram or the start of the drain.
 pub fn serve_blocking(sock: std::net::UdpSocket, mode: Mode, life: &Lifecycle) -> io::Result<()> {
     use std::os::fd::AsFd;
     sock.set_nonblocking(true)?;
