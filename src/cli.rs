@@ -13,6 +13,8 @@ use crate::addr::Endpoint;
 use crate::bench::compare::CompareConfig;
 use crate::bench::{BenchConfig, Engine, Workload};
 use crate::client::{SendConfig, UdpRetry};
+use crate::conn::Protocol;
+use crate::framing::Framing;
 use crate::net::SockOpts;
 use crate::server::{self, Model};
 use crate::transform::Mode;
@@ -120,6 +122,16 @@ pub struct ServeArgs {
     /// --utf8=strict end the connection with a logged error.
     #[arg(long, value_enum, value_name = "STRICTNESS", num_args = 0..=1, require_equals = true, default_missing_value = "lenient")]
     pub utf8: Option<Utf8Arg>,
+    /// How messages are found on a stream: stream (the request ends with
+    /// the client's half-close), fixed:N (N-byte messages), line[:MAX]
+    /// (up to \n, at most MAX bytes before it; default 64K), length[:MAX]
+    /// (a 4-byte big-endian length, then the payload; default 8M) or
+    /// netstring[:MAX] (L:payload,). Each message is answered in the same
+    /// framing; malformed or oversized input closes that connection, with
+    /// one log line naming the offset. UDP datagrams are messages already:
+    /// this applies to TCP and Unix listeners.
+    #[arg(long, value_name = "MODE", default_value = "stream")]
+    pub framing: Framing,
     /// Threads of the pool model, event loops of epoll and uring, runtime
     /// threads of async [default: pool 16, epoll and uring half the cores,
     /// async one per core].
@@ -303,7 +315,13 @@ impl SockArgs {
 }
 
 impl ServeArgs {
-    pub fn into_config(self) -> server::Config {
+    pub fn into_config(self) -> Result<server::Config, String> {
+        let mode = mode_of(self.utf8);
+        if let (Framing::Fixed(_), Mode::Utf8 { .. }) = (self.framing, mode) {
+            return Err(
+                "--framing fixed cannot go with --utf8: uppercasing UTF-8 can change a message's length; use line, length or netstring".into(),
+            );
+        }
         let mut sockopts = self.sock.into_opts();
         sockopts.reuseaddr = !self.listen.no_reuseaddr;
         sockopts.backlog = self.listen.backlog;
@@ -313,12 +331,15 @@ impl ServeArgs {
             self.listeners
         };
         let model = self.model.unwrap_or_else(Model::default_here);
-        server::Config {
+        Ok(server::Config {
             listeners,
             model,
             sockopts,
             block: self.block,
-            mode: mode_of(self.utf8),
+            protocol: Protocol {
+                mode,
+                framing: self.framing,
+            },
             max_conns: self
                 .max_conns
                 .map_or_else(server::default_max_conns, |n| n as usize),
@@ -327,7 +348,7 @@ impl ServeArgs {
                 .workers
                 .map_or_else(|| default_workers(model), |n| n as usize),
             idle_timeout: (!self.idle_timeout.is_zero()).then_some(self.idle_timeout),
-        }
+        })
     }
 }
 

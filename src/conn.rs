@@ -33,7 +33,16 @@
 use std::io;
 use std::time::{Duration, Instant};
 
-use crate::transform::{Mode, Transformer};
+use crate::framing::{self, Decoder, Framing};
+use crate::transform::{self, Mode, Transformer};
+
+/// What the service does with a connection's bytes: how it finds messages
+/// (`--framing`) and what it does to each (`--utf8`).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Protocol {
+    pub mode: Mode,
+    pub framing: Framing,
+}
 
 /// How a connection is bounded; the same for every connection of a server.
 #[derive(Debug, Clone, Copy)]
@@ -58,6 +67,8 @@ pub enum End {
     Idle,
     /// Invalid input (`--utf8=strict`).
     Invalid,
+    /// A malformed or oversized message (`--framing`).
+    Framing,
     /// Still open when the drain ran out of time.
     Cut,
 }
@@ -69,14 +80,28 @@ impl End {
             End::Error => "error",
             End::Idle => "idle",
             End::Invalid => "invalid input",
+            End::Framing => "framing error",
             End::Cut => "drain cut",
         }
     }
 }
 
+/// How the bytes of a connection become the reply.
+enum Shape {
+    /// A stream: every block transformed as it comes (in place when it can).
+    Stream(Transformer),
+    /// Messages: each one found, transformed whole and encoded; the reply
+    /// to one read is built in `out`.
+    Framed {
+        decoder: Decoder,
+        mode: Mode,
+        out: Vec<u8>,
+    },
+}
+
 /// The state of one connection.
 pub struct Conn {
-    transform: Transformer,
+    shape: Shape,
     limits: Limits,
     /// Reply bytes handed to the driver and not yet reported written.
     unsent: usize,
@@ -84,13 +109,36 @@ pub struct Conn {
     write_shut: bool,
     /// Set once the connection is over for a reason other than `Done`.
     failed: Option<(End, String)>,
+    /// Why it must end once the reply so far is sent (a framing error: the
+    /// messages before the bad one are still answered).
+    end_after_reply: Option<(End, String)>,
     last_progress: Instant,
     started: Instant,
     last_report: Instant,
     verbose: bool,
+    /// `-vv`: each read's size and first bytes (the lesson of framing).
+    trace: bool,
     peer: String,
     pub bytes_in: u64,
     pub bytes_out: u64,
+}
+
+/// Appends the reply to one message: its payload transformed whole (a
+/// message is the unit, so no character spans two), in the same framing.
+fn reply_to(
+    framing: Framing,
+    mode: Mode,
+    msg: &mut [u8],
+    out: &mut Vec<u8>,
+) -> Result<(), transform::InvalidUtf8> {
+    match mode {
+        Mode::Ascii => {
+            transform::upper_in_place(msg);
+            framing::encode(framing, msg, out);
+        }
+        Mode::Utf8 { .. } => framing::encode(framing, &transform::apply(mode, msg)?, out),
+    }
+    Ok(())
 }
 
 /// How often `-v` logs a connection's bytes-processed-so-far line.
@@ -98,19 +146,29 @@ const REPORT_EVERY: Duration = Duration::from_secs(1);
 
 impl Conn {
     /// A new connection from `peer` (a name for the logs), accepted at `now`.
-    pub fn new(peer: String, mode: Mode, limits: Limits, now: Instant) -> Conn {
+    pub fn new(peer: String, protocol: Protocol, limits: Limits, now: Instant) -> Conn {
         tracing::info!("connection from {peer}");
+        let shape = match protocol.framing {
+            Framing::Stream => Shape::Stream(Transformer::new(protocol.mode)),
+            f => Shape::Framed {
+                decoder: Decoder::new(f),
+                mode: protocol.mode,
+                out: Vec::new(),
+            },
+        };
         Conn {
-            transform: Transformer::new(mode),
+            shape,
             limits,
             unsent: 0,
             input_ended: false,
             write_shut: false,
             failed: None,
+            end_after_reply: None,
             last_progress: now,
             started: now,
             last_report: now,
             verbose: tracing::enabled!(tracing::Level::DEBUG),
+            trace: tracing::enabled!(tracing::Level::TRACE),
             peer,
             bytes_in: 0,
             bytes_out: 0,
@@ -170,6 +228,11 @@ impl Conn {
     /// reporting each write with [`Conn::on_written`].
     #[inline]
     pub fn on_input<'a>(&'a mut self, buf: &'a mut [u8], now: Instant) -> io::Result<&'a [u8]> {
+        if self.input_ended || self.is_finished() {
+            // Read ahead before reading stopped (the uring driver): what
+            // follows a framing error is never answered.
+            return Ok(&buf[..0]);
+        }
         let n = buf.len();
         self.bytes_in += n as u64;
         if n > 0 {
@@ -179,15 +242,48 @@ impl Conn {
             self.last_report = now;
             tracing::debug!("{}: {} bytes processed so far", self.peer, self.bytes_in);
         }
-        match self.transform.push(buf) {
-            Ok(out) => {
+        if self.trace {
+            let shown = &buf[..n.min(32)];
+            let more = if n > 32 { "..." } else { "" };
+            tracing::trace!(
+                "{}: read {n} bytes: \"{}{more}\"",
+                self.peer,
+                shown.escape_ascii()
+            );
+        }
+        match &mut self.shape {
+            Shape::Stream(t) => match t.push(buf) {
+                Ok(out) => {
+                    self.unsent += out.len();
+                    Ok(out)
+                }
+                Err(e) => {
+                    let e = io::Error::from(e);
+                    self.failed = Some((End::Invalid, e.to_string()));
+                    Err(e)
+                }
+            },
+            Shape::Framed { decoder, mode, out } => {
+                out.clear();
+                let framing = decoder.framing();
+                let mut invalid = None;
+                let decoded = decoder.decode(buf, |msg| {
+                    if invalid.is_none() {
+                        invalid = reply_to(framing, *mode, msg, out).err();
+                    }
+                });
+                let stop = match (decoded, invalid) {
+                    (_, Some(e)) => Some((End::Invalid, e.to_string())),
+                    (Err(e), None) => Some((End::Framing, e.to_string())),
+                    (Ok(()), None) => None,
+                };
+                if stop.is_some() {
+                    // Answer what came before, read nothing more, then close.
+                    self.input_ended = true;
+                    self.end_after_reply = stop;
+                }
                 self.unsent += out.len();
                 Ok(out)
-            }
-            Err(e) => {
-                let e = io::Error::from(e);
-                self.failed = Some((End::Invalid, e.to_string()));
-                Err(e)
             }
         }
     }
@@ -197,15 +293,32 @@ impl Conn {
     pub fn on_input_end(&mut self, now: Instant) -> io::Result<&[u8]> {
         self.input_ended = true;
         self.last_progress = now;
-        match self.transform.finish() {
-            Ok(tail) => {
-                self.unsent += tail.len();
-                Ok(tail)
-            }
-            Err(e) => {
-                let e = io::Error::from(e);
-                self.failed = Some((End::Invalid, e.to_string()));
-                Err(e)
+        match &mut self.shape {
+            Shape::Stream(t) => match t.finish() {
+                Ok(tail) => {
+                    self.unsent += tail.len();
+                    Ok(tail)
+                }
+                Err(e) => {
+                    let e = io::Error::from(e);
+                    self.failed = Some((End::Invalid, e.to_string()));
+                    Err(e)
+                }
+            },
+            Shape::Framed { decoder, mode, out } => {
+                out.clear();
+                let framing = decoder.framing();
+                match decoder.finish() {
+                    Ok(Some(mut tail)) => {
+                        if let Err(e) = reply_to(framing, *mode, &mut tail, out) {
+                            self.end_after_reply = Some((End::Invalid, e.to_string()));
+                        }
+                    }
+                    Ok(None) => {}
+                    Err(e) => self.end_after_reply = Some((End::Framing, e.to_string())),
+                }
+                self.unsent += out.len();
+                Ok(out)
             }
         }
     }
@@ -219,11 +332,22 @@ impl Conn {
         if n > 0 {
             self.last_progress = now;
         }
+        if let Shape::Framed { out, .. } = &mut self.shape
+            && self.unsent == 0
+            && out.capacity() > 64 * 1024
+        {
+            // A large reply is sent: give its memory back.
+            *out = Vec::new();
+        }
     }
 
-    /// The write side was shut after the whole reply: the contract is kept.
+    /// The write side was shut after the whole reply: the contract is kept,
+    /// unless a framing error made this the end.
     pub fn on_shutdown(&mut self) {
         self.write_shut = true;
+        if let Some(stop) = self.end_after_reply.take() {
+            self.failed.get_or_insert(stop);
+        }
     }
 
     /// The socket failed (a reset, a write error): the connection is over.
@@ -321,6 +445,13 @@ mod tests {
 
     const T0: fn() -> Instant = Instant::now;
 
+    fn proto(mode: Mode) -> Protocol {
+        Protocol {
+            mode,
+            framing: Framing::Stream,
+        }
+    }
+
     fn limits(block: usize, read_ahead: usize) -> Limits {
         Limits {
             block,
@@ -334,7 +465,7 @@ mod tests {
     /// Returns the output and whether the half-close came after all of it.
     fn run(mode: Mode, input: &[u8], lim: Limits, reads: &[usize], writes: &[usize]) -> Vec<u8> {
         let now = T0();
-        let mut c = Conn::new("test".into(), mode, lim, now);
+        let mut c = Conn::new("test".into(), proto(mode), lim, now);
         let mut pos = 0;
         let mut pending: Vec<u8> = Vec::new(); // the driver's unsent output
         let mut out = Vec::new();
@@ -428,7 +559,7 @@ mod tests {
     #[test]
     fn half_close_waits_for_every_byte() {
         let now = T0();
-        let mut c = Conn::new("t".into(), Mode::Ascii, limits(8, 0), now);
+        let mut c = Conn::new("t".into(), proto(Mode::Ascii), limits(8, 0), now);
         let mut buf = *b"abc";
         assert_eq!(c.on_input(&mut buf, now).unwrap(), b"ABC");
         assert_eq!(c.read_budget(), 0, "reply unsent: no reading");
@@ -446,7 +577,12 @@ mod tests {
     #[test]
     fn strict_utf8_fails_with_the_offset() {
         let now = T0();
-        let mut c = Conn::new("t".into(), Mode::Utf8 { strict: true }, limits(8, 0), now);
+        let mut c = Conn::new(
+            "t".into(),
+            proto(Mode::Utf8 { strict: true }),
+            limits(8, 0),
+            now,
+        );
         let mut buf = *b"ok\xff";
         let e = c.on_input(&mut buf, now).unwrap_err();
         assert!(e.to_string().contains("offset 2"), "{e}");
@@ -459,7 +595,7 @@ mod tests {
     fn idle_counts_from_the_last_progress() {
         let t = T0();
         let s = Duration::from_secs(1);
-        let mut c = Conn::new("t".into(), Mode::Ascii, limits(8, 0), t);
+        let mut c = Conn::new("t".into(), proto(Mode::Ascii), limits(8, 0), t);
         assert!(!c.is_idle(t + 4 * s));
         assert!(c.is_idle(t + 5 * s));
         let mut buf = *b"a";
@@ -474,7 +610,7 @@ mod tests {
         assert!(c.is_finished() && c.idle_deadline().is_none());
         let mut none = Conn::new(
             "t".into(),
-            Mode::Ascii,
+            proto(Mode::Ascii),
             Limits {
                 idle: None,
                 ..limits(8, 0)
@@ -488,7 +624,7 @@ mod tests {
 
     #[test]
     fn unfinished_is_a_cut() {
-        let c = Conn::new("t".into(), Mode::Ascii, limits(8, 0), T0());
+        let c = Conn::new("t".into(), proto(Mode::Ascii), limits(8, 0), T0());
         assert_eq!(c.end(), End::Cut);
     }
 

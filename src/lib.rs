@@ -20,6 +20,7 @@ pub mod bench;
 pub mod cli;
 pub mod client;
 pub mod conn;
+pub mod framing;
 pub mod lifecycle;
 pub mod net;
 pub mod pattern;

@@ -31,7 +31,7 @@ pub fn start(
     for l in listeners {
         match l {
             Listener::Udp(u) => {
-                let (mode, life) = (config.mode, life.clone());
+                let (mode, life) = (config.protocol.mode, life.clone());
                 std::thread::Builder::new()
                     .name("upcase-udp".into())
                     .spawn(move || {
@@ -103,7 +103,7 @@ impl Acceptor {
 /// Serves one connection to its end, by the contract, and logs how it went.
 pub fn serve(mut sock: Stream, peer: String, config: &Config) {
     sock.tune(&config.sockopts);
-    let mut conn = Conn::new(peer, config.mode, config.limits(0), Instant::now());
+    let mut conn = Conn::new(peer, config.protocol, config.limits(0), Instant::now());
     if let Err(e) = sock.set_io_timeout(config.idle_timeout) {
         tracing::warn!("setting the idle timeout: {e}");
     }

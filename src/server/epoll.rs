@@ -286,7 +286,7 @@ impl<'a> EventLoop<'a> {
         if let Source::Udp(u) = &self.sources[i] {
             // Edge-triggered: read until empty, or the next datagram would
             // never be reported.
-            while !answer_ready(u, &mut self.udp, self.config.mode, 64) {}
+            while !answer_ready(u, &mut self.udp, self.config.protocol.mode, 64) {}
             return;
         }
         self.accept_all(i);
@@ -343,7 +343,7 @@ impl<'a> EventLoop<'a> {
             }
             let conn = Conn::new(
                 peer,
-                self.config.mode,
+                self.config.protocol,
                 self.config.limits(0),
                 Instant::now(),
             );

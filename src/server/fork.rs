@@ -92,7 +92,7 @@ pub fn run(config: Config, listeners: Vec<Listener>, life: &Lifecycle) -> anyhow
         for (l, _) in polled.iter().zip(&ready[2..]).filter(|(_, r)| **r) {
             match l {
                 Listener::Udp(u) => {
-                    answer_ready(u, &mut udp, config.mode, 64);
+                    answer_ready(u, &mut udp, config.protocol.mode, 64);
                 }
                 _ if life.is_draining() => {}
                 _ => accept_and_fork(

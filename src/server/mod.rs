@@ -25,9 +25,9 @@ use std::time::Duration;
 use anyhow::Context;
 
 use crate::addr::Endpoint;
+use crate::conn::Protocol;
 use crate::lifecycle::Lifecycle;
 use crate::net::{self, Listener, SockOpts};
-use crate::transform::Mode;
 
 /// How the server waits for many clients at once.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
@@ -101,7 +101,8 @@ pub struct Config {
     pub sockopts: SockOpts,
     /// Largest block read from a connection at once.
     pub block: usize,
-    pub mode: Mode,
+    /// What is done to the bytes: `--utf8` and `--framing`.
+    pub protocol: Protocol,
     /// Connections served at once; more wait in the listen backlog.
     pub max_conns: usize,
     /// How long streams in progress may finish after SIGTERM/SIGINT.

@@ -122,7 +122,9 @@ impl ReadyConn {
             if !self.pending.is_empty() {
                 return Ok(Step::WaitWrite);
             }
-            if short_read_drains && n > 0 && n < budget {
+            // A short read drained the socket, unless this read ended the
+            // input (a framing error): then go on to shut down.
+            if short_read_drains && n > 0 && n < budget && self.conn.read_budget() > 0 {
                 return Ok(Step::WaitRead);
             }
         }

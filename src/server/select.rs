@@ -148,7 +148,7 @@ pub fn run(config: Config, listeners: Vec<Listener>, life: &Arc<Lifecycle>) -> a
             }
             match &listeners[i] {
                 Listener::Udp(u) => {
-                    answer_ready(u, &mut udp, config.mode, 64);
+                    answer_ready(u, &mut udp, config.protocol.mode, 64);
                 }
                 l => accept_some(
                     l,
@@ -215,7 +215,7 @@ fn accept_some(
                     continue;
                 }
                 sock.tune(&config.sockopts);
-                let conn = Conn::new(peer, config.mode, config.limits(0), Instant::now());
+                let conn = Conn::new(peer, config.protocol, config.limits(0), Instant::now());
                 clients.push(Client {
                     _slot: slot,
                     sock,

@@ -65,7 +65,7 @@ async fn serve(
             Listener::Udp(u) => {
                 u.set_nonblocking(true)?;
                 let u = tokio::net::UdpSocket::from_std(u)?;
-                tokio::spawn(udp::serve(u, config.mode, life));
+                tokio::spawn(udp::serve(u, config.protocol.mode, life));
             }
         }
     }
@@ -143,7 +143,7 @@ async fn accept(listener: &Accepting) -> io::Result<(Stream, String)> {
 }
 
 async fn handle(sock: Stream, peer: String, config: &Config) {
-    let mut conn = Conn::new(peer, config.mode, config.limits(0), Instant::now());
+    let mut conn = Conn::new(peer, config.protocol, config.limits(0), Instant::now());
     let result = match sock {
         Stream::Tcp(mut s) => {
             if let Err(e) = net::tune_tcp(socket2::SockRef::from(&s), &config.sockopts) {

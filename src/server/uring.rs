@@ -343,7 +343,7 @@ impl Loop<'_> {
                     let key = self.conns.insert(Conn {
                         _slot: slot,
                         sock,
-                        core: Core::new(peer, self.config.mode, limits, self.now),
+                        core: Core::new(peer, self.config.protocol, limits, self.now),
                         queue: VecDeque::new(),
                         sent: 0,
                         vectored: None,
