@@ -216,6 +216,12 @@ pub struct SendArgs {
     /// whole messages) and verify replies by the Unicode mapping.
     #[arg(long, value_enum, value_name = "STRICTNESS", num_args = 0..=1, require_equals = true, default_missing_value = "lenient")]
     pub utf8: Option<Utf8Arg>,
+    /// The server's --framing: stdin is sent as messages (lines; N-byte
+    /// chunks; with length and netstring one message per line of stdin,
+    /// each reply printed as a line). With --bytes, --size sets the
+    /// message size and every reply message is verified.
+    #[arg(long, value_name = "MODE", default_value = "stream")]
+    pub framing: Framing,
     /// With --bytes: give up and diagnose when neither direction moves for
     /// this long [default: 2 with --naive, else 10].
     #[arg(long, allow_negative_numbers = true, value_name = "DURATION", value_parser = units::parse_positive_duration)]
@@ -266,6 +272,11 @@ pub struct ChatArgs {
     /// The server runs --utf8: expect Unicode-uppercased replies.
     #[arg(long, value_enum, value_name = "STRICTNESS", num_args = 0..=1, require_equals = true, default_missing_value = "lenient")]
     pub utf8: Option<Utf8Arg>,
+    /// The server's --framing. In stream mode each Output: shows what one
+    /// read returned, as TCP delivered it; with line (or length, netstring)
+    /// it shows one reply message per line typed.
+    #[arg(long, value_name = "MODE", default_value = "stream")]
+    pub framing: Framing,
     #[command(flatten)]
     pub udp: UdpArgs,
     #[command(flatten)]
@@ -379,6 +390,12 @@ impl SendArgs {
         if self.naive && self.endpoint.is_udp() {
             return Err("--naive is about TCP's deadlock; UDP has no flow control to deadlock (drop --naive)".into());
         }
+        if self.naive && !self.framing.is_stream() {
+            return Err("--naive streams the seeds' bytes; it takes no --framing".into());
+        }
+        if let (Framing::Fixed(_), Some(_)) = (self.framing, self.utf8) {
+            return Err("--framing fixed cannot go with --utf8: uppercasing UTF-8 can change a message's length".into());
+        }
         Ok(SendConfig {
             endpoint: self.endpoint,
             sockopts: self.sock.into_opts(),
@@ -392,6 +409,7 @@ impl SendArgs {
             json: self.json,
             progress: !self.no_progress,
             mode: mode_of(self.utf8),
+            framing: self.framing,
         })
     }
 }
@@ -409,6 +427,7 @@ impl ChatArgs {
             json: false,
             progress: false,
             mode: mode_of(self.utf8),
+            framing: self.framing,
         }
     }
 }
@@ -479,6 +498,15 @@ pub struct BenchArgs {
     /// with --utf8 too.
     #[arg(long)]
     pub utf8: bool,
+    /// The server's --framing, for rr and crr: each request is one message
+    /// of --size bytes in it. With --compare, the models run with it too.
+    #[arg(long, value_name = "MODE", default_value = "stream")]
+    pub framing: Framing,
+    /// rr and crr with --framing: send this many messages back to back and
+    /// wait for all their replies, so the kernel's cost per system call is
+    /// shared by K messages (msgs/s counts each; latency is per round).
+    #[arg(long, value_name = "K", default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..=4096))]
+    pub pipeline: u32,
     /// No per-second lines on stderr.
     #[arg(long)]
     pub no_intervals: bool,
@@ -516,6 +544,12 @@ impl BenchArgs {
                 "--rate {r}: must be a positive number of requests per second"
             ));
         }
+        if self.pipeline > 1 && self.framing.is_stream() {
+            return Err("--pipeline needs --framing: on a plain stream there are no messages to keep in flight, only bytes".into());
+        }
+        if let (Framing::Fixed(_), true) = (self.framing, self.utf8) {
+            return Err("--framing fixed cannot go with --utf8: uppercasing UTF-8 can change a message's length".into());
+        }
         if self.rate.is_some() && self.mode == Workload::Stream && !self.compare {
             return Err("--rate applies to rr, crr, udp and hold, not stream".into());
         }
@@ -551,6 +585,8 @@ impl BenchArgs {
             } else {
                 Mode::Ascii
             },
+            framing: self.framing,
+            pipeline: self.pipeline as usize,
             engine: self.engine,
         };
         if !self.compare {

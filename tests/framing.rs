@@ -238,3 +238,136 @@ fn utf8_framing_answers_the_new_length_and_fixed_is_refused() {
     assert_eq!(r.code(), 2, "{}", r.stderr);
     assert!(r.stderr.contains("unknown framing"), "{}", r.stderr);
 }
+
+#[test]
+fn send_and_chat_speak_each_framing() {
+    for (framing, input, want) in [
+        ("line", &b"start\nconnect\n"[..], &b"START\nCONNECT\n"[..]),
+        ("fixed:4", b"abcdefgh", b"ABCDEFGH"),
+        ("length", b"hello\nworld\n", b"HELLO\nWORLD\n"),
+        ("netstring", b"hello\n\nworld", b"HELLO\n\nWORLD\n"),
+    ] {
+        let srv = serve("epoll", framing, &["-q"]);
+        let r = upcase_run(
+            &["send", "--framing", framing, srv.addr(0)],
+            input,
+            SECS(10),
+        );
+        assert_eq!(r.code(), 0, "{framing}: {}", r.stderr);
+        assert_eq!(r.out().as_bytes(), want, "{framing}");
+        // Verified messages of --size bytes.
+        let r = upcase_run(
+            &[
+                "send",
+                "--framing",
+                framing,
+                srv.addr(0),
+                "--bytes",
+                "1M",
+                "--size",
+                "100",
+            ],
+            b"",
+            SECS(30),
+        );
+        assert_eq!(r.code(), 0, "{framing}: {} {}", r.out(), r.stderr);
+        assert_eq!(r.num("wrong"), 0, "{framing}");
+        let msgs = r.field("messages");
+        let (got, of) = msgs.split_once(" of ").unwrap();
+        assert_eq!(got, of, "{framing}: {msgs}");
+    }
+    // A partial fixed message is not sent, and says so.
+    let srv = serve("epoll", "fixed:4", &["-q"]);
+    let r = upcase_run(
+        &["send", "--framing", "fixed:4", srv.addr(0)],
+        b"abcdef",
+        SECS(10),
+    );
+    assert_eq!(r.out(), "ABCD");
+    assert!(
+        r.stderr
+            .contains("last 2 bytes of stdin are not a whole 4-byte message"),
+        "{}",
+        r.stderr
+    );
+    // chat: one reply per line typed.
+    let srv = serve("epoll", "line", &["-q"]);
+    let r = upcase_run(
+        &["chat", "--framing", "line", srv.addr(0)],
+        b"hello\nworld\n\n",
+        SECS(10),
+    );
+    assert_eq!(r.code(), 0, "{}", r.stderr);
+    assert_eq!(
+        r.out(),
+        "Input: Output: HELLO\nInput: Output: WORLD\nInput: \n"
+    );
+}
+
+#[test]
+fn a_wrong_framed_reply_is_caught() {
+    // A stream server answers a length-framed request with the header
+    // uppercased too: 0x61 ('a') in a length becomes 'A' (0x41).
+    let srv = serve("epoll", "stream", &["-q"]);
+    let r = upcase_run(
+        &[
+            "send",
+            "--framing",
+            "length",
+            srv.addr(0),
+            "--bytes",
+            "97",
+            "--size",
+            "97",
+        ],
+        b"",
+        SECS(10),
+    );
+    assert_eq!(r.code(), 4, "{} {}", r.out(), r.stderr);
+}
+
+#[test]
+fn bench_pipelines_framed_messages_and_verifies_them() {
+    for framing in ["line", "length", "netstring", "fixed:64"] {
+        let srv = serve("epoll", framing, &["-q"]);
+        for (workload, k) in [("rr", "1"), ("rr", "8"), ("crr", "4")] {
+            let r = upcase_run(
+                &[
+                    "bench",
+                    srv.addr(0),
+                    "--mode",
+                    workload,
+                    "--framing",
+                    framing,
+                    "--size",
+                    "64",
+                    "--pipeline",
+                    k,
+                    "--conns",
+                    "4",
+                    "--duration",
+                    "300ms",
+                    "--no-intervals",
+                ],
+                b"",
+                SECS(30),
+            );
+            assert_eq!(
+                r.code(),
+                0,
+                "{framing} {workload} {k}: {} {}",
+                r.out(),
+                r.stderr
+            );
+            assert_eq!(r.num("errors"), 0, "{framing}");
+            assert!(r.num("msgs/s") > 0, "{framing}");
+        }
+    }
+    let r = upcase_run(&["bench", "127.0.0.1:1", "--pipeline", "4"], b"", SECS(5));
+    assert_eq!(r.code(), 2);
+    assert!(
+        r.stderr.contains("--pipeline needs --framing"),
+        "{}",
+        r.stderr
+    );
+}

@@ -48,7 +48,7 @@ pub fn run(cfg: &CompareConfig) -> anyhow::Result<Vec<Row>> {
     );
     for (name, target) in targets {
         eprintln!("== {name}");
-        let server = match Running::start(&target, cfg.base.mode) {
+        let server = match Running::start(&target, cfg.base.mode, cfg.base.framing) {
             Ok(s) => s,
             Err(e) => {
                 // A model this machine cannot run (io_uring) is skipped.
@@ -103,7 +103,11 @@ struct Running {
 }
 
 impl Running {
-    fn start(target: &Target, mode: crate::transform::Mode) -> anyhow::Result<Running> {
+    fn start(
+        target: &Target,
+        mode: crate::transform::Mode,
+        framing: crate::framing::Framing,
+    ) -> anyhow::Result<Running> {
         match target {
             Target::Model(m) => {
                 // /proc/self/exe still runs this very binary if its file
@@ -118,6 +122,7 @@ impl Running {
                         crate::transform::Mode::Ascii => None,
                         crate::transform::Mode::Utf8 { .. } => Some("--utf8"),
                     })
+                    .args(["--framing".to_string(), framing.to_string()])
                     .args(["tcp://127.0.0.1:0", "udp://127.0.0.1:0"])
                     .stdin(Stdio::null())
                     .stdout(Stdio::piped())

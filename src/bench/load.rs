@@ -69,6 +69,9 @@ pub struct Job {
     pub request: Pattern,
     pub reply: Pattern,
     pub mode: crate::transform::Mode,
+    /// Messages in one request (`--pipeline` with `--framing`; else 1): a
+    /// round sends them back to back and waits for all their replies.
+    pub per_round: u64,
     /// Requests per second per connection (open loop), or closed loop.
     pub per_conn_rate: Option<f64>,
     pub deadline: Instant,
@@ -401,9 +404,9 @@ fn step(
         // A whole, verified reply.
         let lat = c.due.elapsed().as_nanos() as u64;
         let _ = r.hist.record(lat.max(1));
-        r.messages += 1;
+        r.messages += job.per_round;
         c.messages += 1;
-        live.messages.fetch_add(1, Ordering::Relaxed);
+        live.messages.fetch_add(job.per_round, Ordering::Relaxed);
         c.in_flight = false;
         if let Some(iv) = interval {
             c.due += iv;

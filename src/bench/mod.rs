@@ -125,6 +125,10 @@ pub struct BenchConfig {
     pub intervals: bool,
     /// The server's transform (`--utf8` sends UTF-8 text).
     pub mode: crate::transform::Mode,
+    /// The server's `--framing`, for rr and crr: each request is one
+    /// message in it (or `pipeline` of them, back to back).
+    pub framing: crate::framing::Framing,
+    pub pipeline: usize,
     pub engine: Engine,
 }
 
@@ -183,6 +187,19 @@ pub fn run(cfg: &BenchConfig) -> anyhow::Result<Report> {
     run_load(cfg)
 }
 
+/// One round of framed requests, and the replies they must get.
+fn framed_round(cfg: &BenchConfig) -> anyhow::Result<(Vec<u8>, Vec<u8>)> {
+    use crate::framing::encode;
+    let payload = crate::client::framed::message(cfg.framing, cfg.size);
+    let up = crate::transform::apply(cfg.mode, &payload).context("the request pattern")?;
+    let (mut req, mut rep) = (Vec::new(), Vec::new());
+    for _ in 0..cfg.pipeline.max(1) {
+        encode(cfg.framing, &payload, &mut req);
+        encode(cfg.framing, &up, &mut rep);
+    }
+    Ok((req, rep))
+}
+
 /// The load itself, once the server answered the probe.
 fn run_load(cfg: &BenchConfig) -> anyhow::Result<Report> {
     let engine = cfg.engine.resolve(cfg.workload)?;
@@ -191,12 +208,25 @@ fn run_load(cfg: &BenchConfig) -> anyhow::Result<Report> {
     let per_conn_rate = cfg.rate.map(|r| r / cfg.conns as f64);
     let (request, reply) = crate::pattern::Pattern::pair(cfg.mode);
     // UTF-8 requests are whole messages, so no character is cut.
-    let (req_size, reply_size) = match cfg.mode {
+    let (mut req_size, mut reply_size) = match cfg.mode {
         crate::transform::Mode::Utf8 { .. } if cfg.workload != Workload::Udp => {
             let n = cfg.size.div_ceil(request.period());
             (n * request.period(), n * reply.period())
         }
         _ => (cfg.size, cfg.size),
+    };
+    let (mut request, mut reply) = (request, reply);
+    if !cfg.framing.is_stream() && cfg.workload != Workload::Udp {
+        // A round is `pipeline` messages of --size, back to back.
+        let (req, rep) = framed_round(cfg)?;
+        (req_size, reply_size) = (req.len(), rep.len());
+        request = crate::pattern::Pattern::repeat(&req);
+        reply = crate::pattern::Pattern::repeat(&rep);
+    }
+    let per_round = if cfg.framing.is_stream() {
+        1
+    } else {
+        cfg.pipeline.max(1) as u64
     };
     let client_before = proc::self_cpu();
     let server_before = cfg.server_pid.and_then(proc::cpu_seconds);
@@ -219,6 +249,7 @@ fn run_load(cfg: &BenchConfig) -> anyhow::Result<Report> {
             request: request.clone(),
             reply: reply.clone(),
             mode: cfg.mode,
+            per_round,
             per_conn_rate,
             deadline,
         };

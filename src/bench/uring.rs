@@ -351,9 +351,11 @@ impl Engine<'_> {
         let now = Instant::now();
         let lat = now.saturating_duration_since(c.due).as_nanos() as u64;
         let _ = r.hist.record(lat.max(1));
-        r.messages += 1;
+        r.messages += self.job.per_round;
         c.messages += 1;
-        self.live.messages.fetch_add(1, Ordering::Relaxed);
+        self.live
+            .messages
+            .fetch_add(self.job.per_round, Ordering::Relaxed);
         c.in_flight = false;
         if let Some(iv) = self.interval {
             c.due += iv;

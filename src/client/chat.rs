@@ -2,12 +2,14 @@
 //! client2.py (UDP).
 //!
 //! Prompt `Input: `, send the line, print `Output: ...`, stop on an empty
-//! line. Unlike the seed, which takes whatever one `recv(1024)` returns, it
-//! reads the whole reply: the transform tells how long the reply must be, so
-//! it reads exactly that many bytes, however TCP splits them. Over UDP it
+//! line. Over a stream (the default) it does what the seed does: one
+//! `recv`, and shows what it returned, so "it depends" can be seen (a
+//! reply in two reads shows in two outputs). With `--framing` it sends each
+//! line as one message and shows one reply message per line. Over UDP it
 //! uses the retrying requester and, as client2.py does, says goodbye with an
 //! empty datagram.
 
+use std::collections::VecDeque;
 use std::io::{self, BufRead, Read, Write};
 
 use anyhow::Context;
@@ -15,6 +17,7 @@ use anyhow::Context;
 use super::udp::{Answer, Reply, Requester};
 use super::{Outcome, SendConfig};
 use crate::addr::Endpoint;
+use crate::framing::{self, Decoder, Framing};
 use crate::net;
 
 pub fn run(cfg: &SendConfig) -> anyhow::Result<Outcome> {
@@ -22,17 +25,57 @@ pub fn run(cfg: &SendConfig) -> anyhow::Result<Outcome> {
         return run_udp(cfg);
     }
     let mut sock = net::connect(&cfg.endpoint, &cfg.sockopts)?;
-    let mut reply = Vec::new();
+    let mut decoder = Decoder::new(cfg.framing);
+    let mut replies: VecDeque<Vec<u8>> = VecDeque::new();
+    let mut buf = vec![0u8; 64 * 1024];
+    let closed = || {
+        format!(
+            "reading the reply from {} (did the server close?)",
+            cfg.endpoint
+        )
+    };
     while let Some(line) = prompt()? {
-        sock.write_all(&line)
+        let mut msg = Vec::new();
+        match cfg.framing {
+            Framing::Stream => msg = line,
+            Framing::Line(_) => {
+                msg = line;
+                msg.push(b'\n');
+            }
+            Framing::Fixed(n) => {
+                // As tcp_sixteen.py: exactly n bytes, padded or cut.
+                let mut m = line;
+                m.resize(n, b' ');
+                msg = m;
+            }
+            f => framing::encode(f, &line, &mut msg),
+        }
+        sock.write_all(&msg)
             .with_context(|| format!("sending to {}", cfg.endpoint))?;
-        reply.resize(super::udp::expected(cfg.mode, &line).len(), 0);
-        sock.read_exact(&mut reply).with_context(|| {
-            format!(
-                "reading the reply from {} (did the server close?)",
-                cfg.endpoint
-            )
-        })?;
+        if cfg.framing.is_stream() {
+            // The seed's one recv: whatever this read returns.
+            let n = sock.read(&mut buf).with_context(closed)?;
+            if n == 0 {
+                anyhow::bail!("{}", closed());
+            }
+            output(&buf[..n])?;
+            continue;
+        }
+        while replies.is_empty() {
+            let n = sock.read(&mut buf).with_context(closed)?;
+            if n == 0 {
+                anyhow::bail!("{}", closed());
+            }
+            decoder
+                .decode(&mut buf[..n], |m| replies.push_back(m.to_vec()))
+                .with_context(|| format!("a malformed reply from {}", cfg.endpoint))?;
+        }
+        let mut reply = replies.pop_front().unwrap_or_default();
+        if let Framing::Line(_) = cfg.framing {
+            while matches!(reply.last(), Some(b'\n' | b'\r')) {
+                reply.pop();
+            }
+        }
         output(&reply)?;
     }
     // Half-close, then wait for the server to close its side.

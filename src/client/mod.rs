@@ -5,6 +5,7 @@
 //! from "deadlock diagnosed".
 
 pub mod chat;
+pub mod framed;
 pub mod naive;
 pub mod pipe;
 pub mod progress;
@@ -65,6 +66,8 @@ pub struct SendConfig {
     pub progress: bool,
     /// The server's transform, to know what a correct reply is.
     pub mode: crate::transform::Mode,
+    /// The server's `--framing`: how requests and replies are cut.
+    pub framing: crate::framing::Framing,
 }
 
 /// The textbook's UDP client: wait `timeout`, then resend and double the
@@ -90,7 +93,9 @@ pub fn send(cfg: &SendConfig) -> anyhow::Result<Outcome> {
         (Endpoint::Udp(_), Some(n)) => udp::send_bytes(cfg, n),
         (Endpoint::Udp(_), None) => udp::send_lines(cfg),
         (_, Some(n)) if cfg.naive => naive::run(cfg, n),
+        (_, Some(n)) if !cfg.framing.is_stream() => framed::verify(cfg, n),
         (_, Some(n)) => stream::run(cfg, n),
+        (_, None) if !cfg.framing.is_stream() => framed::pipe(cfg),
         (_, None) => pipe::run(cfg),
     }
 }
