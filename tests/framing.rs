@@ -371,3 +371,29 @@ fn bench_pipelines_framed_messages_and_verifies_them() {
         r.stderr
     );
 }
+
+#[test]
+fn send_fixed_16_talks_to_the_seeds_tcp_sixteen_server() {
+    require("python3", "python3");
+    let mut child = Command::new("python3")
+        .arg(peer("tcp_sixteen.py"))
+        .args(["server", "127.0.0.1", "0"])
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let port = listening_port(&first_line(&mut child));
+    let r = upcase_run(
+        &[
+            "send",
+            "--framing",
+            "fixed:16",
+            &format!("127.0.0.1:{port}"),
+        ],
+        b"Hi there, server",
+        SECS(10),
+    );
+    let _ = child.kill();
+    let _ = child.wait();
+    assert_eq!(r.code(), 0, "{}", r.stderr);
+    assert_eq!(r.out(), "Farewell, client");
+}
