@@ -123,6 +123,26 @@ pub struct Conn {
     pub bytes_out: u64,
 }
 
+/// A stream transform's output, counted as unsent; or the end of the
+/// connection, when strict UTF-8 found an invalid byte.
+fn counted<'a>(
+    unsent: &mut usize,
+    failed: &mut Option<(End, String)>,
+    out: Result<&'a [u8], transform::InvalidUtf8>,
+) -> io::Result<&'a [u8]> {
+    match out {
+        Ok(out) => {
+            *unsent += out.len();
+            Ok(out)
+        }
+        Err(e) => {
+            let e = io::Error::from(e);
+            *failed = Some((End::Invalid, e.to_string()));
+            Err(e)
+        }
+    }
+}
+
 /// Appends the reply to one message: its payload transformed whole (a
 /// message is the unit, so no character spans two), in the same framing.
 fn reply_to(
@@ -252,17 +272,7 @@ impl Conn {
             );
         }
         match &mut self.shape {
-            Shape::Stream(t) => match t.push(buf) {
-                Ok(out) => {
-                    self.unsent += out.len();
-                    Ok(out)
-                }
-                Err(e) => {
-                    let e = io::Error::from(e);
-                    self.failed = Some((End::Invalid, e.to_string()));
-                    Err(e)
-                }
-            },
+            Shape::Stream(t) => counted(&mut self.unsent, &mut self.failed, t.push(buf)),
             Shape::Framed { decoder, mode, out } => {
                 out.clear();
                 let framing = decoder.framing();
@@ -294,17 +304,7 @@ impl Conn {
         self.input_ended = true;
         self.last_progress = now;
         match &mut self.shape {
-            Shape::Stream(t) => match t.finish() {
-                Ok(tail) => {
-                    self.unsent += tail.len();
-                    Ok(tail)
-                }
-                Err(e) => {
-                    let e = io::Error::from(e);
-                    self.failed = Some((End::Invalid, e.to_string()));
-                    Err(e)
-                }
-            },
+            Shape::Stream(t) => counted(&mut self.unsent, &mut self.failed, t.finish()),
             Shape::Framed { decoder, mode, out } => {
                 out.clear();
                 let framing = decoder.framing();

@@ -15,19 +15,10 @@ use std::time::{Duration, Instant};
 
 use common::*;
 
-const ALL: [&str; 8] = [
-    "iterative",
-    "fork",
-    "threads",
-    "pool",
-    "select",
-    "epoll",
-    "async",
-    "uring",
-];
+const ALL: [&str; 8] = ALL_MODELS;
 
 fn models() -> Vec<&'static str> {
-    ALL.iter().copied().filter(|m| model_available(m)).collect()
+    runnable(&ALL)
 }
 
 fn serve(model: &str, framing: &str, extra: &[&str]) -> Server {

@@ -17,23 +17,7 @@ use std::time::{Duration, Instant};
 
 use common::*;
 
-const ALL: [&str; 8] = [
-    "iterative",
-    "fork",
-    "threads",
-    "pool",
-    "select",
-    "epoll",
-    "async",
-    "uring",
-];
-
-fn runnable(list: &[&'static str]) -> Vec<&'static str> {
-    list.iter()
-        .copied()
-        .filter(|m| model_available(m))
-        .collect()
-}
+const ALL: [&str; 8] = ALL_MODELS;
 
 fn kill(pid: i32, sig: i32) {
     // SAFETY: kill(2) on our own child's pid.

@@ -12,25 +12,8 @@ use std::time::{Duration, Instant};
 
 use common::*;
 
-const ALL: [&str; 8] = [
-    "iterative",
-    "fork",
-    "threads",
-    "pool",
-    "select",
-    "epoll",
-    "async",
-    "uring",
-];
+const ALL: [&str; 8] = ALL_MODELS;
 const CONCURRENT: [&str; 6] = ["fork", "threads", "select", "epoll", "async", "uring"];
-
-/// The models of `list` that can run here.
-fn runnable<'a>(list: &[&'a str]) -> Vec<&'a str> {
-    list.iter()
-        .copied()
-        .filter(|m| model_available(m))
-        .collect()
-}
 
 fn serve(model: &str, extra: &[&str]) -> Server {
     let mut args = vec!["--model", model];

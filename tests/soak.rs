@@ -441,16 +441,7 @@ fn soak_every_model() {
     let seed = seed();
     let secs = secs();
     eprintln!("soak: UPCASE_SOAK_SEED={seed} UPCASE_SOAK_SECS={secs}");
-    for model in [
-        "iterative",
-        "fork",
-        "threads",
-        "pool",
-        "select",
-        "epoll",
-        "async",
-        "uring",
-    ] {
+    for model in ALL_MODELS {
         let only = std::env::var("UPCASE_SOAK_MODELS").unwrap_or_default();
         if !only.is_empty() && !only.split(',').any(|m| m == model) {
             continue;

@@ -408,3 +408,24 @@ pub fn child_pids(pid: i32) -> Vec<i32> {
         .filter_map(|p| p.parse().ok())
         .collect()
 }
+
+/// Every server model, in the order the seeds build them.
+pub const ALL_MODELS: [&str; 8] = [
+    "iterative",
+    "fork",
+    "threads",
+    "pool",
+    "select",
+    "epoll",
+    "async",
+    "uring",
+];
+
+/// The models of `list` that can run here (the others are counted as
+/// skipped by [`model_available`]).
+pub fn runnable<'a>(list: &[&'a str]) -> Vec<&'a str> {
+    list.iter()
+        .copied()
+        .filter(|m| model_available(m))
+        .collect()
+}
