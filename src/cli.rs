@@ -252,7 +252,8 @@ pub struct UdpArgs {
         long,
         allow_negative_numbers = true,
         value_name = "N",
-        default_value_t = 5
+        default_value_t = 5,
+        value_parser = clap::value_parser!(u32).range(0..=30)
     )]
     pub retries: u32,
 }
@@ -538,10 +539,10 @@ pub struct BenchArgs {
 impl BenchArgs {
     pub fn into_config(self) -> Result<BenchCommand, String> {
         if let Some(r) = self.rate
-            && !(r.is_finite() && r > 0.0)
+            && !(r.is_finite() && (0.001..=1e9).contains(&r))
         {
             return Err(format!(
-                "--rate {r}: must be a positive number of requests per second"
+                "--rate {r}: must be a number of requests per second from 0.001 to 1e9"
             ));
         }
         if self.pipeline > 1 && self.framing.is_stream() {

@@ -31,20 +31,34 @@ pub fn parse_buffer_size(s: &str) -> Result<usize, String> {
     Ok(n as usize)
 }
 
-/// Parses `2` (seconds), `0.25`, `500ms`, `2s`, `1m 30s`.
+/// The longest duration any flag takes: a year. Longer ones are typing
+/// mistakes, and adding them to a clock could overflow it.
+pub const MAX_DURATION: Duration = Duration::from_secs(365 * 24 * 3600);
+
+/// Parses `2` (seconds), `0.25`, `500ms`, `2s`, `1m 30s`; at most
+/// [`MAX_DURATION`].
 pub fn parse_duration(s: &str) -> Result<Duration, String> {
     let t = s.trim();
+    let too_long = || format!("invalid duration '{s}': at most 365 days (365d)");
     let d = if let Ok(secs) = t.parse::<f64>() {
         if !secs.is_finite() || secs < 0.0 {
             return Err(format!(
                 "invalid duration '{s}': must be zero or more seconds"
             ));
         }
+        if secs > MAX_DURATION.as_secs_f64() {
+            return Err(too_long());
+        }
         Duration::from_secs_f64(secs)
     } else {
-        humantime::parse_duration(t)
-            .map_err(|e| format!("invalid duration '{s}': {e} (examples: 2, 0.5, 500ms, 1m)"))?
+        humantime::parse_duration(t).map_err(|e| match e {
+            humantime::DurationError::NumberOverflow => too_long(),
+            e => format!("invalid duration '{s}': {e} (examples: 2, 0.5, 500ms, 1m)"),
+        })?
     };
+    if d > MAX_DURATION {
+        return Err(too_long());
+    }
     Ok(d)
 }
 
@@ -59,6 +73,16 @@ pub fn parse_positive_duration(s: &str) -> Result<Duration, String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn durations_are_bounded_never_a_panic() {
+        for big in ["99999999999999999999", "1e19", "1e300", "366d", "99999999999999999999s", "400days"] {
+            let e = parse_duration(big).unwrap_err();
+            assert!(e.contains("at most 365 days"), "{big}: {e}");
+        }
+        assert_eq!(parse_duration("365d").unwrap(), MAX_DURATION);
+        assert_eq!(parse_duration("0").unwrap(), Duration::ZERO);
+    }
 
     #[test]
     fn sizes() {

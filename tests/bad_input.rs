@@ -228,3 +228,23 @@ fn unknown_congestion_control() {
         why,
     );
 }
+
+/// Every duration flag is range-checked: exit 2 with one line, never a
+/// panic (a backtrace, exit 101) at parse time or later.
+#[test]
+fn huge_durations_and_rates_are_refused() {
+    for big in ["99999999999999999999", "1e19", "400d"] {
+        for args in [
+            &["serve", "--idle-timeout", big][..],
+            &["serve", "--drain-timeout", big],
+            &["serve", "--keepalive", big],
+            &["send", "127.0.0.1:1", "--stall", big, "--bytes", "1K"],
+            &["send", "udp://127.0.0.1:1", "--timeout", big],
+            &["bench", "127.0.0.1:1", "--duration", big],
+        ] {
+            fails(args, 2, "at most 365 days");
+        }
+    }
+    fails(&["bench", "127.0.0.1:1", "--rate", "1e-300"], 2, "from 0.001 to 1e9");
+    fails(&["send", "udp://127.0.0.1:1", "--retries", "99"], 2, "retries");
+}
