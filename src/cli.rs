@@ -155,6 +155,17 @@ pub struct ListenOpts {
     /// listen(2) backlog: connections the kernel queues before accept.
     #[arg(long, allow_negative_numbers = true, value_name = "N", default_value_t = 1024, value_parser = clap::value_parser!(i32).range(1..))]
     pub backlog: i32,
+    /// Permissions of Unix socket files, in octal (600: only this user may
+    /// connect) [default: what the umask leaves].
+    #[arg(long, value_name = "OCTAL", value_parser = parse_unix_mode)]
+    pub unix_mode: Option<u32>,
+}
+
+fn parse_unix_mode(s: &str) -> Result<u32, String> {
+    u32::from_str_radix(s, 8)
+        .ok()
+        .filter(|m| *m <= 0o777)
+        .ok_or_else(|| format!("invalid mode '{s}': octal permissions, 000 to 777 (e.g. 600, 660)"))
 }
 
 /// Options of every connection.
@@ -337,6 +348,7 @@ impl ServeArgs {
         let mut sockopts = self.sock.into_opts();
         sockopts.reuseaddr = !self.listen.no_reuseaddr;
         sockopts.backlog = self.listen.backlog;
+        sockopts.unix_mode = self.listen.unix_mode;
         let listeners = if self.listeners.is_empty() {
             server::default_listeners()
         } else {

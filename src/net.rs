@@ -39,6 +39,8 @@ pub struct SockOpts {
     pub congestion: Option<String>,
     /// listen(2) backlog.
     pub backlog: i32,
+    /// Permissions of a Unix socket file (`--unix-mode`), else the umask's.
+    pub unix_mode: Option<u32>,
 }
 
 impl Default for SockOpts {
@@ -51,6 +53,7 @@ impl Default for SockOpts {
             keepalive: None,
             congestion: None,
             backlog: 1024,
+            unix_mode: None,
         }
     }
 }
@@ -81,6 +84,10 @@ pub enum NetError {
     UnixDirMissing { endpoint: Endpoint, dir: PathBuf },
     #[error("{0}: a server is already listening on this socket file")]
     UnixInUse(Endpoint),
+    #[error(
+        "{endpoint}: the socket file exists and cannot be probed ({why}): it may be another server's; not replacing it (remove it yourself if it is stale)"
+    )]
+    UnixUnprobed { endpoint: Endpoint, why: String },
     #[error("{0}: the path exists and is not a socket: refusing to replace it")]
     NotASocket(Endpoint),
     #[error("{0}: no such socket file: is the server running?")]
@@ -233,14 +240,22 @@ fn bind_unix(endpoint: &Endpoint, path: &Path, opts: &SockOpts) -> Result<Listen
             dir: dir.to_path_buf(),
         });
     }
-    // A socket file left by a server that died is replaced; one with a live
-    // listener behind it, or a file that is not a socket, is left alone.
+    // A socket file left by a server that died is replaced: the one proof
+    // is a refused connect (nothing listens behind it). A live listener, a
+    // file that is not a socket, or one we may not even probe (permission
+    // denied: perhaps another user's server) is left alone.
     if let Ok(meta) = std::fs::symlink_metadata(path) {
         if !meta.file_type().is_socket() {
             return Err(NetError::NotASocket(endpoint.clone()));
         }
         match UnixStream::connect(path) {
             Ok(_) => return Err(NetError::UnixInUse(endpoint.clone())),
+            Err(e) if e.kind() != io::ErrorKind::ConnectionRefused => {
+                return Err(NetError::UnixUnprobed {
+                    endpoint: endpoint.clone(),
+                    why: e.to_string(),
+                });
+            }
             Err(_) => {
                 std::fs::remove_file(path)
                     .map_err(|e| NetError::io(endpoint, "removing stale socket", e))?;
@@ -264,6 +279,11 @@ fn bind_unix(endpoint: &Endpoint, path: &Path, opts: &SockOpts) -> Result<Listen
         _ => NetError::io(endpoint, "bind", e),
     })?;
     let guard = UnixPathGuard::new(path.to_path_buf());
+    if let Some(mode) = opts.unix_mode {
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode))
+            .map_err(|e| NetError::io(endpoint, "setting --unix-mode", e))?;
+    }
     sock.listen(opts.backlog)
         .map_err(|e| NetError::io(endpoint, "listen", e))?;
     Ok(Listener::Unix(sock.into(), guard))

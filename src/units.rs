@@ -76,7 +76,14 @@ mod tests {
 
     #[test]
     fn durations_are_bounded_never_a_panic() {
-        for big in ["99999999999999999999", "1e19", "1e300", "366d", "99999999999999999999s", "400days"] {
+        for big in [
+            "99999999999999999999",
+            "1e19",
+            "1e300",
+            "366d",
+            "99999999999999999999s",
+            "400days",
+        ] {
             let e = parse_duration(big).unwrap_err();
             assert!(e.contains("at most 365 days"), "{big}: {e}");
         }

@@ -245,6 +245,14 @@ fn huge_durations_and_rates_are_refused() {
             fails(args, 2, "at most 365 days");
         }
     }
-    fails(&["bench", "127.0.0.1:1", "--rate", "1e-300"], 2, "from 0.001 to 1e9");
-    fails(&["send", "udp://127.0.0.1:1", "--retries", "99"], 2, "retries");
+    fails(
+        &["bench", "127.0.0.1:1", "--rate", "1e-300"],
+        2,
+        "from 0.001 to 1e9",
+    );
+    fails(
+        &["send", "udp://127.0.0.1:1", "--retries", "99"],
+        2,
+        "retries",
+    );
 }

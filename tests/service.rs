@@ -320,6 +320,54 @@ fn unix_socket_stale_file_is_replaced_live_one_is_an_error() {
     drop(srv);
 }
 
+/// Another user's socket, which we may not even probe, is never taken:
+/// only a refused connect proves a socket file stale. --unix-mode sets who
+/// may connect.
+#[test]
+fn a_socket_we_may_not_probe_is_never_replaced() {
+    let dir = std::env::temp_dir().join(format!("upcase-test-{}-shared", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    // A shared folder anyone may write in (not sticky): the old check
+    // would have let any user delete the file.
+    std::fs::set_permissions(&dir, std::os::unix::fs::PermissionsExt::from_mode(0o777)).unwrap();
+    let path = dir.join("s.sock");
+    let unix = format!("unix:{}", path.display());
+    let srv = Server::start(&["--unix-mode", "600", &unix], 1);
+    let mode =
+        std::os::unix::fs::PermissionsExt::mode(&std::fs::metadata(&path).unwrap().permissions());
+    assert_eq!(mode & 0o777, 0o600);
+    if unsafe { libc::geteuid() } != 0 {
+        skip("needs root to run a second server as another user");
+        return;
+    }
+    let mut cmd = std::process::Command::new("setpriv");
+    cmd.args([
+        "--reuid=65534",
+        "--regid=65534",
+        "--clear-groups",
+        "--inh-caps=-all",
+        BIN,
+    ]);
+    cmd.args(["serve", &unix]);
+    let r = run(cmd, b"", SECS(10));
+    assert_eq!(r.code(), 1, "{}", r.stderr);
+    assert!(
+        r.stderr.contains("cannot be probed") && r.stderr.contains("not replacing it"),
+        "{}",
+        r.stderr
+    );
+    assert!(
+        path.exists(),
+        "the running server's socket file was removed"
+    );
+    let r = upcase_run(&["send", &unix], b"still here", SECS(10));
+    assert_eq!(r.out(), "STILL HERE");
+    drop(srv);
+    let _ = std::fs::remove_dir_all(&dir);
+    let r = upcase_run(&["serve", "--unix-mode", "999", &unix], b"", SECS(10));
+    assert_eq!(r.code(), 2, "{}", r.stderr);
+}
+
 #[test]
 fn default_listeners_are_the_seeds_port() {
     // Only checks the help text: port 1060 may be taken on a shared machine.
