@@ -182,6 +182,7 @@ impl Ring {
     fn collect(&mut self, done: &mut Vec<Completion>) {
         done.clear();
         let (id, count) = (self.id, self.bufs.as_ref().map_or(0, |b| b.count));
+        let mut taken = 0;
         for c in self.ring.completion() {
             let flags = c.flags();
             // Only the kernel sets F_BUFFER, and only for a block it took
@@ -189,6 +190,7 @@ impl Ring {
             let block = cqueue::buffer_select(flags)
                 .filter(|&bid| bid < count)
                 .map(|bid| Block { bid, ring: id });
+            taken += usize::from(block.is_some());
             done.push(Completion {
                 data: c.user_data(),
                 res: c.result(),
@@ -196,6 +198,19 @@ impl Ring {
                 block,
             });
         }
+        if let Some(b) = self.bufs.as_mut() {
+            b.free -= taken;
+        }
+    }
+
+    /// Blocks in the kernel's hands, ready for data.
+    pub fn blocks_free(&self) -> usize {
+        self.bufs.as_ref().map_or(0, |b| b.free)
+    }
+
+    /// Blocks in all.
+    pub fn blocks(&self) -> usize {
+        self.bufs.as_ref().map_or(0, |b| b.count as usize)
     }
 
     fn bufs(&self, b: &Block) -> &BufRing {
@@ -268,6 +283,8 @@ struct BufRing {
     block: usize,
     group: u16,
     tail: u16,
+    /// Blocks given to the kernel and not yet reported back.
+    free: usize,
 }
 
 impl BufRing {
@@ -293,6 +310,7 @@ impl BufRing {
             block,
             group,
             tail: 0,
+            free: 0,
         };
         // SAFETY: `entries` is a page-aligned, zeroed ring of `count`
         // entries; `Ring` keeps it (and the blocks) until the registration
@@ -324,6 +342,7 @@ impl BufRing {
             let tail = types::BufRingEntry::tail(self.entries) as *const AtomicU16;
             (*tail).store(self.tail, Ordering::Release);
         }
+        self.free += 1;
     }
 }
 

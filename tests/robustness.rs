@@ -511,3 +511,45 @@ fn an_idle_server_sleeps_in_every_model() {
         assert!(used <= 5, "{model}: {used} ticks of CPU in 1 s of idleness");
     }
 }
+
+/// Forty clients that write until the server stops taking their bytes and
+/// never read: each holds only its own bounded share, so another client of
+/// the same loop is answered at once (the uring loop's shared blocks used to
+/// be taken by them all, and nobody else was answered).
+#[test]
+fn never_reading_clients_cannot_starve_the_others() {
+    for model in runnable(&CONCURRENT) {
+        let srv = serve(model, &["-q", "--workers", "1"]);
+        let addr = srv.hostport(0).to_string();
+        let hogs: Vec<_> = (0..40)
+            .map(|_| {
+                let addr = addr.clone();
+                thread::spawn(move || {
+                    let mut s = TcpStream::connect(&addr).unwrap();
+                    s.set_write_timeout(Some(Duration::from_millis(700)))
+                        .unwrap();
+                    let block = vec![b'x'; 64 * 1024];
+                    for _ in 0..1024 {
+                        if s.write_all(&block).is_err() {
+                            break; // stuck: the server stopped reading us
+                        }
+                    }
+                    s
+                })
+            })
+            .collect();
+        let hogs: Vec<TcpStream> = hogs.into_iter().map(|h| h.join().unwrap()).collect();
+        let mut c = TcpStream::connect(&addr).unwrap();
+        c.set_read_timeout(Some(SECS(3))).unwrap();
+        let start = Instant::now();
+        c.write_all(b"still served?").unwrap();
+        let mut buf = [0u8; 13];
+        c.read_exact(&mut buf)
+            .unwrap_or_else(|e| panic!("{model}: starved by 40 non-readers: {e}"));
+        assert_eq!(&buf, b"STILL SERVED?");
+        assert!(start.elapsed() < SECS(1), "{model}: {:?}", start.elapsed());
+        for h in hogs {
+            stop_hog(h);
+        }
+    }
+}
