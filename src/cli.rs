@@ -122,6 +122,12 @@ pub struct ServeArgs {
     /// --utf8=strict end the connection with a logged error.
     #[arg(long, value_enum, value_name = "STRICTNESS", num_args = 0..=1, require_equals = true, default_missing_value = "lenient")]
     pub utf8: Option<Utf8Arg>,
+    /// Unsent output of all connections together, at most: past it, a
+    /// connection that holds unsent bytes reads nothing more and the others
+    /// read 2K at a time, so memory stays bounded however many clients
+    /// never read.
+    #[arg(long, value_name = "SIZE", default_value = "64M", value_parser = units::parse_buffer_size)]
+    pub max_buffered: usize,
     /// How messages are found on a stream: stream (the request ends with
     /// the client's half-close), fixed:N (N-byte messages), line[:MAX]
     /// (up to \n, at most MAX bytes before it; default 64K), length[:MAX]
@@ -372,6 +378,7 @@ impl ServeArgs {
                 .workers
                 .map_or_else(|| default_workers(model), |n| n as usize),
             idle_timeout: (!self.idle_timeout.is_zero()).then_some(self.idle_timeout),
+            buffered: crate::conn::Buffered::new(self.max_buffered),
         })
     }
 }

@@ -31,6 +31,8 @@
 //! the kernel filled and the readiness drivers from their shared buffer.
 
 use std::io;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use crate::framing::{self, Decoder, Framing};
@@ -45,7 +47,7 @@ pub struct Protocol {
 }
 
 /// How a connection is bounded; the same for every connection of a server.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone)]
 pub struct Limits {
     /// Largest read at once (`--block`).
     pub block: usize,
@@ -54,6 +56,73 @@ pub struct Limits {
     pub read_ahead: usize,
     /// `--idle-timeout`: close after this long without progress.
     pub idle: Option<Duration>,
+    /// `--max-buffered`: unsent output of all connections together.
+    pub buffered: Arc<Buffered>,
+}
+
+/// The unsent output of every connection of a server, against one budget
+/// (`--max-buffered`). Each connection's unsent bytes are bounded by its
+/// read-ahead and block, but clients that never read could add those up
+/// without end; past the budget, a connection that holds unsent bytes
+/// reads nothing more, and one that holds none reads small pieces
+/// ([`PRESSED_READ`]), so memory stays bounded whatever the number of
+/// non-readers, while honest clients, whose replies leave at once, go on.
+#[derive(Debug)]
+pub struct Buffered {
+    held: AtomicUsize,
+    max: usize,
+    warned: Mutex<Option<Instant>>,
+}
+
+/// The largest read of a connection while the server is over its budget.
+pub const PRESSED_READ: usize = 2048;
+
+impl Buffered {
+    pub fn new(max: usize) -> Arc<Buffered> {
+        Arc::new(Buffered {
+            held: AtomicUsize::new(0),
+            max,
+            warned: Mutex::new(None),
+        })
+    }
+
+    /// No budget (for tests and clients).
+    pub fn unlimited() -> Arc<Buffered> {
+        Self::new(usize::MAX)
+    }
+
+    pub fn held(&self) -> usize {
+        self.held.load(Ordering::Relaxed)
+    }
+
+    fn over(&self) -> bool {
+        let over = self.held() >= self.max;
+        if over {
+            let mut w = self.warned.lock().unwrap_or_else(|e| e.into_inner());
+            if w.is_none_or(|t| t.elapsed() >= Duration::from_secs(10)) {
+                *w = Some(Instant::now());
+                tracing::warn!(
+                    "unsent output of all connections reached --max-buffered ({} bytes): connections that hold some read nothing more until it drains, the others read at most {PRESSED_READ} bytes at a time",
+                    self.max
+                );
+            }
+        }
+        over
+    }
+
+    #[inline]
+    fn add(&self, n: usize) {
+        if n > 0 {
+            self.held.fetch_add(n, Ordering::Relaxed);
+        }
+    }
+
+    #[inline]
+    fn sub(&self, n: usize) {
+        if n > 0 {
+            self.held.fetch_sub(n, Ordering::Relaxed);
+        }
+    }
 }
 
 /// Why a connection ended; what the logs say and metrics will count.
@@ -123,16 +192,25 @@ pub struct Conn {
     pub bytes_out: u64,
 }
 
+impl Drop for Conn {
+    fn drop(&mut self) {
+        // What was never sent leaves the budget with the connection.
+        self.limits.buffered.sub(self.unsent);
+    }
+}
+
 /// A stream transform's output, counted as unsent; or the end of the
 /// connection, when strict UTF-8 found an invalid byte.
 fn counted<'a>(
     unsent: &mut usize,
+    buffered: &Buffered,
     failed: &mut Option<(End, String)>,
     out: Result<&'a [u8], transform::InvalidUtf8>,
 ) -> io::Result<&'a [u8]> {
     match out {
         Ok(out) => {
             *unsent += out.len();
+            buffered.add(out.len());
             Ok(out)
         }
         Err(e) => {
@@ -209,6 +287,12 @@ impl Conn {
     pub fn read_budget(&self) -> usize {
         if self.input_ended || self.is_finished() || self.unsent > self.limits.read_ahead {
             0
+        } else if self.limits.buffered.over() {
+            if self.unsent > 0 {
+                0
+            } else {
+                self.limits.block.min(PRESSED_READ)
+            }
         } else {
             self.limits.block
         }
@@ -272,7 +356,12 @@ impl Conn {
             );
         }
         match &mut self.shape {
-            Shape::Stream(t) => counted(&mut self.unsent, &mut self.failed, t.push(buf)),
+            Shape::Stream(t) => counted(
+                &mut self.unsent,
+                &self.limits.buffered,
+                &mut self.failed,
+                t.push(buf),
+            ),
             Shape::Framed { decoder, mode, out } => {
                 out.clear();
                 let framing = decoder.framing();
@@ -293,6 +382,7 @@ impl Conn {
                     self.end_after_reply = stop;
                 }
                 self.unsent += out.len();
+                self.limits.buffered.add(out.len());
                 Ok(out)
             }
         }
@@ -304,7 +394,12 @@ impl Conn {
         self.input_ended = true;
         self.last_progress = now;
         match &mut self.shape {
-            Shape::Stream(t) => counted(&mut self.unsent, &mut self.failed, t.finish()),
+            Shape::Stream(t) => counted(
+                &mut self.unsent,
+                &self.limits.buffered,
+                &mut self.failed,
+                t.finish(),
+            ),
             Shape::Framed { decoder, mode, out } => {
                 out.clear();
                 let framing = decoder.framing();
@@ -318,6 +413,7 @@ impl Conn {
                     Err(e) => self.end_after_reply = Some((End::Framing, e.to_string())),
                 }
                 self.unsent += out.len();
+                self.limits.buffered.add(out.len());
                 Ok(out)
             }
         }
@@ -327,7 +423,9 @@ impl Conn {
     #[inline]
     pub fn on_written(&mut self, n: usize, now: Instant) {
         debug_assert!(n <= self.unsent, "wrote {n} of {} unsent", self.unsent);
-        self.unsent = self.unsent.saturating_sub(n);
+        let n = n.min(self.unsent);
+        self.unsent -= n;
+        self.limits.buffered.sub(n);
         self.bytes_out += n as u64;
         if n > 0 {
             self.last_progress = now;
@@ -457,6 +555,7 @@ mod tests {
             block,
             read_ahead,
             idle: Some(Duration::from_secs(5)),
+            buffered: Buffered::unlimited(),
         }
     }
 
@@ -465,7 +564,7 @@ mod tests {
     /// Returns the output and whether the half-close came after all of it.
     fn run(mode: Mode, input: &[u8], lim: Limits, reads: &[usize], writes: &[usize]) -> Vec<u8> {
         let now = T0();
-        let mut c = Conn::new("test".into(), proto(mode), lim, now);
+        let mut c = Conn::new("test".into(), proto(mode), lim.clone(), now);
         let mut pos = 0;
         let mut pending: Vec<u8> = Vec::new(); // the driver's unsent output
         let mut out = Vec::new();
@@ -620,6 +719,35 @@ mod tests {
         assert!(!none.is_idle(t + 1000 * s));
         none.on_error(&io::ErrorKind::ConnectionReset.into());
         assert_eq!(none.end(), End::Error);
+    }
+
+    #[test]
+    fn a_shared_budget_stops_those_who_hold_and_slows_the_rest() {
+        let now = T0();
+        let buffered = Buffered::new(10);
+        let lim = Limits {
+            buffered: buffered.clone(),
+            ..limits(4096, 0)
+        };
+        let mut a = Conn::new("a".into(), proto(Mode::Ascii), lim.clone(), now);
+        let mut b = Conn::new("b".into(), proto(Mode::Ascii), lim.clone(), now);
+        let c = Conn::new("c".into(), proto(Mode::Ascii), lim.clone(), now);
+        assert_eq!(c.read_budget(), 4096, "under the budget: whole blocks");
+        a.on_input(&mut [b'x'; 8], now).unwrap();
+        b.on_input(&mut [b'y'; 3], now).unwrap();
+        assert_eq!(buffered.held(), 11);
+        assert_eq!(a.read_budget(), 0);
+        assert_eq!(b.read_budget(), 0, "holds unsent bytes: reads nothing more");
+        assert_eq!(c.read_budget(), PRESSED_READ, "holds none: small reads");
+        a.on_written(8, now);
+        assert_eq!(buffered.held(), 3);
+        assert_eq!(c.read_budget(), 4096, "drained: whole blocks again");
+        drop(b);
+        assert_eq!(
+            buffered.held(),
+            0,
+            "a closed connection's unsent bytes leave the budget"
+        );
     }
 
     #[test]

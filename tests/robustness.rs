@@ -553,3 +553,49 @@ fn never_reading_clients_cannot_starve_the_others() {
         }
     }
 }
+
+/// Clients that never read add up to at most `--max-buffered` of unsent
+/// output, whatever their number, while an honest stream completes
+/// verified. Without the budget, each would hold a block (epoll: 256 KiB,
+/// uring: 512 KiB): 200 of them, 50-100 MiB.
+#[test]
+fn max_buffered_bounds_the_memory_of_many_non_readers() {
+    for model in runnable(&["select", "epoll", "async", "uring"]) {
+        let srv = serve(model, &["-q", "--max-buffered", "1M"]);
+        let addr = srv.hostport(0).to_string();
+        // Touch what is allocated once (uring's 16 MiB ring is paged in by
+        // its first use), so the baseline holds it.
+        let warm = upcase_run(&["send", srv.addr(0), "--bytes", "64M"], b"", SECS(60));
+        assert_eq!(warm.code(), 0, "{model}: {}", warm.stderr);
+        let before = rss_kib(srv.pid());
+        let hogs: Vec<_> = (0..200)
+            .map(|_| {
+                let addr = addr.clone();
+                thread::spawn(move || {
+                    let mut s = TcpStream::connect(&addr).unwrap();
+                    s.set_write_timeout(Some(Duration::from_millis(700)))
+                        .unwrap();
+                    let block = vec![b'x'; 64 * 1024];
+                    for _ in 0..256 {
+                        if s.write_all(&block).is_err() {
+                            break;
+                        }
+                    }
+                    s
+                })
+            })
+            .collect();
+        let hogs: Vec<TcpStream> = hogs.into_iter().map(|h| h.join().unwrap()).collect();
+        let r = upcase_run(&["send", srv.addr(0), "--bytes", "256M"], b"", SECS(120));
+        assert_eq!(r.code(), 0, "{model}: {} {}", r.out(), r.stderr);
+        assert_eq!(r.num("wrong"), 0, "{model}");
+        let grew = rss_kib(srv.pid()).saturating_sub(before);
+        assert!(
+            grew < 16 * 1024,
+            "{model}: server memory grew by {grew} KiB"
+        );
+        for h in hogs {
+            stop_hog(h);
+        }
+    }
+}

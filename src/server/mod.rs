@@ -111,6 +111,8 @@ pub struct Config {
     pub workers: usize,
     /// Close a connection that moves no bytes either way for this long.
     pub idle_timeout: Option<Duration>,
+    /// `--max-buffered`: the unsent output of all connections together.
+    pub buffered: std::sync::Arc<crate::conn::Buffered>,
 }
 
 impl Config {
@@ -121,6 +123,7 @@ impl Config {
             block: self.block,
             read_ahead,
             idle: self.idle_timeout,
+            buffered: self.buffered.clone(),
         }
     }
 }

@@ -399,14 +399,22 @@ impl Loop<'_> {
         types::Fd(raw(&self.conns[key].sock))
     }
 
+    /// Arms the connection's receive: a multishot one that lasts, or,
+    /// while the core allows less than a block (over `--max-buffered`), a
+    /// single receive of just that much.
     fn arm_recv(&mut self, key: usize) {
         let fd = self.fd(key);
+        let budget = self.conns[key].core.read_budget();
         self.conns[key].receiving = true;
-        self.push(
-            opcode::RecvMulti::new(fd, GROUP)
+        let e = if budget >= self.ring.block_size() {
+            opcode::RecvMulti::new(fd, GROUP).build()
+        } else {
+            opcode::Recv::new(fd, std::ptr::null_mut(), budget as u32)
+                .buf_group(GROUP)
                 .build()
-                .user_data(ring::user_data(RECV, key)),
-        );
+                .flags(squeue::Flags::BUFFER_SELECT)
+        };
+        self.push(e.user_data(ring::user_data(RECV, key)));
     }
 
     fn cancel_recv(&mut self, key: usize) {
@@ -464,8 +472,10 @@ impl Loop<'_> {
                 };
                 let c = &mut self.conns[key];
                 c.queue.push_back(out);
-                if c.core.read_budget() == 0 {
-                    self.cancel_recv(key); // backpressure: stop reading this client
+                if c.core.read_budget() < self.ring.block_size() {
+                    // Backpressure (none), or the server's budget (less
+                    // than a block): stop this receive; `resume` re-arms.
+                    self.cancel_recv(key);
                 }
                 self.send_next(key);
                 if self.ring.blocks_free() < self.ring.blocks() / 4 {
