@@ -166,9 +166,14 @@ impl BlockBuf {
     }
 
     /// Where the next read goes: at most `budget` bytes (at least one, so
-    /// that a read can still see the end of input).
+    /// that a read can still see the end of input). A budget far below the
+    /// buffer (the server is over `--max-buffered`) shrinks it back: what a
+    /// connection holds is its buffer, not only its unsent bytes.
     #[inline]
     pub fn space(&mut self, budget: usize) -> &mut [u8] {
+        if budget < self.buf.len() / 8 && self.buf.len() > FIRST_BLOCK {
+            self.buf = vec![0u8; FIRST_BLOCK.min(self.max)];
+        }
         let n = budget.clamp(1, self.buf.len());
         &mut self.buf[..n]
     }
