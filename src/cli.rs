@@ -370,9 +370,7 @@ impl ServeArgs {
                 mode,
                 framing: self.framing,
             },
-            max_conns: self
-                .max_conns
-                .map_or_else(server::default_max_conns, |n| n as usize),
+            max_conns: max_conns_for(model, self.max_conns),
             drain_timeout: self.drain_timeout,
             workers: self
                 .workers
@@ -380,6 +378,32 @@ impl ServeArgs {
             idle_timeout: (!self.idle_timeout.is_zero()).then_some(self.idle_timeout),
             buffered: crate::conn::Buffered::new(self.max_buffered),
         })
+    }
+}
+
+/// `--max-conns`, or its default: the open-file limit, and for threads
+/// and fork what the machine can really hold (never more: past it the
+/// server could not create the thread, or would abort).
+fn max_conns_for(model: Model, asked: Option<u32>) -> usize {
+    let fds = server::default_max_conns();
+    let machine = server::machine_limit(model);
+    match (asked, machine) {
+        (Some(n), Some((cap, why))) if n as usize > cap => {
+            tracing::warn!(
+                "--max-conns {n}: the {} model can hold at most {cap} connections here ({why}); using {cap}",
+                model.name()
+            );
+            cap
+        }
+        (Some(n), _) => n as usize,
+        (None, Some((cap, why))) if cap < fds => {
+            tracing::info!(
+                "the {} model holds at most {cap} connections here ({why})",
+                model.name()
+            );
+            cap
+        }
+        (None, _) => fds,
     }
 }
 

@@ -13,13 +13,14 @@ fn main() {
     let cli = parse_args();
     init_logging(cli.verbose, cli.quiet);
     let result = match cli.command {
-        Command::Serve(args) => match args.into_config() {
-            Ok(cfg) => {
-                server::raise_fd_limit();
-                server::run(cfg).map(|()| exit::OK)
+        Command::Serve(args) => {
+            // First: the default --max-conns follows the raised limit.
+            server::raise_fd_limit();
+            match args.into_config() {
+                Ok(cfg) => server::run(cfg).map(|()| exit::OK),
+                Err(msg) => usage_error(&msg),
             }
-            Err(msg) => usage_error(&msg),
-        },
+        }
         Command::Send(args) => match args.into_config() {
             Ok(cfg) => client::send(&cfg).map(|o| o.exit_code()),
             Err(msg) => usage_error(&msg),

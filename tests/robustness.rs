@@ -599,3 +599,95 @@ fn max_buffered_bounds_the_memory_of_many_non_readers() {
         }
     }
 }
+
+/// The threads model holds what this machine allows (a thread per client
+/// needs mappings and a pid) and never more: 300 clients past its limit
+/// wait in the backlog, and the server neither aborts nor refuses later
+/// clients (it used to abort near 16,400 connections, below its default
+/// --max-conns, killing every connection).
+#[test]
+fn threads_holds_what_the_machine_allows_and_never_aborts() {
+    let mut child = upcase()
+        .args(["serve", "--model", "threads", "tcp://127.0.0.1:0"])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let err = lines_of(child.stderr.take().unwrap());
+    let hostport = first_line(&mut child)
+        .trim_start_matches("listening tcp://")
+        .to_string();
+    // What the machine allows, worked out here as the server should:
+    // 4 mappings and a pid per thread.
+    let read = |p: &str| -> usize { std::fs::read_to_string(p).unwrap().trim().parse().unwrap() };
+    let cap = ((read("/proc/sys/vm/max_map_count") - 4096) / 4)
+        .min(read("/proc/sys/kernel/pid_max") - 2048);
+    let mut said = None;
+    let deadline = Instant::now() + SECS(5);
+    while said.is_none() {
+        match err.recv_timeout(deadline.saturating_duration_since(Instant::now())) {
+            Ok(l) if l.contains("holds at most") => said = Some(l),
+            Ok(_) => {}
+            Err(_) => break,
+        }
+    }
+    assert!(
+        said.as_deref()
+            .is_some_and(|l| l.contains(&format!("at most {cap} connections"))),
+        "the server did not say it holds at most {cap}: {said:?}"
+    );
+    // SAFETY: plain getrlimit/setrlimit on this process.
+    let fds = unsafe {
+        let mut lim = libc::rlimit {
+            rlim_cur: 0,
+            rlim_max: 0,
+        };
+        libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim);
+        lim.rlim_cur = lim.rlim_max;
+        libc::setrlimit(libc::RLIMIT_NOFILE, &lim);
+        lim.rlim_cur as usize
+    };
+    if cap + 400 > fds {
+        skip(&format!(
+            "the threads model may hold {cap} here, more than this test can open ({fds} files)"
+        ));
+        let _ = child.kill();
+        return;
+    }
+    let addr: std::net::SocketAddr = hostport.parse().unwrap();
+    let pid = child.id() as i32;
+    let mut socks = Vec::new();
+    // In batches the server keeps up with: a burst past the accept queue
+    // would lose handshakes in the kernel, not test the server.
+    while socks.len() < cap + 300 {
+        for _ in 0..500.min(cap + 300 - socks.len()) {
+            let s =
+                socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
+            s.set_nonblocking(true).unwrap();
+            let _ = s.connect(&addr.into()); // completes in the backlog
+            socks.push(s);
+        }
+        let want = socks.len().min(cap).saturating_sub(50);
+        eventually(SECS(20), || thread_count(pid) >= want);
+        assert!(child.try_wait().unwrap().is_none(), "the server died");
+    }
+    let full = eventually(SECS(30), || thread_count(pid) >= cap);
+    assert!(child.try_wait().unwrap().is_none(), "the server died");
+    assert!(
+        full,
+        "only {} threads for a limit of {cap}",
+        thread_count(pid)
+    );
+    thread::sleep(Duration::from_millis(500));
+    assert!(
+        thread_count(pid) <= cap + 8,
+        "{} threads past a limit of {cap}",
+        thread_count(pid)
+    );
+    drop(socks);
+    let r = upcase_run(&["send", &hostport], b"after the flood", SECS(60));
+    assert_eq!(r.out(), "AFTER THE FLOOD", "{}", r.stderr);
+    assert!(child.try_wait().unwrap().is_none(), "the server died");
+    let _ = child.kill();
+    let _ = child.wait();
+}

@@ -203,6 +203,50 @@ pub fn capacity(config: &Config) -> usize {
     }
 }
 
+/// What this machine lets a model hold beyond its open files, and why: a
+/// thread per connection needs memory mappings (its stack and guard, and
+/// the signal stack Rust gives every thread, with its guard: 4, measured)
+/// and a pid; a process per connection needs a pid. Past these the thread
+/// cannot be created, and Rust aborts the whole process when the signal
+/// stack of a new thread cannot be mapped: so the model must never try.
+pub fn machine_limit(model: Model) -> Option<(usize, String)> {
+    let read =
+        |path: &str| -> Option<usize> { std::fs::read_to_string(path).ok()?.trim().parse().ok() };
+    let pids = read("/proc/sys/kernel/pid_max").map(|p| p.saturating_sub(2048));
+    match model {
+        Model::Threads => {
+            let maps = read("/proc/sys/vm/max_map_count").map(|m| m.saturating_sub(4096) / 4);
+            let (n, why) = [
+                maps.map(|n| (n, "vm.max_map_count, 4 mappings per thread")),
+                pids.map(|n| (n, "kernel.pid_max, a pid per thread")),
+            ]
+            .into_iter()
+            .flatten()
+            .min()?;
+            Some((n.max(1), why.to_string()))
+        }
+        Model::Fork => {
+            let mut lim = libc::rlimit {
+                rlim_cur: 0,
+                rlim_max: 0,
+            };
+            // SAFETY: getrlimit writes one rlimit struct through a valid pointer.
+            let nproc = (unsafe { libc::getrlimit(libc::RLIMIT_NPROC, &mut lim) } == 0
+                && lim.rlim_cur != libc::RLIM_INFINITY)
+                .then(|| (lim.rlim_cur as usize).saturating_sub(64));
+            let (n, why) = [
+                pids.map(|n| (n, "kernel.pid_max, a pid per child")),
+                nproc.map(|n| (n, "RLIMIT_NPROC, processes of this user")),
+            ]
+            .into_iter()
+            .flatten()
+            .min()?;
+            Some((n.max(1), why.to_string()))
+        }
+        _ => None,
+    }
+}
+
 /// Runs the server until SIGINT or SIGTERM (see [`crate::lifecycle`]).
 pub fn run(config: Config) -> anyhow::Result<()> {
     // Signals are caught from before the first `listening` line.
