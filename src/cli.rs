@@ -16,6 +16,7 @@ use crate::client::{SendConfig, UdpRetry};
 use crate::conn::Protocol;
 use crate::framing::Framing;
 use crate::net::SockOpts;
+use crate::server::udp::UdpPolicy;
 use crate::server::{self, Model};
 use crate::transform::Mode;
 use crate::units;
@@ -128,6 +129,17 @@ pub struct ServeArgs {
     /// never read.
     #[arg(long, value_name = "SIZE", default_value = "64M", value_parser = units::parse_buffer_size)]
     pub max_buffered: usize,
+    /// UDP replies per source address and second, and reply bytes:
+    /// DATAGRAMS[,BYTES] (0: no limit). Past it datagrams are dropped,
+    /// counted and logged; a forged source cannot turn the server into a
+    /// flood toward its victim. Loopback sources are spared unless this is
+    /// given [default: 1000,1M].
+    #[arg(long, value_name = "N[,BYTES]", value_parser = parse_udp_limit)]
+    pub udp_limit: Option<(u32, u64)>,
+    /// Answer UDP datagrams only from these networks (CIDR, repeatable:
+    /// --udp-allow 10.0.0.0/8 --udp-allow ::1/128) [default: any].
+    #[arg(long, value_name = "CIDR")]
+    pub udp_allow: Vec<ipnet::IpNet>,
     /// How messages are found on a stream: stream (the request ends with
     /// the client's half-close), fixed:N (N-byte messages), line[:MAX]
     /// (up to \n, at most MAX bytes before it; default 64K), length[:MAX]
@@ -165,6 +177,21 @@ pub struct ListenOpts {
     /// connect) [default: what the umask leaves].
     #[arg(long, value_name = "OCTAL", value_parser = parse_unix_mode)]
     pub unix_mode: Option<u32>,
+}
+
+fn parse_udp_limit(s: &str) -> Result<(u32, u64), String> {
+    let (n, bytes) = match s.split_once(',') {
+        Some((n, b)) => (n, Some(b)),
+        None => (s, None),
+    };
+    let n: u32 = n.trim().parse().map_err(|_| {
+        format!("invalid --udp-limit '{s}': DATAGRAMS[,BYTES] per second, e.g. 1000,1M (0: none)")
+    })?;
+    let bytes = match bytes {
+        Some(b) => units::parse_size(b)?,
+        None => 0,
+    };
+    Ok((n, bytes))
 }
 
 fn parse_unix_mode(s: &str) -> Result<u32, String> {
@@ -377,6 +404,16 @@ impl ServeArgs {
                 .map_or_else(|| default_workers(model), |n| n as usize),
             idle_timeout: (!self.idle_timeout.is_zero()).then_some(self.idle_timeout),
             buffered: crate::conn::Buffered::new(self.max_buffered),
+            udp: {
+                let mut p = UdpPolicy {
+                    allow: self.udp_allow,
+                    ..UdpPolicy::default()
+                };
+                if let Some((datagrams, bytes)) = self.udp_limit {
+                    (p.datagrams, p.bytes, p.loopback) = (datagrams, bytes, true);
+                }
+                p
+            },
         })
     }
 }

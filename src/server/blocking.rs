@@ -31,11 +31,11 @@ pub fn start(
     for l in listeners {
         match l {
             Listener::Udp(u) => {
-                let (mode, life) = (config.protocol.mode, life.clone());
+                let (svc, life) = (config.udp_service(), life.clone());
                 std::thread::Builder::new()
                     .name("upcase-udp".into())
                     .spawn(move || {
-                        if let Err(e) = super::udp::serve_blocking(u, mode, &life) {
+                        if let Err(e) = super::udp::serve_blocking(u, svc, &life) {
                             tracing::error!("udp listener failed: {e}");
                         }
                     })?;

@@ -32,7 +32,7 @@ use slab::Slab;
 use socket2::SockRef;
 
 use super::readiness::{ReadyConn, Step, could_progress};
-use super::udp::{UdpState, answer_ready};
+use super::udp::{UdpService, answer_ready};
 use super::{AcceptBackoff, Config};
 use crate::addr::HostPort;
 use crate::conn::Conn;
@@ -125,7 +125,7 @@ struct EventLoop<'a> {
     /// Connections that used their turn and are still ready.
     again: Vec<usize>,
     scratch: Vec<u8>,
-    udp: UdpState,
+    udp: UdpService,
     config: &'a Config,
     life: &'a Lifecycle,
     draining: bool,
@@ -166,7 +166,7 @@ impl<'a> EventLoop<'a> {
             conns: Slab::new(),
             again: Vec::new(),
             scratch: vec![0u8; config.block],
-            udp: UdpState::default(),
+            udp: config.udp_service(),
             config,
             life,
             draining: false,
@@ -245,9 +245,7 @@ impl<'a> EventLoop<'a> {
                 self.resume_accepting();
             }
         }
-        if self.udp.answered + self.udp.failed > 0 {
-            self.udp.log_totals();
-        }
+        self.udp.log_totals();
         Ok(())
     }
 
@@ -286,7 +284,7 @@ impl<'a> EventLoop<'a> {
         if let Source::Udp(u) = &self.sources[i] {
             // Edge-triggered: read until empty, or the next datagram would
             // never be reported.
-            while !answer_ready(u, &mut self.udp, self.config.protocol.mode, 64) {}
+            while !answer_ready(u, &mut self.udp, 64) {}
             return;
         }
         self.accept_all(i);

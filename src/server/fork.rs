@@ -36,7 +36,7 @@ use std::time::Duration;
 
 use anyhow::Context;
 
-use super::udp::{UdpState, answer_ready};
+use super::udp::answer_ready;
 use super::{AcceptBackoff, Config, blocking};
 use crate::lifecycle::{Lifecycle, Next, STOP_SIGNALS, SignalPipe, wait_readable};
 use crate::net::{Listener, Stream};
@@ -50,7 +50,7 @@ pub fn run(config: Config, listeners: Vec<Listener>, life: &Lifecycle) -> anyhow
     }
     let mut listeners = Some(listeners);
     let mut children: HashMap<libc::pid_t, String> = HashMap::new();
-    let mut udp = UdpState::default();
+    let mut udp = config.udp_service();
     let mut backoff = AcceptBackoff::default();
 
     loop {
@@ -92,7 +92,7 @@ pub fn run(config: Config, listeners: Vec<Listener>, life: &Lifecycle) -> anyhow
         for (l, _) in polled.iter().zip(&ready[2..]).filter(|(_, r)| **r) {
             match l {
                 Listener::Udp(u) => {
-                    answer_ready(u, &mut udp, config.protocol.mode, 64);
+                    answer_ready(u, &mut udp, 64);
                 }
                 _ if life.is_draining() => {}
                 _ => accept_and_fork(

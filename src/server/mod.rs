@@ -113,9 +113,16 @@ pub struct Config {
     pub idle_timeout: Option<Duration>,
     /// `--max-buffered`: the unsent output of all connections together.
     pub buffered: std::sync::Arc<crate::conn::Buffered>,
+    /// `--udp-limit`, `--udp-allow`: who gets UDP replies, and how many.
+    pub udp: udp::UdpPolicy,
 }
 
 impl Config {
+    /// The UDP service of one socket.
+    pub fn udp_service(&self) -> udp::UdpService {
+        udp::UdpService::new(self.protocol.mode, self.udp.clone())
+    }
+
     /// The bounds of each connection, for a driver that reads `read_ahead`
     /// bytes ahead of its writes (see [`crate::conn::Limits`]).
     pub fn limits(&self, read_ahead: usize) -> crate::conn::Limits {

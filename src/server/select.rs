@@ -31,7 +31,7 @@ use std::time::Instant;
 use anyhow::Context;
 
 use super::readiness::{ReadyConn, Step, could_progress};
-use super::udp::{UdpState, answer_ready};
+use super::udp::answer_ready;
 use super::{AcceptBackoff, Config};
 use crate::conn::Conn;
 use crate::lifecycle::{Lifecycle, Slot, poll_ms};
@@ -59,7 +59,7 @@ pub fn run(config: Config, listeners: Vec<Listener>, life: &Arc<Lifecycle>) -> a
     let mut listeners = listeners;
     let mut clients: Vec<Client> = Vec::new();
     let mut scratch = vec![0u8; config.block];
-    let mut udp = UdpState::default();
+    let mut udp = config.udp_service();
     let mut backoff = AcceptBackoff::default();
     let mut paused_until: Option<Instant> = None;
     let mut next_sweep = config
@@ -148,7 +148,7 @@ pub fn run(config: Config, listeners: Vec<Listener>, life: &Arc<Lifecycle>) -> a
             }
             match &listeners[i] {
                 Listener::Udp(u) => {
-                    answer_ready(u, &mut udp, config.protocol.mode, 64);
+                    answer_ready(u, &mut udp, 64);
                 }
                 l => accept_some(
                     l,

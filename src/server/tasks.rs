@@ -65,7 +65,7 @@ async fn serve(
             Listener::Udp(u) => {
                 u.set_nonblocking(true)?;
                 let u = tokio::net::UdpSocket::from_std(u)?;
-                tokio::spawn(udp::serve(u, config.protocol.mode, life));
+                tokio::spawn(udp::serve(u, config.udp_service(), life));
             }
         }
     }

@@ -6,8 +6,20 @@
 //! datagram (the seed client's goodbye) is answered with an empty one and,
 //! unlike server2.py, does not stop the server. A failed send (the sender
 //! vanished, ICMP port unreachable) is counted and logged, never fatal.
+//!
+//! UDP's sender address is not checked by anyone: a datagram with a forged
+//! source makes the server send its reply to a victim, and under `--utf8` a
+//! reply can be three times the request. So replies go only to allowed
+//! networks (`--udp-allow`), and each source gets at most so many replies
+//! and reply bytes a second (`--udp-limit`, a token bucket per address;
+//! sources on loopback, which cannot arrive from outside, are spared unless
+//! the limit is given). What is refused is counted and logged, at most once
+//! every ten seconds. [`UdpService`] holds these decisions for every model.
 
+use std::collections::HashMap;
 use std::io;
+use std::net::{IpAddr, SocketAddr};
+use std::time::{Duration, Instant};
 
 use tokio::net::UdpSocket;
 
@@ -17,58 +29,213 @@ use crate::transform::Mode;
 /// Largest UDP payload over IPv4 (65,535 − 8 UDP − 20 IP header bytes).
 pub const MAX_DATAGRAM: usize = 65_507;
 
-pub async fn serve(sock: UdpSocket, mode: Mode, life: std::sync::Arc<Lifecycle>) {
-    let draining = life.until_draining();
-    tokio::pin!(draining);
-    // One byte more than the maximum lets us tell a full datagram from a
-    // truncated one (IPv6 jumbograms aside, nothing larger arrives).
-    let mut buf = vec![0u8; MAX_DATAGRAM + 1];
-    let mut scratch = Vec::new();
-    let mut answered: u64 = 0;
-    let mut failed: u64 = 0;
-    loop {
-        let (n, peer) = tokio::select! {
-            r = sock.recv_from(&mut buf) => match r {
-                Ok(x) => x,
-                Err(e) => {
-                    // ICMP errors from an earlier send surface here on Linux.
-                    failed += 1;
-                    tracing::debug!("udp receive: {e}");
-                    continue;
-                }
-            },
-            _ = &mut draining => break,
-        };
+/// Who gets replies, and how many.
+#[derive(Debug, Clone)]
+pub struct UdpPolicy {
+    /// Replies per second and per source address (0: no limit).
+    pub datagrams: u32,
+    /// Reply bytes per second and per source address (0: no limit).
+    pub bytes: u64,
+    /// Whether the limit applies to loopback sources too.
+    pub loopback: bool,
+    /// Source networks answered (empty: all).
+    pub allow: Vec<ipnet::IpNet>,
+}
+
+impl Default for UdpPolicy {
+    fn default() -> Self {
+        UdpPolicy {
+            datagrams: 1000,
+            bytes: 1 << 20,
+            loopback: false,
+            allow: Vec::new(),
+        }
+    }
+}
+
+/// Sources remembered at once; past this, new sources are refused until
+/// quiet ones are forgotten (so the table stays bounded under a flood of
+/// forged addresses).
+const MAX_SOURCES: usize = 65_536;
+/// A source not heard from for this long is forgotten.
+const FORGET_AFTER: Duration = Duration::from_secs(10);
+
+/// A source's tokens: one second's worth at most.
+#[derive(Debug, Clone, Copy)]
+struct Bucket {
+    datagrams: f64,
+    bytes: f64,
+    last: Instant,
+}
+
+/// The UDP service of one socket: the transform, the policy and the
+/// counters, whatever loop waits on the socket.
+#[derive(Debug)]
+pub struct UdpService {
+    mode: Mode,
+    policy: UdpPolicy,
+    buckets: HashMap<IpAddr, Bucket>,
+    last_prune: Instant,
+    /// Allocated at the first datagram (most event loops never get one).
+    buf: Vec<u8>,
+    scratch: Vec<u8>,
+    pub answered: u64,
+    pub failed: u64,
+    pub refused: u64,
+    refused_logged: Option<Instant>,
+    refused_since_log: u64,
+}
+
+impl UdpService {
+    pub fn new(mode: Mode, policy: UdpPolicy) -> Self {
+        UdpService {
+            mode,
+            policy,
+            buckets: HashMap::new(),
+            last_prune: Instant::now(),
+            buf: Vec::new(),
+            scratch: Vec::new(),
+            answered: 0,
+            failed: 0,
+            refused: 0,
+            refused_logged: None,
+            refused_since_log: 0,
+        }
+    }
+
+    /// The receive buffer: one byte more than the maximum lets us tell a
+    /// full datagram from a truncated one.
+    pub fn buf(&mut self) -> &mut [u8] {
+        if self.buf.is_empty() {
+            self.buf = vec![0u8; MAX_DATAGRAM + 1];
+        }
+        &mut self.buf
+    }
+
+    /// The reply to the `n` bytes just received from `peer`, or `None` when
+    /// it is not answered (refused, or no valid reply; counted and logged).
+    pub fn answer(&mut self, n: usize, peer: SocketAddr) -> Option<&[u8]> {
         if n == 0 {
             tracing::debug!("udp: empty datagram (goodbye) from {peer}");
         }
-        let reply = match reply(mode, &mut buf[..n], &mut scratch) {
-            Ok(r) => r,
+        let ip = canonical(peer.ip());
+        if !self.policy.allow.is_empty() && !self.policy.allow.iter().any(|net| net.contains(&ip)) {
+            self.refuse(peer, "not in --udp-allow");
+            return None;
+        }
+        let mode = self.mode;
+        let len = match reply(mode, &mut self.buf[..n], &mut self.scratch) {
+            Ok(r) => r.len(),
             Err(e) => {
-                failed += 1;
+                self.failed += 1;
                 tracing::warn!("udp: datagram from {peer} not answered: {e}");
-                continue;
+                return None;
             }
         };
-        match send(&sock, reply, peer).await {
-            Ok(()) => answered += 1,
+        // The bytes a source pulls out are what it is charged: under --utf8
+        // a reply may be three times its request.
+        if !self.take_tokens(ip, len) {
+            self.refuse(peer, "over --udp-limit");
+            return None;
+        }
+        Some(match mode {
+            Mode::Ascii => &self.buf[..n],
+            Mode::Utf8 { .. } => &self.scratch,
+        })
+    }
+
+    fn take_tokens(&mut self, ip: IpAddr, len: usize) -> bool {
+        let p = &self.policy;
+        if (p.datagrams == 0 && p.bytes == 0) || (ip.is_loopback() && !p.loopback) {
+            return true;
+        }
+        let now = Instant::now();
+        if now.duration_since(self.last_prune) >= FORGET_AFTER {
+            self.last_prune = now;
+            self.buckets
+                .retain(|_, b| now.duration_since(b.last) < FORGET_AFTER);
+        }
+        let (dg, by) = (p.datagrams as f64, p.bytes as f64);
+        if !self.buckets.contains_key(&ip) && self.buckets.len() >= MAX_SOURCES {
+            return false;
+        }
+        let b = self.buckets.entry(ip).or_insert(Bucket {
+            datagrams: dg,
+            bytes: by,
+            last: now,
+        });
+        let secs = now.duration_since(b.last).as_secs_f64();
+        b.last = now;
+        b.datagrams = (b.datagrams + secs * dg).min(dg);
+        b.bytes = (b.bytes + secs * by).min(by);
+        let ok_dg = dg == 0.0 || b.datagrams >= 1.0;
+        let ok_by = by == 0.0 || b.bytes >= len as f64;
+        if ok_dg && ok_by {
+            b.datagrams -= 1.0;
+            b.bytes -= len as f64;
+            true
+        } else {
+            false
+        }
+    }
+
+    fn refuse(&mut self, peer: SocketAddr, why: &str) {
+        self.refused += 1;
+        self.refused_since_log += 1;
+        if self
+            .refused_logged
+            .is_none_or(|t| t.elapsed() >= Duration::from_secs(10))
+        {
+            tracing::warn!(
+                "udp: refused {} datagram(s) since the last report; the last from {peer}: {why}",
+                self.refused_since_log
+            );
+            self.refused_logged = Some(Instant::now());
+            self.refused_since_log = 0;
+        }
+    }
+
+    /// Counts how sending a reply went.
+    pub fn sent(&mut self, peer: SocketAddr, result: io::Result<usize>, len: usize) {
+        match result {
+            Ok(k) if k == len => self.answered += 1,
+            Ok(k) => {
+                self.failed += 1;
+                tracing::warn!("udp: reply to {peer} truncated to {k} bytes");
+            }
             Err(e) => {
-                failed += 1;
-                tracing::warn!("udp: reply to {peer} failed: {e}");
+                // A full send buffer (WouldBlock) drops the reply, as UDP may.
+                self.failed += 1;
+                tracing::debug!("udp: reply to {peer} failed: {e}");
             }
         }
     }
-    tracing::info!("udp: {answered} datagrams answered, {failed} failed");
+
+    pub fn log_totals(&self) {
+        if self.answered + self.failed + self.refused > 0 {
+            tracing::info!(
+                "udp: {} datagrams answered, {} failed, {} refused",
+                self.answered,
+                self.failed,
+                self.refused
+            );
+        }
+    }
+}
+
+/// An IPv4 address seen on an IPv6 socket (`::ffff:a.b.c.d`) as itself, so
+/// that IPv4 networks in `--udp-allow` match it.
+fn canonical(ip: IpAddr) -> IpAddr {
+    match ip {
+        IpAddr::V6(v6) => v6.to_ipv4_mapped().map_or(ip, IpAddr::V4),
+        v4 => v4,
+    }
 }
 
 /// The reply to one datagram, transformed on its own. A reply that would
 /// not fit in a datagram (UTF-8 can grow up to 3x) is an error, never a
 /// truncation; so is invalid UTF-8 in strict mode.
-pub fn reply<'a>(
-    mode: Mode,
-    data: &'a mut [u8],
-    scratch: &'a mut Vec<u8>,
-) -> Result<&'a [u8], String> {
+fn reply<'a>(mode: Mode, data: &'a mut [u8], scratch: &'a mut Vec<u8>) -> Result<&'a [u8], String> {
     let out: &[u8] = match mode {
         Mode::Ascii => {
             crate::transform::upper_in_place(data);
@@ -88,78 +255,51 @@ pub fn reply<'a>(
     Ok(out)
 }
 
-async fn send(sock: &UdpSocket, data: &[u8], peer: std::net::SocketAddr) -> io::Result<()> {
-    let n = sock.send_to(data, peer).await?;
-    if n != data.len() {
-        return Err(io::Error::other(format!(
-            "sent {n} of {} bytes",
-            data.len()
-        )));
+/// A UDP socket on tokio (the `async` model).
+pub async fn serve(sock: UdpSocket, mut svc: UdpService, life: std::sync::Arc<Lifecycle>) {
+    let draining = life.until_draining();
+    tokio::pin!(draining);
+    loop {
+        let (n, peer) = tokio::select! {
+            r = sock.recv_from(svc.buf()) => match r {
+                Ok(x) => x,
+                Err(e) => {
+                    // ICMP errors from an earlier send surface here on Linux.
+                    svc.failed += 1;
+                    tracing::debug!("udp receive: {e}");
+                    continue;
+                }
+            },
+            _ = &mut draining => break,
+        };
+        let Some(reply) = svc.answer(n, peer) else {
+            continue;
+        };
+        let len = reply.len();
+        let result = sock.send_to(reply, peer).await;
+        svc.sent(peer, result, len);
     }
-    Ok(())
-}
-
-/// The buffers and counters of one UDP listener outside tokio.
-#[derive(Debug, Default)]
-pub struct UdpState {
-    /// Allocated at the first datagram (most event loops never get one).
-    buf: Vec<u8>,
-    scratch: Vec<u8>,
-    pub answered: u64,
-    pub failed: u64,
-}
-
-impl UdpState {
-    pub fn log_totals(&self) {
-        tracing::info!(
-            "udp: {} datagrams answered, {} failed",
-            self.answered,
-            self.failed
-        );
-    }
+    svc.log_totals();
 }
 
 /// Answers the datagrams waiting on a non-blocking socket, at most `budget`
 /// of them; returns true if it stopped because none were left.
-pub fn answer_ready(
-    sock: &std::net::UdpSocket,
-    st: &mut UdpState,
-    mode: Mode,
-    budget: usize,
-) -> bool {
-    if st.buf.is_empty() {
-        st.buf = vec![0u8; MAX_DATAGRAM + 1];
-    }
+pub fn answer_ready(sock: &std::net::UdpSocket, svc: &mut UdpService, budget: usize) -> bool {
     for _ in 0..budget {
-        let (n, peer) = match sock.recv_from(&mut st.buf) {
+        let (n, peer) = match sock.recv_from(svc.buf()) {
             Ok(x) => x,
             Err(e) if e.kind() == io::ErrorKind::WouldBlock => return true,
             Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
             Err(e) => {
-                st.failed += 1;
+                svc.failed += 1;
                 tracing::debug!("udp receive: {e}");
                 continue;
             }
         };
-        let reply = match reply(mode, &mut st.buf[..n], &mut st.scratch) {
-            Ok(r) => r,
-            Err(e) => {
-                st.failed += 1;
-                tracing::warn!("udp: datagram from {peer} not answered: {e}");
-                continue;
-            }
-        };
-        match sock.send_to(reply, peer) {
-            Ok(k) if k == reply.len() => st.answered += 1,
-            Ok(k) => {
-                st.failed += 1;
-                tracing::warn!("udp: reply to {peer} truncated to {k} bytes");
-            }
-            Err(e) => {
-                // A full send buffer (WouldBlock) drops the reply, as UDP may.
-                st.failed += 1;
-                tracing::debug!("udp: reply to {peer} failed: {e}");
-            }
+        if let Some(reply) = svc.answer(n, peer) {
+            let len = reply.len();
+            let result = sock.send_to(reply, peer);
+            svc.sent(peer, result, len);
         }
     }
     false
@@ -167,17 +307,103 @@ pub fn answer_ready(
 
 /// A UDP listener on a thread of its own, for the thread-based models:
 /// waits in poll(2) for a datagram or the start of the drain.
-pub fn serve_blocking(sock: std::net::UdpSocket, mode: Mode, life: &Lifecycle) -> io::Result<()> {
+pub fn serve_blocking(
+    sock: std::net::UdpSocket,
+    mut svc: UdpService,
+    life: &Lifecycle,
+) -> io::Result<()> {
     use std::os::fd::AsFd;
     sock.set_nonblocking(true)?;
-    let mut st = UdpState::default();
     loop {
         let ready = crate::lifecycle::wait_readable(&[sock.as_fd(), life.draining_fd()], None)?;
         if ready[1] {
             break;
         }
-        answer_ready(&sock, &mut st, mode, 64);
+        answer_ready(&sock, &mut svc, 64);
     }
-    st.log_totals();
+    svc.log_totals();
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn svc(policy: UdpPolicy, mode: Mode) -> UdpService {
+        UdpService::new(mode, policy)
+    }
+
+    fn ask(s: &mut UdpService, data: &[u8], peer: &str) -> Option<Vec<u8>> {
+        s.buf()[..data.len()].copy_from_slice(data);
+        s.answer(data.len(), peer.parse().unwrap())
+            .map(|r| r.to_vec())
+    }
+
+    #[test]
+    fn a_source_gets_its_share_and_no_more() {
+        let mut s = svc(
+            UdpPolicy {
+                datagrams: 3,
+                bytes: 0,
+                ..UdpPolicy::default()
+            },
+            Mode::Ascii,
+        );
+        for _ in 0..3 {
+            assert_eq!(
+                ask(&mut s, b"hi", "192.0.2.1:5").as_deref(),
+                Some(&b"HI"[..])
+            );
+        }
+        assert_eq!(
+            ask(&mut s, b"hi", "192.0.2.1:6"),
+            None,
+            "same address, other port"
+        );
+        assert!(
+            ask(&mut s, b"hi", "192.0.2.2:5").is_some(),
+            "another source has its own"
+        );
+        assert!(
+            ask(&mut s, b"hi", "127.0.0.1:5").is_some(),
+            "loopback is spared"
+        );
+        assert_eq!(s.refused, 1);
+    }
+
+    #[test]
+    fn utf8_replies_are_charged_by_their_size() {
+        let mut s = svc(
+            UdpPolicy {
+                datagrams: 0,
+                bytes: 100,
+                loopback: true,
+                ..UdpPolicy::default()
+            },
+            Mode::Utf8 { strict: false },
+        );
+        // U+0390 (2 bytes) uppercases to 6 bytes: 20 of them pull 120.
+        let amp = "\u{390}".repeat(20);
+        assert_eq!(ask(&mut s, amp.as_bytes(), "127.0.0.1:9"), None);
+        assert!(ask(&mut s, "\u{390}".repeat(10).as_bytes(), "127.0.0.1:9").is_some());
+    }
+
+    #[test]
+    fn only_allowed_networks_are_answered() {
+        let mut s = svc(
+            UdpPolicy {
+                allow: vec!["10.0.0.0/8".parse().unwrap(), "::1/128".parse().unwrap()],
+                ..UdpPolicy::default()
+            },
+            Mode::Ascii,
+        );
+        assert!(ask(&mut s, b"x", "10.1.2.3:1").is_some());
+        assert!(
+            ask(&mut s, b"x", "[::ffff:10.1.2.3]:1").is_some(),
+            "v4-mapped"
+        );
+        assert!(ask(&mut s, b"x", "[::1]:1").is_some());
+        assert_eq!(ask(&mut s, b"x", "127.0.0.1:1"), None);
+        assert_eq!(s.refused, 1);
+    }
 }
