@@ -5,8 +5,9 @@
 //! slowloris senders that stay under the idle timeout, early half-closes,
 //! UDP datagrams up to the maximum size) must get every byte back, right.
 //! Hostile ones (clients that go idle past `--idle-timeout`, never read,
-//! reset in the middle of a reply) must be dealt with: idle ones closed by
-//! the server. Meanwhile the server is stopped and continued now and then.
+//! reset in the middle of a reply, floods of connections past the server's
+//! --max-conns, UDP datagrams with a forged source) must be dealt with:
+//! idle ones closed by the server, floods waiting in the backlog. Meanwhile the server is stopped and continued now and then.
 //! Afterwards the server must still run, its descriptors, threads and child
 //! processes must be back at their baseline, and its memory must have
 //! stayed bounded.
@@ -77,9 +78,13 @@ enum Kind {
     Idle,
     NeverReads,
     ResetMidReply,
+    /// Connections up to and past the server's --max-conns, held a moment.
+    Flood,
+    /// UDP datagrams whose source is forged (a raw socket; root only).
+    Forged,
 }
 
-const KINDS: [Kind; 9] = [
+const KINDS: [Kind; 11] = [
     Kind::Stream,
     Kind::Rr,
     Kind::UnixRr,
@@ -89,7 +94,12 @@ const KINDS: [Kind; 9] = [
     Kind::Idle,
     Kind::NeverReads,
     Kind::ResetMidReply,
+    Kind::Flood,
+    Kind::Forged,
 ];
+
+/// The server's --max-conns in the soak: floods reach it.
+const MAX_CONNS: usize = 48;
 
 fn client(kind: Kind, t: &Target, rng: &mut Rng) -> Result<(), String> {
     match kind {
@@ -164,6 +174,18 @@ fn client(kind: Kind, t: &Target, rng: &mut Rng) -> Result<(), String> {
             reset(s);
             Ok(())
         }
+        Kind::Flood => {
+            let held: Vec<TcpStream> = (0..MAX_CONNS + rng.below(16))
+                .filter_map(|_| TcpStream::connect(&t.tcp).ok())
+                .collect();
+            thread::sleep(Duration::from_millis(100 + rng.below(300) as u64));
+            drop(held);
+            Ok(())
+        }
+        Kind::Forged => {
+            forged_datagrams(&t.udp, 1 + rng.below(20));
+            Ok(())
+        }
         Kind::ResetMidReply => {
             let mut s = TcpStream::connect(&t.tcp).map_err(|e| format!("connect: {e}"))?;
             s.set_write_timeout(Some(Duration::from_millis(500))).ok();
@@ -175,6 +197,57 @@ fn client(kind: Kind, t: &Target, rng: &mut Rng) -> Result<(), String> {
             Ok(())
         }
     }
+}
+
+/// Sends `n` datagrams to `udp` from a forged source, 127.0.0.99 (a raw
+/// socket writing its own IP header). The replies go to an address where
+/// nothing listens; the server must only count them and go on.
+fn forged_datagrams(udp: &str, n: usize) {
+    let dst: std::net::SocketAddrV4 = match udp.parse() {
+        Ok(a) => a,
+        Err(_) => return,
+    };
+    // SAFETY: a raw IPv4 socket (root only); closed below.
+    let fd = unsafe { libc::socket(libc::AF_INET, libc::SOCK_RAW, libc::IPPROTO_RAW) };
+    if fd < 0 {
+        return; // not root: counted as a skip by the test
+    }
+    let payload = b"forged source";
+    let total = 20 + 8 + payload.len();
+    let mut pkt = vec![0u8; total];
+    pkt[0] = 0x45; // IPv4, 20-byte header
+    pkt[2..4].copy_from_slice(&(total as u16).to_be_bytes());
+    pkt[8] = 64; // TTL
+    pkt[9] = libc::IPPROTO_UDP as u8;
+    pkt[12..16].copy_from_slice(&[127, 0, 0, 99]);
+    pkt[16..20].copy_from_slice(&dst.ip().octets());
+    pkt[20..22].copy_from_slice(&40000u16.to_be_bytes());
+    pkt[22..24].copy_from_slice(&dst.port().to_be_bytes());
+    pkt[24..26].copy_from_slice(&((8 + payload.len()) as u16).to_be_bytes());
+    pkt[28..].copy_from_slice(payload); // UDP checksum 0: none, valid over IPv4
+    let to = libc::sockaddr_in {
+        sin_family: libc::AF_INET as libc::sa_family_t,
+        sin_port: 0,
+        sin_addr: libc::in_addr {
+            s_addr: u32::from_ne_bytes(dst.ip().octets()),
+        },
+        sin_zero: [0; 8],
+    };
+    for _ in 0..n {
+        // SAFETY: a valid buffer and address of the sizes given.
+        unsafe {
+            libc::sendto(
+                fd,
+                pkt.as_ptr().cast(),
+                pkt.len(),
+                0,
+                (&to as *const libc::sockaddr_in).cast(),
+                std::mem::size_of::<libc::sockaddr_in>() as libc::socklen_t,
+            );
+        }
+    }
+    // SAFETY: closing the socket opened above.
+    unsafe { libc::close(fd) };
 }
 
 /// Closes with a reset (SO_LINGER 0).
@@ -322,6 +395,8 @@ fn soak(model: &str, seed: u64, secs: u64) {
             "1s",
             "--drain-timeout",
             "2s",
+            "--max-conns",
+            "48",
             "tcp://127.0.0.1:0",
             "udp://127.0.0.1:0",
             &unix_ep,
@@ -441,6 +516,9 @@ fn soak_every_model() {
     let seed = seed();
     let secs = secs();
     eprintln!("soak: UPCASE_SOAK_SEED={seed} UPCASE_SOAK_SECS={secs}");
+    if unsafe { libc::geteuid() } != 0 {
+        skip("forged-source datagrams need root (a raw socket): sent none");
+    }
     for model in ALL_MODELS {
         let only = std::env::var("UPCASE_SOAK_MODELS").unwrap_or_default();
         if !only.is_empty() && !only.split(',').any(|m| m == model) {
