@@ -613,14 +613,26 @@ fn max_buffered_bounds_the_memory_of_many_non_readers() {
 /// --max-conns, killing every connection).
 #[test]
 fn threads_holds_what_the_machine_allows_and_never_aborts() {
-    let mut child = upcase()
-        .args(["serve", "--model", "threads", "tcp://127.0.0.1:0"])
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
+    /// Kills the server however the test ends (15,000 threads must not
+    /// outlive a failed assertion).
+    struct Killed(std::process::Child);
+    impl Drop for Killed {
+        fn drop(&mut self) {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
+    let mut child = Killed(
+        upcase()
+            .args(["serve", "--model", "threads", "tcp://127.0.0.1:0"])
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap(),
+    );
+    let child = &mut child.0;
     let err = lines_of(child.stderr.take().unwrap());
-    let hostport = first_line(&mut child)
+    let hostport = first_line(child)
         .trim_start_matches("listening tcp://")
         .to_string();
     // What the machine allows, worked out here as the server should:
@@ -657,7 +669,6 @@ fn threads_holds_what_the_machine_allows_and_never_aborts() {
         skip(&format!(
             "the threads model may hold {cap} here, more than this test can open ({fds} files)"
         ));
-        let _ = child.kill();
         return;
     }
     let addr: std::net::SocketAddr = hostport.parse().unwrap();
@@ -694,8 +705,6 @@ fn threads_holds_what_the_machine_allows_and_never_aborts() {
     let r = upcase_run(&["send", &hostport], b"after the flood", SECS(60));
     assert_eq!(r.out(), "AFTER THE FLOOD", "{}", r.stderr);
     assert!(child.try_wait().unwrap().is_none(), "the server died");
-    let _ = child.kill();
-    let _ = child.wait();
 }
 
 /// UDP replies per source are limited when asked (loopback is spared by
