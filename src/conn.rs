@@ -273,10 +273,6 @@ impl Conn {
         }
     }
 
-    pub fn peer(&self) -> &str {
-        &self.peer
-    }
-
     pub fn limits(&self) -> &Limits {
         &self.limits
     }
@@ -520,14 +516,6 @@ impl Conn {
                 self.unsent
             ),
         }
-    }
-
-    /// The error that ended the connection, if any (for drivers that must
-    /// return one).
-    pub fn error(&self) -> Option<io::Error> {
-        self.failed
-            .as_ref()
-            .map(|(_, why)| io::Error::other(why.clone()))
     }
 }
 

@@ -512,6 +512,29 @@ fn an_idle_server_sleeps_in_every_model() {
     }
 }
 
+/// `n` clients that write (up to `bytes` each, in 64 KiB writes, all at
+/// once) until the server stops taking their bytes, and never read.
+fn non_readers(addr: &str, n: usize, bytes: usize) -> Vec<TcpStream> {
+    let hogs: Vec<_> = (0..n)
+        .map(|_| {
+            let addr = addr.to_string();
+            thread::spawn(move || {
+                let mut s = TcpStream::connect(&addr).unwrap();
+                s.set_write_timeout(Some(Duration::from_millis(700)))
+                    .unwrap();
+                let block = vec![b'x'; 64 * 1024];
+                for _ in 0..bytes / block.len() {
+                    if s.write_all(&block).is_err() {
+                        break; // stuck: the server stopped reading us
+                    }
+                }
+                s
+            })
+        })
+        .collect();
+    hogs.into_iter().map(|h| h.join().unwrap()).collect()
+}
+
 /// Forty clients that write until the server stops taking their bytes and
 /// never read: each holds only its own bounded share, so another client of
 /// the same loop is answered at once (the uring loop's shared blocks used to
@@ -521,24 +544,7 @@ fn never_reading_clients_cannot_starve_the_others() {
     for model in runnable(&CONCURRENT) {
         let srv = serve(model, &["-q", "--workers", "1"]);
         let addr = srv.hostport(0).to_string();
-        let hogs: Vec<_> = (0..40)
-            .map(|_| {
-                let addr = addr.clone();
-                thread::spawn(move || {
-                    let mut s = TcpStream::connect(&addr).unwrap();
-                    s.set_write_timeout(Some(Duration::from_millis(700)))
-                        .unwrap();
-                    let block = vec![b'x'; 64 * 1024];
-                    for _ in 0..1024 {
-                        if s.write_all(&block).is_err() {
-                            break; // stuck: the server stopped reading us
-                        }
-                    }
-                    s
-                })
-            })
-            .collect();
-        let hogs: Vec<TcpStream> = hogs.into_iter().map(|h| h.join().unwrap()).collect();
+        let hogs = non_readers(&addr, 40, 64 << 20);
         let mut c = TcpStream::connect(&addr).unwrap();
         c.set_read_timeout(Some(SECS(3))).unwrap();
         let start = Instant::now();
@@ -568,24 +574,7 @@ fn max_buffered_bounds_the_memory_of_many_non_readers() {
         let warm = upcase_run(&["send", srv.addr(0), "--bytes", "64M"], b"", SECS(60));
         assert_eq!(warm.code(), 0, "{model}: {}", warm.stderr);
         let before = rss_kib(srv.pid());
-        let hogs: Vec<_> = (0..200)
-            .map(|_| {
-                let addr = addr.clone();
-                thread::spawn(move || {
-                    let mut s = TcpStream::connect(&addr).unwrap();
-                    s.set_write_timeout(Some(Duration::from_millis(700)))
-                        .unwrap();
-                    let block = vec![b'x'; 64 * 1024];
-                    for _ in 0..256 {
-                        if s.write_all(&block).is_err() {
-                            break;
-                        }
-                    }
-                    s
-                })
-            })
-            .collect();
-        let hogs: Vec<TcpStream> = hogs.into_iter().map(|h| h.join().unwrap()).collect();
+        let hogs = non_readers(&addr, 200, 16 << 20);
         let r = upcase_run(&["send", srv.addr(0), "--bytes", "256M"], b"", SECS(120));
         assert_eq!(r.code(), 0, "{model}: {} {}", r.out(), r.stderr);
         assert_eq!(r.num("wrong"), 0, "{model}");
