@@ -223,14 +223,10 @@ pub fn machine_limit(model: Model) -> Option<(usize, String)> {
     match model {
         Model::Threads => {
             let maps = read("/proc/sys/vm/max_map_count").map(|m| m.saturating_sub(4096) / 4);
-            let (n, why) = [
+            tightest([
                 maps.map(|n| (n, "vm.max_map_count, 4 mappings per thread")),
                 pids.map(|n| (n, "kernel.pid_max, a pid per thread")),
-            ]
-            .into_iter()
-            .flatten()
-            .min()?;
-            Some((n.max(1), why.to_string()))
+            ])
         }
         Model::Fork => {
             let mut lim = libc::rlimit {
@@ -241,17 +237,19 @@ pub fn machine_limit(model: Model) -> Option<(usize, String)> {
             let nproc = (unsafe { libc::getrlimit(libc::RLIMIT_NPROC, &mut lim) } == 0
                 && lim.rlim_cur != libc::RLIM_INFINITY)
                 .then(|| (lim.rlim_cur as usize).saturating_sub(64));
-            let (n, why) = [
+            tightest([
                 pids.map(|n| (n, "kernel.pid_max, a pid per child")),
                 nproc.map(|n| (n, "RLIMIT_NPROC, processes of this user")),
-            ]
-            .into_iter()
-            .flatten()
-            .min()?;
-            Some((n.max(1), why.to_string()))
+            ])
         }
         _ => None,
     }
+}
+
+/// The smallest of the limits this machine states, with its reason.
+fn tightest<const N: usize>(limits: [Option<(usize, &str)>; N]) -> Option<(usize, String)> {
+    let (n, why) = limits.into_iter().flatten().min()?;
+    Some((n.max(1), why.to_string()))
 }
 
 /// Runs the server until SIGINT or SIGTERM (see [`crate::lifecycle`]).
