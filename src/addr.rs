@@ -8,6 +8,13 @@
 //! | `udp://HOST:PORT`            | UDP datagrams                            |
 //! | `unix:PATH`                  | Unix-domain stream socket                |
 //!
+//! socat's spellings are accepted too, since they are what people paste:
+//! `TCP:HOST:PORT` (and `TCP4:`, `TCP6:`), `UDP:HOST:PORT`,
+//! `UNIX-CONNECT:PATH`, `UNIX-LISTEN:PATH`. Its listening forms
+//! (`TCP-LISTEN:PORT`) and options (`,fork`) are answered with the form to
+//! write instead, and so is a bare port: guessing the host to listen on
+//! (every interface, or this host only) is the user's call, not ours.
+//!
 //! `HOST` is an IPv4 address, a bracketed IPv6 address (`[::1]`) or a name
 //! that is resolved when the endpoint is used. Port 0 asks the kernel for an
 //! ephemeral port. Parsing is pure (no I/O), so it can be tested and fuzzed
@@ -51,12 +58,32 @@ pub enum AddrError {
     MissingPort(String),
     #[error("invalid port '{port}' in '{addr}': expected a number from 0 to 65535")]
     BadPort { addr: String, port: String },
-    #[error("missing host in '{0}': expected HOST:PORT, e.g. 127.0.0.1:1060")]
-    MissingHost(String),
+    #[error(
+        "missing host in '{addr}': did you mean 127.0.0.1:{port} (this host only) or 0.0.0.0:{port} (every interface)?"
+    )]
+    MissingHost { addr: String, port: String },
+    #[error(
+        "'{addr}' is socat's listening form: write {scheme}{ip}:{port} (every interface) or {scheme}{local}:{port} (this host only)"
+    )]
+    SocatListen {
+        addr: String,
+        scheme: &'static str,
+        ip: &'static str,
+        local: &'static str,
+        port: String,
+    },
+    #[error(
+        "socat's options ('{options}') are not part of an upcase address: write '{without}'; see --help for upcase's own flags"
+    )]
+    SocatOptions { options: String, without: String },
     #[error("invalid IPv6 address '{0}': write it in brackets, e.g. [::1]:1060")]
     BadIpv6(String),
     #[error("invalid host '{0}': a host name may contain letters, digits, '-', '_' and '.'")]
     BadHost(String),
+    #[error(
+        "'{addr} {port}': an address and a port: write HOST PORT (nc's form) or one address, e.g. 127.0.0.1:1060"
+    )]
+    ExtraPort { addr: String, port: String },
     #[error("empty Unix socket path: expected unix:PATH, e.g. unix:/tmp/upcase.sock")]
     EmptyPath,
     #[error("cannot resolve host '{host}': {reason}")]
@@ -76,6 +103,17 @@ impl FromStr for Endpoint {
         let s = s.trim();
         if s.is_empty() {
             return Err(AddrError::Empty);
+        }
+        if !s.contains("://")
+            && let Some(e) = socat_form(s)
+        {
+            return e;
+        }
+        if s.bytes().all(|b| b.is_ascii_digit()) {
+            return Err(AddrError::MissingHost {
+                addr: s.to_string(),
+                port: s.to_string(),
+            });
         }
         if s.get(..5).is_some_and(|p| p.eq_ignore_ascii_case("unix:")) {
             // unix:PATH, and the URL form unix:///abs/path.
@@ -124,7 +162,10 @@ impl FromStr for HostPort {
                 return Err(AddrError::BadIpv6(s.to_string()));
             }
             if host.is_empty() {
-                return Err(AddrError::MissingHost(s.to_string()));
+                return Err(AddrError::MissingHost {
+                    addr: s.to_string(),
+                    port: port.to_string(),
+                });
             }
             let host = match host.parse::<IpAddr>() {
                 Ok(ip) => Host::Ip(ip),
@@ -141,6 +182,64 @@ impl FromStr for HostPort {
             port: port.to_string(),
         })?;
         Ok(HostPort { host, port })
+    }
+}
+
+/// socat's `WORD:REST` addresses, or `None` when `s` is not one of them.
+fn socat_form(s: &str) -> Option<Result<Endpoint, AddrError>> {
+    let (word, rest) = s.split_once(':')?;
+    let word = word.to_ascii_lowercase();
+    // "udp:1060" is a host named udp; socat's forms have HOST:PORT after the word.
+    let kind = match word.as_str() {
+        "tcp" | "tcp4" | "tcp6" | "tcp-connect" => "tcp",
+        "udp" | "udp4" | "udp6" | "udp-connect" | "udp-sendto" => "udp",
+        "unix-connect" | "unix-listen" | "unix-client" => "unix",
+        "tcp-listen" | "tcp4-listen" | "tcp6-listen" => "tcp-listen",
+        "udp-listen" | "udp4-listen" | "udp6-listen" | "udp-recvfrom" => "udp-listen",
+        _ => return None,
+    };
+    if let Some((head, options)) = s.split_once(',') {
+        return Some(socat_form(head)?.and_then(|e| {
+            Err(AddrError::SocatOptions {
+                options: options.to_string(),
+                without: e.to_string(),
+            })
+        }));
+    }
+    let v6 = word.contains('6');
+    Some(match kind {
+        "tcp" if rest.contains(':') => rest.parse().map(Endpoint::Tcp),
+        "udp" if rest.contains(':') => rest.parse().map(Endpoint::Udp),
+        "tcp" | "udp" => return None,
+        "unix" if rest.is_empty() => Err(AddrError::EmptyPath),
+        "unix" => Ok(Endpoint::Unix(PathBuf::from(rest))),
+        _ => Err(AddrError::SocatListen {
+            addr: s.to_string(),
+            ip: if v6 { "[::]" } else { "0.0.0.0" },
+            local: if v6 { "[::1]" } else { "127.0.0.1" },
+            port: rest.to_string(),
+            scheme: if kind == "udp-listen" { "udp://" } else { "" },
+        }),
+    })
+}
+
+/// nc's two-argument form, `HOST PORT`, as one address (`HOST:PORT`, with
+/// brackets for an IPv6 literal); with no `port`, `addr` as it is.
+pub fn join_host_port(addr: &str, port: Option<&str>) -> Result<Endpoint, AddrError> {
+    let Some(port) = port else {
+        return addr.parse();
+    };
+    if addr.contains("://") || addr.starts_with('[') || addr.matches(':').count() == 1 {
+        // Already has a port or a scheme: the second word is one too many.
+        return Err(AddrError::ExtraPort {
+            addr: addr.to_string(),
+            port: port.to_string(),
+        });
+    }
+    if addr.contains(':') {
+        format!("[{addr}]:{port}").parse()
+    } else {
+        format!("{addr}:{port}").parse()
     }
 }
 
@@ -243,7 +342,11 @@ mod tests {
         assert_eq!(err(""), AddrError::Empty);
         assert!(matches!(err("127.0.0.1"), AddrError::MissingPort(_)));
         assert!(matches!(err("127.0.0.1:"), AddrError::MissingPort(_)));
-        assert!(matches!(err(":80"), AddrError::MissingHost(_)));
+        assert!(matches!(err(":80"), AddrError::MissingHost { .. }));
+        assert_eq!(
+            err("1060").to_string(),
+            "missing host in '1060': did you mean 127.0.0.1:1060 (this host only) or 0.0.0.0:1060 (every interface)?"
+        );
         assert!(matches!(err("1.2.3.4:70000"), AddrError::BadPort { .. }));
         assert!(matches!(err("1.2.3.4:-1"), AddrError::BadPort { .. }));
         assert!(matches!(err("::1:80"), AddrError::BadIpv6(_)));
@@ -258,6 +361,44 @@ mod tests {
             msg.contains("'http'") && msg.contains("0 to 65535"),
             "{msg}"
         );
+    }
+
+    #[test]
+    fn takes_socat_and_nc_spellings() {
+        assert_eq!(
+            tcp("TCP:127.0.0.1:1060").to_string(),
+            "tcp://127.0.0.1:1060"
+        );
+        assert_eq!(tcp("tcp6:[::1]:7").to_string(), "tcp://[::1]:7");
+        assert_eq!(tcp("UDP:127.0.0.1:7").to_string(), "udp://127.0.0.1:7");
+        assert_eq!(tcp("UNIX-CONNECT:/tmp/a").to_string(), "unix:/tmp/a");
+        assert_eq!(tcp("unix-listen:/tmp/a").to_string(), "unix:/tmp/a");
+        // A host that happens to be called "udp" is still a host.
+        assert_eq!(tcp("udp:1060").to_string(), "tcp://udp:1060");
+        let err = |s: &str| s.parse::<Endpoint>().unwrap_err().to_string();
+        assert_eq!(
+            err("TCP-LISTEN:1060"),
+            "'TCP-LISTEN:1060' is socat's listening form: write 0.0.0.0:1060 (every interface) or 127.0.0.1:1060 (this host only)"
+        );
+        assert!(
+            err("udp6-listen:7").contains("write udp://[::]:7 (every interface) or udp://[::1]:7")
+        );
+        assert!(err("TCP:127.0.0.1:1060,fork").contains("write 'tcp://127.0.0.1:1060'"));
+        assert!(err("TCP-LISTEN:1060,fork").contains("write 0.0.0.0:1060"));
+        let join = |a: &str, p| join_host_port(a, p).map(|e| e.to_string());
+        assert_eq!(
+            join("127.0.0.1", Some("1060")).unwrap(),
+            "tcp://127.0.0.1:1060"
+        );
+        assert_eq!(join("::1", Some("7")).unwrap(), "tcp://[::1]:7");
+        assert_eq!(
+            join("localhost", None).unwrap_err().to_string(),
+            err("localhost")
+        );
+        assert!(matches!(
+            join_host_port("127.0.0.1:1", Some("2")),
+            Err(AddrError::ExtraPort { .. })
+        ));
     }
 
     #[test]

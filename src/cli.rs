@@ -77,6 +77,13 @@ pub enum Command {
     Send(SendArgs),
     Chat(ChatArgs),
     Bench(BenchArgs),
+    /// Print the man page (roff) on stdout: upcase man > upcase.1
+    Man,
+    /// Print shell completions on stdout: upcase completions bash > /etc/bash_completion.d/upcase
+    Completions {
+        #[arg(value_enum)]
+        shell: clap_complete::Shell,
+    },
 }
 
 /// Run the uppercase server.
@@ -170,6 +177,11 @@ pub struct ListenOpts {
     /// Do not set SO_REUSEADDR.
     #[arg(long)]
     pub no_reuseaddr: bool,
+    /// Set SO_REUSEPORT on TCP and UDP listeners: several servers share the
+    /// port on purpose, and the kernel spreads clients among them. Without
+    /// it a port another process holds is refused, for UDP as for TCP.
+    #[arg(long)]
+    pub reuseport: bool,
     /// listen(2) backlog: connections the kernel queues before accept.
     #[arg(long, allow_negative_numbers = true, value_name = "N", default_value_t = 1024, value_parser = clap::value_parser!(i32).range(1..))]
     pub backlog: i32,
@@ -249,7 +261,12 @@ upcase send udp://127.0.0.1:1060 --bytes 1M --size 1K --json"
 pub struct SendArgs {
     /// Server address.
     #[arg(value_name = "ADDR")]
-    pub endpoint: Endpoint,
+    pub endpoint: String,
+    /// nc's form: `send HOST PORT` is `send HOST:PORT`.
+    #[arg(value_name = "PORT")]
+    pub port: Option<String>,
+    #[command(flatten)]
+    pub wait: WaitArgs,
     /// Send N bytes of the seeds' pattern and verify the reply (suffixes K, M, G: binary).
     #[arg(long, allow_negative_numbers = true, value_name = "N", value_parser = units::parse_nonzero_size)]
     pub bytes: Option<u64>,
@@ -285,12 +302,24 @@ pub struct SendArgs {
     pub sock: SockArgs,
 }
 
+/// How long a client waits for the server (nc's -w).
+#[derive(Debug, Args)]
+pub struct WaitArgs {
+    /// Give up when the server does not answer for this long: connecting,
+    /// then each silence while waiting for it (TCP; with --bytes, the
+    /// --stall limit too); over UDP, the most one datagram waits, resends
+    /// included [default: no limit; UDP: what --rto and --retries give].
+    #[arg(short = 'w', long, allow_negative_numbers = true, value_name = "DURATION", value_parser = units::parse_positive_duration)]
+    pub timeout: Option<Duration>,
+}
+
 /// UDP retry options.
 #[derive(Debug, Args)]
 pub struct UdpArgs {
-    /// UDP: wait this long for a reply before the first resend.
+    /// UDP: wait this long for a reply before the first resend (each
+    /// resend waits twice as long as the one before).
     #[arg(long, allow_negative_numbers = true, value_name = "DURATION", default_value = "100ms", value_parser = units::parse_positive_duration)]
-    pub timeout: Duration,
+    pub rto: Duration,
     /// UDP: resends (each waiting twice as long) before a request counts as lost.
     #[arg(
         long,
@@ -300,6 +329,15 @@ pub struct UdpArgs {
         value_parser = clap::value_parser!(u32).range(0..=30)
     )]
     pub retries: u32,
+    /// UDP: stop after this many datagrams in a row got no reply, with the
+    /// loss report (0: never).
+    #[arg(
+        long,
+        allow_negative_numbers = true,
+        value_name = "N",
+        default_value_t = 3
+    )]
+    pub give_up_after: u32,
 }
 
 /// The seeds' interactive client: `Input: ` prompts, `Output: ` replies.
@@ -313,7 +351,12 @@ and stops on an empty line (over UDP, sending the seeds' empty goodbye datagram)
 pub struct ChatArgs {
     /// Server address.
     #[arg(value_name = "ADDR")]
-    pub endpoint: Endpoint,
+    pub endpoint: String,
+    /// nc's form: `chat HOST PORT` is `chat HOST:PORT`.
+    #[arg(value_name = "PORT")]
+    pub port: Option<String>,
+    #[command(flatten)]
+    pub wait: WaitArgs,
     /// The server runs --utf8: expect Unicode-uppercased replies.
     #[arg(long, value_enum, value_name = "STRICTNESS", num_args = 0..=1, require_equals = true, default_missing_value = "lenient")]
     pub utf8: Option<Utf8Arg>,
@@ -380,6 +423,7 @@ impl ServeArgs {
         }
         let mut sockopts = self.sock.into_opts();
         sockopts.reuseaddr = !self.listen.no_reuseaddr;
+        sockopts.reuseport = self.listen.reuseport;
         sockopts.backlog = self.listen.backlog;
         sockopts.unix_mode = self.listen.unix_mode;
         let listeners = if self.listeners.is_empty() {
@@ -458,17 +502,21 @@ fn default_workers(model: Model) -> usize {
 }
 
 impl UdpArgs {
-    fn into_retry(self) -> UdpRetry {
+    fn into_retry(self, wait: &WaitArgs) -> UdpRetry {
         UdpRetry {
-            timeout: self.timeout,
+            timeout: self.rto,
             retries: self.retries,
+            total: wait.timeout,
+            give_up_after: self.give_up_after,
         }
     }
 }
 
 impl SendArgs {
     pub fn into_config(self) -> Result<SendConfig, String> {
-        if self.naive && self.endpoint.is_udp() {
+        let endpoint = crate::addr::join_host_port(&self.endpoint, self.port.as_deref())
+            .map_err(|e| e.to_string())?;
+        if self.naive && endpoint.is_udp() {
             return Err("--naive is about TCP's deadlock; UDP has no flow control to deadlock (drop --naive)".into());
         }
         if self.naive && !self.framing.is_stream() {
@@ -477,16 +525,17 @@ impl SendArgs {
         if let (Framing::Fixed(_), Some(_)) = (self.framing, self.utf8) {
             return Err("--framing fixed cannot go with --utf8: uppercasing UTF-8 can change a message's length".into());
         }
+        let stall = self
+            .stall
+            .unwrap_or(Duration::from_secs(if self.naive { 2 } else { 10 }));
         Ok(SendConfig {
-            endpoint: self.endpoint,
-            sockopts: self.sock.into_opts(),
+            endpoint,
+            sockopts: self.sock.into_opts().waiting(self.wait.timeout),
             bytes: self.bytes,
             naive: self.naive,
-            stall: self
-                .stall
-                .unwrap_or(Duration::from_secs(if self.naive { 2 } else { 10 })),
+            stall: self.wait.timeout.map_or(stall, |w| w.min(stall)),
             size: self.size,
-            udp: self.udp.into_retry(),
+            udp: self.udp.into_retry(&self.wait),
             json: self.json,
             progress: !self.no_progress,
             mode: mode_of(self.utf8),
@@ -496,20 +545,21 @@ impl SendArgs {
 }
 
 impl ChatArgs {
-    pub fn into_config(self) -> SendConfig {
-        SendConfig {
-            endpoint: self.endpoint,
-            sockopts: self.sock.into_opts(),
+    pub fn into_config(self) -> Result<SendConfig, String> {
+        Ok(SendConfig {
+            endpoint: crate::addr::join_host_port(&self.endpoint, self.port.as_deref())
+                .map_err(|e| e.to_string())?,
+            sockopts: self.sock.into_opts().waiting(self.wait.timeout),
             bytes: None,
             naive: false,
             stall: Duration::from_secs(2),
             size: 1024,
-            udp: self.udp.into_retry(),
+            udp: self.udp.into_retry(&self.wait),
             json: false,
             progress: false,
             mode: mode_of(self.utf8),
             framing: self.framing,
-        }
+        })
     }
 }
 

@@ -493,6 +493,12 @@ impl Conn {
         }
     }
 
+    /// The input was refused (`--utf8=strict`): the driver closes with a
+    /// reset, so that the client cannot take a FIN for a complete reply.
+    pub fn resets(&self) -> bool {
+        self.end() == End::Invalid
+    }
+
     /// Logs how the connection ended (once, when the driver drops it).
     pub fn log_end(&self, now: Instant) {
         let secs = now.duration_since(self.started).as_secs_f64();

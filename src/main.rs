@@ -2,7 +2,7 @@
 
 use std::io::IsTerminal;
 
-use clap::Parser;
+use clap::{CommandFactory, Parser};
 use tracing_subscriber::EnvFilter;
 use upcase::bench;
 use upcase::cli::{BenchCommand, Cli, Command};
@@ -25,7 +25,16 @@ fn main() {
             Ok(cfg) => client::send(&cfg).map(|o| o.exit_code()),
             Err(msg) => usage_error(&msg),
         },
-        Command::Chat(args) => client::chat::run(&args.into_config()).map(|o| o.exit_code()),
+        Command::Chat(args) => match args.into_config() {
+            Ok(cfg) => client::chat::run(&cfg).map(|o| o.exit_code()),
+            Err(msg) => usage_error(&msg),
+        },
+        Command::Man => print_man(),
+        Command::Completions { shell } => {
+            let mut cmd = Cli::command();
+            clap_complete::generate(shell, &mut cmd, "upcase", &mut std::io::stdout());
+            Ok(exit::OK)
+        }
         Command::Bench(args) => match args.into_config() {
             Ok(cmd) => {
                 server::raise_fd_limit();
@@ -109,6 +118,37 @@ fn parse_args() -> Cli {
             std::process::exit(exit::USAGE);
         }
     }
+}
+
+/// The man page, from the same clap definition as --help: one for upcase
+/// and a section per command, so `man upcase` shows every flag.
+fn print_man() -> anyhow::Result<i32> {
+    use std::io::Write;
+    let cmd = Cli::command();
+    let mut out = std::io::stdout().lock();
+    clap_mangen::Man::new(cmd.clone()).render(&mut out)?;
+    for sub in cmd
+        .get_subcommands()
+        .filter(|s| !["man", "completions"].contains(&s.get_name()))
+    {
+        let name = format!("upcase-{}", sub.get_name());
+        let sub = sub.clone().bin_name(format!("upcase {}", sub.get_name()));
+        writeln!(out, ".SH \"{}\"", name.to_uppercase())?;
+        let mut page = Vec::new();
+        clap_mangen::Man::new(sub).render(&mut page)?;
+        // Keep the command's sections, without a second title header.
+        let text = String::from_utf8_lossy(&page);
+        for line in text
+            .lines()
+            .filter(|l| !l.starts_with(".TH") && !l.starts_with(".ie") && !l.starts_with(".el"))
+        {
+            let line = line
+                .strip_prefix(".SH ")
+                .map_or(line.to_string(), |h| format!(".SS {h}"));
+            writeln!(out, "{line}")?;
+        }
+    }
+    Ok(exit::OK)
 }
 
 fn usage_error(msg: &str) -> ! {

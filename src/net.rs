@@ -23,8 +23,12 @@ use crate::addr::{AddrError, Endpoint, HostPort};
 /// Socket options shared by servers and clients.
 #[derive(Debug, Clone)]
 pub struct SockOpts {
-    /// SO_REUSEADDR on listeners (the seeds set it; on by default).
+    /// SO_REUSEADDR on TCP listeners (the seeds set it; on by default). On
+    /// UDP it would let a second server share the port silently, so UDP
+    /// never gets it.
     pub reuseaddr: bool,
+    /// SO_REUSEPORT on listeners: sharing a port on purpose (`--reuseport`).
+    pub reuseport: bool,
     /// TCP_NODELAY on connections (disables Nagle's algorithm).
     pub nodelay: bool,
     /// SO_RCVBUF, bytes (the kernel doubles it and autotunes without it).
@@ -41,12 +45,22 @@ pub struct SockOpts {
     pub backlog: i32,
     /// Permissions of a Unix socket file (`--unix-mode`), else the umask's.
     pub unix_mode: Option<u32>,
+    /// Clients: how long connecting, and each wait for the server to send,
+    /// may take (`-w`); reads past it fail with `TimedOut`.
+    pub wait: Option<Duration>,
+}
+
+impl SockOpts {
+    pub fn waiting(self, wait: Option<Duration>) -> SockOpts {
+        SockOpts { wait, ..self }
+    }
 }
 
 impl Default for SockOpts {
     fn default() -> Self {
         SockOpts {
             reuseaddr: true,
+            reuseport: false,
             nodelay: false,
             rcvbuf: None,
             sndbuf: None,
@@ -54,6 +68,7 @@ impl Default for SockOpts {
             congestion: None,
             backlog: 1024,
             unix_mode: None,
+            wait: None,
         }
     }
 }
@@ -98,12 +113,13 @@ pub enum NetError {
         "--congestion {name}: {why} (see /proc/sys/net/ipv4/tcp_available_congestion_control and tcp_allowed_congestion_control)"
     )]
     Congestion { name: String, why: &'static str },
-    #[error("{endpoint}: {what}: {source}")]
+    // The io::Error is part of the message, not a `source`: anyhow's
+    // "{:#}" would print its text a second time.
+    #[error("{endpoint}: {what}: {error}")]
     Io {
         endpoint: Endpoint,
         what: &'static str,
-        #[source]
-        source: io::Error,
+        error: io::Error,
     },
 }
 
@@ -112,7 +128,7 @@ impl NetError {
         NetError::Io {
             endpoint: endpoint.clone(),
             what,
-            source,
+            error: source,
         }
     }
 }
@@ -177,7 +193,13 @@ fn new_socket(
         // [::] means IPv6 only, so that 0.0.0.0 can be bound beside it.
         set(sock.set_only_v6(true), "IPV6_V6ONLY")?;
     }
-    set(sock.set_reuse_address(opts.reuseaddr), "SO_REUSEADDR")?;
+    set(
+        sock.set_reuse_address(opts.reuseaddr && ty == Type::STREAM),
+        "SO_REUSEADDR",
+    )?;
+    if opts.reuseport {
+        set(sock.set_reuse_port(true), "SO_REUSEPORT")?;
+    }
     if ty == Type::STREAM {
         set_congestion(&sock, opts)?;
     }
@@ -339,6 +361,15 @@ pub fn tune_tcp(sock: SockRef<'_>, opts: &SockOpts) -> io::Result<()> {
     Ok(())
 }
 
+/// Makes the coming close(2) send a reset (RST) instead of a FIN, for a
+/// connection whose input was refused. Unix sockets have no such thing;
+/// their peer sees ECONNRESET only if unread input is left.
+pub fn reset_on_close(fd: std::os::fd::BorrowedFd<'_>) {
+    if let Err(e) = SockRef::from(&fd).set_linger(Some(Duration::ZERO)) {
+        tracing::debug!("SO_LINGER: {e}");
+    }
+}
+
 /// A connected stream of either kind, in blocking mode.
 #[derive(Debug)]
 pub enum Stream {
@@ -386,6 +417,8 @@ pub fn connect(endpoint: &Endpoint, opts: &SockOpts) -> Result<Stream, NetError>
                 },
                 _ => NetError::io(endpoint, "connect", e),
             })?;
+            sock.set_read_timeout(opts.wait)
+                .map_err(|e| NetError::io(endpoint, "SO_RCVTIMEO", e))?;
             Ok(Stream::Unix(sock.into()))
         }
         Endpoint::Udp(_) => Err(NetError::io(
@@ -419,8 +452,12 @@ fn connect_tcp_addr(addr: SocketAddr, opts: &SockOpts) -> Result<TcpStream, Atte
     if let Some(n) = opts.sndbuf {
         sock.set_send_buffer_size(n)?;
     }
-    sock.connect(&addr.into())?;
+    match opts.wait {
+        Some(t) => sock.connect_timeout(&addr.into(), t)?,
+        None => sock.connect(&addr.into())?,
+    }
     tune_tcp(SockRef::from(&sock), opts)?;
+    sock.set_read_timeout(opts.wait)?;
     Ok(sock.into())
 }
 

@@ -465,7 +465,7 @@ fn udp_loss_in_a_private_network_namespace() {
             "200K",
             "--size",
             "1K",
-            "--timeout",
+            "--rto",
             "20ms",
             "--retries",
             "8",

@@ -247,7 +247,7 @@ fn udp_without_a_server_is_reported() {
         .port();
     let ep = format!("udp://127.0.0.1:{port}");
     let r = upcase_run(
-        &["send", &ep, "--timeout", "50ms", "--retries", "1"],
+        &["send", &ep, "--rto", "50ms", "--retries", "1"],
         b"hi\n",
         SECS(10),
     );

@@ -208,7 +208,7 @@ fn utf8_stream_chat_and_udp() {
             "send",
             srv.addr(1),
             "--utf8",
-            "--timeout",
+            "--rto",
             "100ms",
             "--retries",
             "0",

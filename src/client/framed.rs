@@ -40,6 +40,7 @@ pub fn pipe(cfg: &SendConfig) -> anyhow::Result<Outcome> {
             Ok(0) => break,
             Ok(n) => n,
             Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+            Err(e) if super::is_timeout(&e) => return Err(super::silence(cfg, 0)),
             Err(e) => return Err(e).with_context(|| format!("receiving from {}", cfg.endpoint)),
         };
         match framing {
@@ -196,6 +197,7 @@ pub fn verify(cfg: &SendConfig, total: u64) -> anyhow::Result<Outcome> {
             Ok(0) => break,
             Ok(n) => n,
             Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+            Err(e) if super::is_timeout(&e) => return Err(super::silence(cfg, received)),
             Err(e) => {
                 return Err(e).with_context(|| {
                     format!("receiving from {} after {got} messages", cfg.endpoint)

@@ -71,11 +71,15 @@ pub struct SendConfig {
 }
 
 /// The textbook's UDP client: wait `timeout`, then resend and double the
-/// wait, `retries` times, before calling a request lost.
+/// wait, `retries` times (and at most `total` in all), before calling a
+/// request lost; after `give_up_after` lost in a row the server is taken
+/// for gone.
 #[derive(Debug, Clone, Copy)]
 pub struct UdpRetry {
     pub timeout: Duration,
     pub retries: u32,
+    pub total: Option<Duration>,
+    pub give_up_after: u32,
 }
 
 impl Default for UdpRetry {
@@ -83,6 +87,8 @@ impl Default for UdpRetry {
         UdpRetry {
             timeout: Duration::from_millis(100),
             retries: 5,
+            total: None,
+            give_up_after: 3,
         }
     }
 }
@@ -98,6 +104,23 @@ pub fn send(cfg: &SendConfig) -> anyhow::Result<Outcome> {
         (_, None) if !cfg.framing.is_stream() => framed::pipe(cfg),
         (_, None) => pipe::run(cfg),
     }
+}
+
+/// The error for a server that sent nothing for `-w` while we waited.
+pub fn silence(cfg: &SendConfig, received: u64) -> anyhow::Error {
+    anyhow::anyhow!(
+        "{} sent nothing for {:?} (-w/--timeout), after {received} bytes",
+        cfg.endpoint,
+        cfg.sockopts.wait.unwrap_or_default()
+    )
+}
+
+/// A read that gave up after SO_RCVTIMEO (`-w`): Linux says EAGAIN.
+pub fn is_timeout(e: &std::io::Error) -> bool {
+    matches!(
+        e.kind(),
+        std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+    )
 }
 
 /// Megabytes (10^6 bytes) per second, as iperf and the summaries print it.

@@ -28,6 +28,9 @@ const SEED_RECV: usize = 42;
 
 pub fn run(cfg: &SendConfig, total: u64) -> anyhow::Result<Outcome> {
     let mut sock = net::connect(&cfg.endpoint, &cfg.sockopts)?;
+    // The watchdog (--stall, capped by -w) judges silence here.
+    sock.set_io_timeout(None)
+        .context("clearing the read timeout")?;
     let probe = sock.try_clone().context("cloning the socket")?;
     let watchdog = Watchdog::start(probe, total, cfg.stall, cfg.json, Why::Naive)?;
     let counters = watchdog.counters.clone();

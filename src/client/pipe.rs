@@ -32,6 +32,7 @@ pub fn run(cfg: &SendConfig) -> anyhow::Result<Outcome> {
             Ok(0) => break,
             Ok(n) => n,
             Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+            Err(e) if super::is_timeout(&e) => return Err(super::silence(cfg, received)),
             Err(e) => {
                 return Err(e).with_context(|| {
                     format!("receiving from {} after {received} bytes", cfg.endpoint)

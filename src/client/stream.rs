@@ -49,7 +49,12 @@ impl StreamReport {
 
     /// Success means every byte sent came back, uppercased, and no more.
     pub fn outcome(&self, total: u64, expect: u64) -> Outcome {
-        if self.wrong > 0 {
+        if self.received > expect {
+            eprintln!(
+                "upcase: the server sent more than it was sent: over {expect} bytes back for {total}"
+            );
+            Outcome::Mismatch
+        } else if self.wrong > 0 {
             eprintln!(
                 "upcase: the reply was wrong: {} wrong byte(s), the first at offset {}",
                 self.wrong,
@@ -80,6 +85,10 @@ pub fn run(cfg: &SendConfig, total: u64) -> anyhow::Result<Outcome> {
         }
     };
     let mut reader = net::connect(&cfg.endpoint, &cfg.sockopts)?;
+    // The watchdog (--stall, capped by -w) judges silence here.
+    reader
+        .set_io_timeout(None)
+        .context("clearing the read timeout")?;
     let writer = reader.try_clone().context("cloning the socket")?;
     let probe = reader.try_clone().context("cloning the socket")?;
     let watchdog = Watchdog::start(probe, total, cfg.stall, cfg.json, Why::Server)?;
@@ -104,14 +113,19 @@ pub fn run(cfg: &SendConfig, total: u64) -> anyhow::Result<Outcome> {
                 verifier.check(&buf[..n]);
                 progress.add_received(n as u64);
                 counters.received.fetch_add(n as u64, Ordering::Relaxed);
+                if verifier.received() > expect {
+                    // More than was sent: wrong whatever comes next.
+                    break Ok(());
+                }
             }
             Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
             Err(e) => break Err(e),
         }
     };
     let seconds = start.elapsed().as_secs_f64();
-    if verifier.received() < expect {
-        // The server stopped early: unblock a writer stuck on a full buffer.
+    if verifier.received() != expect {
+        // The server stopped early (or sent too much): unblock a writer
+        // stuck on a full buffer.
         let _ = shutdown_both(&reader);
     }
     let (sent, send_result) = sender
@@ -137,14 +151,14 @@ pub fn run(cfg: &SendConfig, total: u64) -> anyhow::Result<Outcome> {
             )
         });
     }
-    if let Err(e) = send_result {
-        // The server closed early; the summary shows how far it got.
-        eprintln!(
-            "upcase: sending to {} failed after {sent} bytes: {e}",
-            cfg.endpoint
-        );
-    }
     report.print(cfg.json);
+    if let Err(e) = send_result
+        && verifier.received() <= expect
+    {
+        // A reset or an early close: an error (exit 1), after the summary
+        // that shows how far it got.
+        return Err(e).with_context(|| format!("sending to {} after {sent} bytes", cfg.endpoint));
+    }
     Ok(report.outcome(total, expect))
 }
 

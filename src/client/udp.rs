@@ -86,6 +86,7 @@ pub struct Requester {
     sock: UdpSocket,
     retry: UdpRetry,
     buf: Vec<u8>,
+    lost_in_a_row: u32,
     pub report: UdpReport,
 }
 
@@ -95,6 +96,7 @@ impl Requester {
             sock: net::connect_udp(&cfg.endpoint, &cfg.sockopts)?,
             retry: cfg.udp,
             buf: vec![0u8; 65_536],
+            lost_in_a_row: 0,
             report: UdpReport::default(),
         })
     }
@@ -109,12 +111,19 @@ impl Requester {
     ) -> io::Result<Answer> {
         self.report.sent += 1;
         let mut wait = self.retry.timeout;
+        let give_up = self.retry.total.and_then(|t| Instant::now().checked_add(t));
         for attempt in 0..=self.retry.retries {
             if attempt > 0 {
+                if give_up.is_some_and(|g| Instant::now() >= g) {
+                    break;
+                }
                 self.report.resent += 1;
             }
             self.sock.send(payload)?;
-            let deadline = Instant::now() + wait;
+            let mut deadline = Instant::now() + wait;
+            if let Some(g) = give_up {
+                deadline = deadline.min(g);
+            }
             while let Some(left) = deadline.checked_duration_since(Instant::now()) {
                 if left.is_zero() {
                     break;
@@ -134,6 +143,7 @@ impl Requester {
                     Err(e) => return Err(e),
                 };
                 let reply = &self.buf[..n];
+                self.lost_in_a_row = 0;
                 match classify(reply) {
                     Reply::Good => {
                         self.report.answered += 1;
@@ -150,7 +160,21 @@ impl Requester {
             wait = wait.saturating_mul(2);
         }
         self.report.lost += 1;
+        self.lost_in_a_row += 1;
         Ok(Answer::Lost)
+    }
+
+    /// The server looks gone: `--give-up-after` requests in a row were lost.
+    /// Says so on stderr.
+    pub fn gave_up(&self) -> bool {
+        let n = self.retry.give_up_after;
+        let gone = n > 0 && self.lost_in_a_row >= n;
+        if gone {
+            eprintln!(
+                "upcase: {n} datagrams in a row got no reply: giving up (is the server up? see --give-up-after)"
+            );
+        }
+        gone
     }
 
     /// Sends one datagram without waiting (the seeds' empty goodbye).
@@ -181,11 +205,16 @@ pub fn send_lines(cfg: &SendConfig) -> anyhow::Result<Outcome> {
                 out.write_all(b"\n").context("writing to stdout")?;
                 out.flush().context("writing to stdout")?;
             }
-            Answer::Lost => eprintln!(
-                "upcase: line {}: no reply after {} tries: is the server up?",
-                i + 1,
-                cfg.udp.retries + 1
-            ),
+            Answer::Lost => {
+                eprintln!(
+                    "upcase: line {}: no reply after {} tries: is the server up?",
+                    i + 1,
+                    cfg.udp.retries + 1
+                );
+                if req.gave_up() {
+                    break;
+                }
+            }
         }
         // Remember a few answers, to recognise late duplicates of them.
         recent.push(expect);
@@ -256,6 +285,9 @@ pub fn send_bytes(cfg: &SendConfig, total: u64) -> anyhow::Result<Outcome> {
         .map_err(|e| request_error(cfg, e))?;
         offset += len as u64;
         seq += 1;
+        if req.gave_up() {
+            break;
+        }
     }
     finish(&mut req.report, start);
     req.report.print(cfg.json);

@@ -117,6 +117,9 @@ pub fn serve(mut sock: Stream, peer: String, config: &Config) {
         }
     }
     conn.log_end(Instant::now());
+    if conn.resets() {
+        crate::net::reset_on_close(sock.as_fd());
+    }
 }
 
 /// The seeds' loop: read a block, write all of the reply, until the peer's

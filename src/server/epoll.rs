@@ -370,6 +370,9 @@ impl<'a> EventLoop<'a> {
             Step::Done => {
                 let c = self.conns.remove(key);
                 c.conn.conn.log_end(Instant::now());
+                if c.conn.conn.resets() {
+                    net::reset_on_close(c.sock.as_fd());
+                }
                 drop(c); // deregisters, closes and frees the slot
                 self.resume_accepting();
             }

@@ -138,7 +138,11 @@ pub fn run(config: Config, listeners: Vec<Listener>, life: &Arc<Lifecycle>) -> a
                 .conn
                 .drive(&mut c.sock, &mut scratch, true, |s| s.shutdown_write());
             if c.step == Step::Done {
-                clients.swap_remove(i).conn.conn.log_end(Instant::now());
+                let c = clients.swap_remove(i);
+                c.conn.conn.log_end(Instant::now());
+                if c.conn.conn.resets() {
+                    crate::net::reset_on_close(c.sock.as_fd());
+                }
             }
         }
         for (p, s) in pfds.iter().zip(&slots) {

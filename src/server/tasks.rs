@@ -149,7 +149,11 @@ async fn handle(sock: Stream, peer: String, config: &Config) {
             if let Err(e) = net::tune_tcp(socket2::SockRef::from(&s), &config.sockopts) {
                 tracing::warn!("setting socket options: {e}");
             }
-            drive(&mut s, &mut conn, config.block).await
+            let result = drive(&mut s, &mut conn, config.block).await;
+            if conn.resets() {
+                net::reset_on_close(s.as_fd());
+            }
+            result
         }
         Stream::Unix(mut s) => drive(&mut s, &mut conn, config.block).await,
     };

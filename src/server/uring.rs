@@ -708,6 +708,9 @@ impl Loop<'_> {
             }
         }
         c.core.log_end(self.now);
+        if c.core.resets() {
+            crate::net::reset_on_close(c.sock.as_fd());
+        }
         drop(c); // closes the socket and frees the gauge's slot
         self.feed_starved();
         self.arm_listeners();
