@@ -53,6 +53,8 @@ fn main() {
     std::process::exit(code);
 }
 
+/// Exit codes as `bench --help` documents them: 1 when a server would not
+/// start, 4 when a reply was wrong or a connection got none, else 0.
 fn bench_main(cmd: BenchCommand) -> anyhow::Result<i32> {
     let errors = match cmd {
         BenchCommand::One(cfg, json) => {
@@ -62,10 +64,11 @@ fn bench_main(cmd: BenchCommand) -> anyhow::Result<i32> {
             } else {
                 report.print();
             }
-            report.errors
+            report.errors + report.unserved() as u64
         }
         BenchCommand::Compare(cfg, json) => {
-            let rows = bench::compare::run(&cfg)?;
+            let comparison = bench::compare::run(&cfg)?;
+            let rows = comparison.rows;
             if json {
                 println!("{}", serde_json::to_string_pretty(&rows)?);
             } else {
@@ -73,6 +76,14 @@ fn bench_main(cmd: BenchCommand) -> anyhow::Result<i32> {
             }
             if let Some(dir) = &cfg.out {
                 bench::compare::write_out(dir, &rows, &cfg.workloads)?;
+            }
+            if !comparison.failed.is_empty() {
+                eprintln!(
+                    "upcase: {} would not start: {}",
+                    comparison.failed.len(),
+                    comparison.failed.join(", ")
+                );
+                return Ok(exit::ERROR);
             }
             rows.iter().flat_map(|r| &r.reports).map(|r| r.errors).sum()
         }

@@ -193,6 +193,11 @@ fn compare_two_models_and_write_the_results() {
     }
     let svg = std::fs::read_to_string(dir.join("compare.svg")).unwrap();
     assert!(svg.starts_with("<svg") && svg.contains("select") && svg.contains("async"));
+    // Axis titles, a legend, and numbers a reader takes in at a glance.
+    for text in ["messages/s", "MB/s", "\nserver\n", "upcase model"] {
+        assert!(svg.contains(text), "no {text:?} in the chart");
+    }
+    assert!(!svg.contains("0000.0<"), "raw axis numbers in the chart");
     let _ = std::fs::remove_dir_all(&dir);
 }
 
@@ -295,4 +300,140 @@ fn every_engine_catches_a_wrong_long_or_cut_reply() {
             assert!(first.contains(expect), "{engine} {mode}: {first}");
         }
     }
+}
+
+/// The answers to mistakes and misbehaving servers: each one quick, with the
+/// exit code `bench --help` documents.
+#[test]
+fn bench_edge_cases_have_their_exit_codes() {
+    // An address with --compare is an argument error.
+    let r = upcase_run(&["bench", "127.0.0.1:1060", "--compare"], b"", SECS(10));
+    assert_eq!(r.code(), 2, "{}", r.stderr);
+    assert!(r.stderr.contains("drop the address"), "{}", r.stderr);
+
+    // A udp:// address runs the udp workload.
+    let srv = Server::start(&["-q", "udp://127.0.0.1:0"], 1);
+    let (r, v) = bench_json(&[srv.addr(0), "--duration", "1s"]);
+    assert_eq!(r.code(), 0, "{}", r.stderr);
+    assert_eq!(v["workload"], "udp", "{v}");
+    assert!(v["messages"].as_u64().unwrap() > 100, "{v}");
+    let r = upcase_run(&["bench", srv.addr(0), "--mode", "stream"], b"", SECS(10));
+    assert_eq!(r.code(), 2, "{}", r.stderr);
+
+    // A server that accepts and never answers: exit 4, not 0.
+    let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = l.local_addr().unwrap().to_string();
+    let _mute = std::thread::spawn(move || {
+        let mut held = Vec::new();
+        for c in l.incoming().take(5) {
+            held.push(c);
+        }
+        std::thread::sleep(SECS(20));
+    });
+    let r = upcase_run(
+        &[
+            "bench",
+            &addr,
+            "--conns",
+            "5",
+            "--duration",
+            "1s",
+            "--no-intervals",
+        ],
+        b"",
+        SECS(30),
+    );
+    assert_eq!(r.code(), 4, "{}\n{}", r.out(), r.stderr);
+    assert!(
+        r.out().contains("only 0 of 5 connections got a reply"),
+        "{}",
+        r.out()
+    );
+}
+
+/// A --server command that never listens fails the comparison (exit 1) and
+/// is not left running; a killed comparison takes its servers with it.
+#[test]
+fn compare_leaves_no_server_behind() {
+    let marker = format!("1000{}.25", std::process::id() % 1000);
+    let never = format!("never=sleep {marker} {{port}}");
+    let r = upcase_run(
+        &[
+            "bench",
+            "--compare",
+            "--models",
+            "select",
+            "--workloads",
+            "rr",
+            "--duration",
+            "1s",
+            "--server",
+            &never,
+        ],
+        b"",
+        SECS(60),
+    );
+    assert_eq!(r.code(), 1, "{}", r.stderr);
+    assert!(r.stderr.contains("did not listen"), "{}", r.stderr);
+    assert!(
+        r.out().contains("| select |"),
+        "the others still ran: {}",
+        r.out()
+    );
+    assert!(
+        pids_running(&marker).is_empty(),
+        "the server that never listened is still running"
+    );
+
+    // SIGKILL the comparison while a server runs: the server goes too.
+    let mut bench = upcase()
+        .args([
+            "bench",
+            "--compare",
+            "--models",
+            "epoll",
+            "--workloads",
+            "rr",
+            "--duration",
+            "20s",
+        ])
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let deadline = std::time::Instant::now() + SECS(10);
+    let server = loop {
+        if let Some(&pid) = child_pids(bench.id() as i32).first() {
+            break pid;
+        }
+        assert!(std::time::Instant::now() < deadline, "no server started");
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    };
+    bench.kill().unwrap();
+    bench.wait().unwrap();
+    let deadline = std::time::Instant::now() + SECS(10);
+    while std::path::Path::new(&format!("/proc/{server}")).exists()
+        && std::fs::read_to_string(format!("/proc/{server}/stat"))
+            .is_ok_and(|s| !s.contains(") Z "))
+    {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "server {server} outlived its bench"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+}
+
+/// Processes whose command line contains `needle`.
+fn pids_running(needle: &str) -> Vec<i32> {
+    std::fs::read_dir("/proc")
+        .unwrap()
+        .flatten()
+        .filter_map(|e| e.file_name().to_str()?.parse::<i32>().ok())
+        .filter(|pid| {
+            std::fs::read(format!("/proc/{pid}/cmdline"))
+                .is_ok_and(|c| String::from_utf8_lossy(&c).contains(needle))
+        })
+        .collect()
 }

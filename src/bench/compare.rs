@@ -34,8 +34,15 @@ pub struct Row {
     pub reports: Vec<Report>,
 }
 
-pub fn run(cfg: &CompareConfig) -> anyhow::Result<Vec<Row>> {
+/// What a comparison measured, and the servers that would not start.
+pub struct Comparison {
+    pub rows: Vec<Row>,
+    pub failed: Vec<String>,
+}
+
+pub fn run(cfg: &CompareConfig) -> anyhow::Result<Comparison> {
     let mut rows = Vec::new();
+    let mut failed = Vec::new();
     let mut targets: Vec<(String, Target)> = cfg
         .models
         .iter()
@@ -48,11 +55,18 @@ pub fn run(cfg: &CompareConfig) -> anyhow::Result<Vec<Row>> {
     );
     for (name, target) in targets {
         eprintln!("== {name}");
+        if let Target::Model(m) = target
+            && !m.runs_here()
+        {
+            // Not a failure: this machine does not allow io_uring.
+            eprintln!("   {name}: not available on this machine, skipped");
+            continue;
+        }
         let server = match Running::start(&target, cfg.base.mode, cfg.base.framing) {
             Ok(s) => s,
             Err(e) => {
-                // A model this machine cannot run (io_uring) is skipped.
-                eprintln!("   {name}: cannot start, skipped: {e:#}");
+                eprintln!("   {name}: cannot start: {e:#}");
+                failed.push(name);
                 continue;
             }
         };
@@ -82,13 +96,13 @@ pub fn run(cfg: &CompareConfig) -> anyhow::Result<Vec<Row>> {
                 Err(e) => eprintln!("   {name}: {} failed: {e:#}", w.name()),
             }
         }
-        server.stop();
+        drop(server);
         rows.push(Row {
             server: name,
             reports,
         });
     }
-    Ok(rows)
+    Ok(Comparison { rows, failed })
 }
 
 enum Target {
@@ -116,7 +130,8 @@ impl Running {
                     p if p.exists() => p.to_path_buf(),
                     _ => std::env::current_exe().context("finding the upcase binary")?,
                 };
-                let mut child = Command::new(exe)
+                let mut child = Command::new(exe);
+                child
                     .args(["serve", "--model", m.name(), "-q"])
                     .args(match mode {
                         crate::transform::Mode::Ascii => None,
@@ -126,10 +141,9 @@ impl Running {
                     .args(["tcp://127.0.0.1:0", "udp://127.0.0.1:0"])
                     .stdin(Stdio::null())
                     .stdout(Stdio::piped())
-                    .stderr(Stdio::inherit())
-                    .spawn()
-                    .context("spawning upcase serve")?;
-                let out = child.stdout.take().context("server stdout")?;
+                    .stderr(Stdio::inherit());
+                let mut child = Running::spawn(child, "upcase serve")?;
+                let out = child.child.stdout.take().context("server stdout")?;
                 let mut lines = BufReader::new(out).lines();
                 let mut eps = Vec::new();
                 while eps.len() < 2 {
@@ -141,37 +155,34 @@ impl Running {
                         .with_context(|| format!("unexpected server output {line:?}"))?;
                     eps.push(ep.parse::<Endpoint>()?);
                 }
-                Ok(Running {
-                    child,
-                    tcp: eps[0].clone(),
-                    udp: Some(eps[1].clone()),
-                })
+                child.tcp = eps[0].clone();
+                child.udp = Some(eps[1].clone());
+                Ok(child)
             }
             Target::Command(cmd) => {
                 let port = std::net::TcpListener::bind("127.0.0.1:0")?
                     .local_addr()?
                     .port();
                 let cmd = cmd.replace("{port}", &port.to_string());
-                let child = Command::new("sh")
-                    .args(["-c", &format!("exec {cmd}")])
+                let mut sh = Command::new("sh");
+                sh.args(["-c", &format!("exec {cmd}")])
                     .stdin(Stdio::null())
                     .stdout(Stdio::null())
-                    .stderr(Stdio::inherit())
-                    .spawn()
-                    .with_context(|| format!("spawning {cmd}"))?;
-                let tcp: Endpoint = format!("127.0.0.1:{port}").parse()?;
+                    .stderr(Stdio::inherit());
+                let mut child = Running::spawn(sh, &cmd)?;
+                child.tcp = format!("127.0.0.1:{port}").parse()?;
                 let deadline = Instant::now() + Duration::from_secs(10);
                 while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+                    if let Ok(Some(status)) = child.child.try_wait() {
+                        bail!("{cmd} exited ({status}) without listening on port {port}");
+                    }
                     if Instant::now() > deadline {
+                        // `child` is stopped as it drops.
                         bail!("{cmd} did not listen on port {port} within 10 s");
                     }
                     std::thread::sleep(Duration::from_millis(50));
                 }
-                Ok(Running {
-                    child,
-                    tcp,
-                    udp: None,
-                })
+                Ok(child)
             }
         }
     }
@@ -180,8 +191,32 @@ impl Running {
         self.child.id() as i32
     }
 
-    fn stop(mut self) {
-        // SAFETY: signalling our own child.
+    /// Starts `cmd` so that it cannot outlive us: it gets SIGTERM when this
+    /// process dies, however it dies, and is stopped when dropped.
+    fn spawn(mut cmd: Command, what: &str) -> anyhow::Result<Running> {
+        use std::os::unix::process::CommandExt;
+        // SAFETY: prctl is async-signal-safe and touches no memory of ours.
+        unsafe {
+            cmd.pre_exec(|| {
+                if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGTERM) == -1 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                Ok(())
+            });
+        }
+        let child = cmd.spawn().with_context(|| format!("spawning {what}"))?;
+        Ok(Running {
+            child,
+            tcp: "127.0.0.1:1".parse().expect("literal"),
+            udp: None,
+        })
+    }
+
+    fn stop(&mut self) {
+        if let Ok(Some(_)) = self.child.try_wait() {
+            return;
+        }
+        // SAFETY: signalling our own child, not yet reaped.
         unsafe { libc::kill(self.pid(), libc::SIGTERM) };
         let deadline = Instant::now() + Duration::from_secs(5);
         while Instant::now() < deadline {
@@ -192,6 +227,12 @@ impl Running {
         }
         let _ = self.child.kill();
         let _ = self.child.wait();
+    }
+}
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        self.stop();
     }
 }
 
@@ -328,17 +369,46 @@ pub fn write_out(
 
 /// Draws the comparison as an SVG: one panel per workload, a bar per
 /// server for its throughput, and its p99 latency written on the bar.
+/// "300k", "1.2M": axis numbers a reader takes in at a glance.
+fn human(v: f64) -> String {
+    match v.abs() {
+        a if a >= 1e6 => format!("{:.1}M", v / 1e6),
+        a if a >= 1e4 => format!("{:.0}k", v / 1e3),
+        a if a >= 1e3 => format!("{:.1}k", v / 1e3),
+        _ => format!("{v:.0}"),
+    }
+}
+
+/// One server's bar in a panel.
+struct Bar {
+    server: String,
+    value: f64,
+    p99: Option<f64>,
+    kind: Kind,
+    /// "k/N served" when only some connections got replies.
+    served: Option<String>,
+}
+
+/// What kind of bar a server gets, for its colour and the legend.
+#[derive(Clone, Copy, PartialEq)]
+enum Kind {
+    Model,
+    Outside,
+    Partial,
+}
+
 pub fn chart(path: &std::path::Path, rows: &[Row], workloads: &[Workload]) -> anyhow::Result<()> {
     use plotters::prelude::*;
     use plotters::style::text_anchor::{HPos, Pos, VPos};
 
+    let err = |e: &dyn std::fmt::Display| anyhow::anyhow!("drawing {}: {e}", path.display());
     let panels: Vec<Workload> = workloads.to_vec();
-    let height = 320 * panels.len().max(1) as u32;
+    let height = 340 * panels.len().max(1) as u32;
     let root = SVGBackend::new(path, (960, height)).into_drawing_area();
-    root.fill(&WHITE).map_err(|e| anyhow::anyhow!("{e}"))?;
+    root.fill(&WHITE).map_err(|e| err(&e))?;
     let areas = root.split_evenly((panels.len().max(1), 1));
     for (area, w) in areas.iter().zip(&panels) {
-        let bars: Vec<(String, f64, Option<f64>)> = rows
+        let bars: Vec<Bar> = rows
             .iter()
             .filter_map(|row| {
                 let r = row.reports.iter().find(|r| r.workload == *w)?;
@@ -347,11 +417,21 @@ pub fn chart(path: &std::path::Path, rows: &[Row], workloads: &[Workload]) -> an
                 } else {
                     r.msgs_per_s
                 };
-                Some((
-                    row.server.clone(),
+                let outside = !Model::ALL.iter().any(|m| m.name() == row.server);
+                let partial = r.unserved() > 0;
+                let kind = match (partial, outside) {
+                    (true, _) => Kind::Partial,
+                    (false, true) => Kind::Outside,
+                    (false, false) => Kind::Model,
+                };
+                let served = partial.then(|| format!("{}/{} served", r.conns_served, r.conns));
+                Some(Bar {
+                    server: row.server.clone(),
                     value,
-                    r.latency_us.as_ref().map(|l| l.p99),
-                ))
+                    p99: r.latency_us.as_ref().map(|l| l.p99),
+                    kind,
+                    served,
+                })
             })
             .collect();
         if bars.is_empty() {
@@ -363,61 +443,101 @@ pub fn chart(path: &std::path::Path, rows: &[Row], workloads: &[Workload]) -> an
             Workload::Udp => "datagrams/s",
             _ => "messages/s",
         };
-        let top = bars.iter().map(|b| b.1).fold(0.0, f64::max).max(1.0) * 1.15;
+        let top = bars.iter().map(|b| b.value).fold(0.0, f64::max).max(1.0) * 1.2;
         let mut chart = ChartBuilder::on(area)
             .caption(
-                format!("{} ({unit}; p99 latency on the bars)", w.name()),
+                if bars.iter().any(|b| b.p99.is_some()) {
+                    format!(
+                        "{}: {unit}, higher is better (p99 latency above each bar)",
+                        w.name()
+                    )
+                } else {
+                    format!("{}: {unit}, higher is better", w.name())
+                },
                 ("sans-serif", 18),
             )
             .margin(12)
-            .x_label_area_size(30)
+            .x_label_area_size(40)
             .y_label_area_size(70)
             .build_cartesian_2d((0..bars.len() - 1).into_segmented(), 0.0..top)
-            .map_err(|e| anyhow::anyhow!("{e}"))?;
-        let names: Vec<String> = bars.iter().map(|b| b.0.clone()).collect();
+            .map_err(|e| err(&e))?;
+        let names: Vec<String> = bars.iter().map(|b| b.server.clone()).collect();
         chart
             .configure_mesh()
             .disable_x_mesh()
             .x_labels(bars.len())
+            .x_desc("server")
+            .y_desc(unit)
+            .y_label_formatter(&|v| human(*v))
             .x_label_formatter(&|x| match x {
                 SegmentValue::CenterOf(i) => names.get(*i).cloned().unwrap_or_default(),
                 _ => String::new(),
             })
             .draw()
-            .map_err(|e| anyhow::anyhow!("{e}"))?;
-        chart
-            .draw_series(bars.iter().enumerate().map(|(i, b)| {
-                let color = if b.0.starts_with("baseline") || b.0.starts_with("python") {
-                    RGBColor(160, 160, 160)
-                } else {
-                    RGBColor(40, 100, 180)
-                };
-                let mut bar = Rectangle::new(
-                    [
-                        (SegmentValue::Exact(i), 0.0),
-                        (SegmentValue::Exact(i + 1), b.1),
-                    ],
-                    color.filled(),
-                );
-                bar.set_margin(0, 0, 10, 10);
-                bar
-            }))
-            .map_err(|e| anyhow::anyhow!("{e}"))?;
+            .map_err(|e| err(&e))?;
+        for (kind, color, label) in [
+            (Kind::Model, RGBColor(40, 100, 180), "upcase model"),
+            (
+                Kind::Outside,
+                RGBColor(160, 160, 160),
+                "outside server (--server)",
+            ),
+            (
+                Kind::Partial,
+                RGBColor(230, 140, 40),
+                "served only some clients (k/N on the bar)",
+            ),
+        ] {
+            if !bars.iter().any(|b| b.kind == kind) {
+                continue;
+            }
+            chart
+                .draw_series(bars.iter().enumerate().filter(|(_, b)| b.kind == kind).map(
+                    |(i, b)| {
+                        let mut bar = Rectangle::new(
+                            [
+                                (SegmentValue::Exact(i), 0.0),
+                                (SegmentValue::Exact(i + 1), b.value),
+                            ],
+                            color.filled(),
+                        );
+                        bar.set_margin(0, 0, 10, 10);
+                        bar
+                    },
+                ))
+                .map_err(|e| err(&e))?
+                .label(label)
+                .legend(move |(x, y)| {
+                    Rectangle::new([(x, y - 5), (x + 12, y + 5)], color.filled())
+                });
+        }
         chart
             .draw_series(bars.iter().enumerate().filter_map(|(i, b)| {
-                let label = b.2.map(|p| format!("{p:.0} us"))?;
+                let label = match (b.p99, &b.served) {
+                    (Some(p), Some(s)) => format!("{p:.0} us, {s}"),
+                    (Some(p), None) => format!("{p:.0} us"),
+                    (None, Some(s)) => s.clone(),
+                    (None, None) => return None,
+                };
                 let style = ("sans-serif", 12)
                     .into_font()
                     .into_text_style(area)
                     .pos(Pos::new(HPos::Center, VPos::Bottom));
                 Some(Text::new(
                     label,
-                    (SegmentValue::CenterOf(i), b.1 + top * 0.01),
+                    (SegmentValue::CenterOf(i), b.value + top * 0.01),
                     style,
                 ))
             }))
-            .map_err(|e| anyhow::anyhow!("{e}"))?;
+            .map_err(|e| err(&e))?;
+        chart
+            .configure_series_labels()
+            .position(SeriesLabelPosition::UpperRight)
+            .background_style(WHITE.mix(0.85))
+            .border_style(BLACK)
+            .draw()
+            .map_err(|e| err(&e))?;
     }
-    root.present().map_err(|e| anyhow::anyhow!("{e}"))?;
+    root.present().map_err(|e| err(&e))?;
     Ok(())
 }

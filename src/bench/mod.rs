@@ -461,6 +461,15 @@ fn hold(cfg: &BenchConfig) -> anyhow::Result<Report> {
 
 impl Report {
     /// The final table on stdout.
+    /// Connections that never got a reply (a hold run's idle ones aside).
+    pub fn unserved(&self) -> usize {
+        if self.workload == Workload::Hold {
+            0
+        } else {
+            self.conns.saturating_sub(self.conns_served)
+        }
+    }
+
     pub fn print(&self) {
         println!(
             "workload:    {} ({} conns, {} B)",
@@ -483,7 +492,7 @@ impl Report {
         if self.workload != Workload::Stream {
             println!("msgs/s:      {:.0}", self.msgs_per_s);
         }
-        if self.conns_served < self.conns && self.workload != Workload::Hold {
+        if self.unserved() > 0 {
             println!(
                 "served:      only {} of {} connections got a reply",
                 self.conns_served, self.conns
@@ -535,7 +544,13 @@ pub fn open_idle(
     };
     let addr = hp.resolve()?[0];
     let mut held = Vec::with_capacity(n);
+    let mut last_shown = std::time::Instant::now();
     for i in 0..n {
+        // Thousands of connects take a while: a line a second says how far.
+        if last_shown.elapsed() >= Duration::from_secs(1) {
+            eprintln!("connecting: {i} of {n} held");
+            last_shown = std::time::Instant::now();
+        }
         let sock = socket2::Socket::new(
             socket2::Domain::for_address(addr),
             socket2::Type::STREAM,

@@ -10,9 +10,37 @@ pub fn self_cpu() -> f64 {
     t(ru.ru_utime) + t(ru.ru_stime)
 }
 
-/// A process's CPU time, including its reaped children (the fork model's
-/// children count once they exit), in seconds.
+/// A process's CPU time in seconds, with all its threads and descendants:
+/// the reaped ones (counted by the kernel in the parent) and the live ones
+/// (the fork model's children still serving), as netperf's -c counts.
 pub fn cpu_seconds(pid: i32) -> Option<f64> {
+    let own = own_and_reaped(pid)?;
+    Some(
+        own + children(pid)
+            .into_iter()
+            .filter_map(cpu_seconds)
+            .sum::<f64>(),
+    )
+}
+
+/// The live children of `pid`, from each thread's `children` file.
+fn children(pid: i32) -> Vec<i32> {
+    let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
+        return Vec::new();
+    };
+    tasks
+        .flatten()
+        .filter_map(|t| std::fs::read_to_string(t.path().join("children")).ok())
+        .flat_map(|s| {
+            s.split_whitespace()
+                .filter_map(|p| p.parse().ok())
+                .collect::<Vec<i32>>()
+        })
+        .collect()
+}
+
+/// utime + stime + cutime + cstime of one process.
+fn own_and_reaped(pid: i32) -> Option<f64> {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
     let rest = stat.rsplit_once(") ")?.1;
     let f: Vec<&str> = rest.split_whitespace().collect();
