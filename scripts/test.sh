@@ -6,7 +6,8 @@ cd "$(dirname "$0")/.."
 
 # Real peers the tests talk to: Python 3 (ports of the seeds), OpenBSD
 # netcat (nc -N), socat; and for the UDP loss test, ip (network
-# namespaces), tc and nft (loss inside the test's own namespace).
+# namespaces), tc and nft (loss inside the test's own namespace); curl and promtool
+# (Debian's prometheus package) check the --metrics output.
 # Installed only when missing.
 need=()
 command -v python3 >/dev/null || need+=(python3)
@@ -14,12 +15,15 @@ nc -h 2>&1 | grep -q -- '-N' || need+=(netcat-openbsd)
 command -v socat >/dev/null || need+=(socat)
 command -v ip >/dev/null && command -v tc >/dev/null && command -v ss >/dev/null || need+=(iproute2)
 command -v nft >/dev/null || need+=(nftables)
+command -v promtool >/dev/null || need+=(prometheus)
+command -v curl >/dev/null || need+=(curl)
 if ((${#need[@]})); then
   echo "installing: ${need[*]}"
   sudo=""
   [ "$(id -u)" -eq 0 ] || sudo="sudo"
   $sudo apt-get update -qq
-  DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq "${need[@]}"
+  # --no-install-recommends: promtool is all we want of prometheus.
+  DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq --no-install-recommends "${need[@]}"
 fi
 
 # The tests stream gigabytes through the real binary; Cargo.toml builds the

@@ -142,6 +142,12 @@ impl FromStr for HostPort {
     type Err = AddrError;
 
     fn from_str(s: &str) -> Result<Self, AddrError> {
+        if !s.is_empty() && s.bytes().all(|b| b.is_ascii_digit()) {
+            return Err(AddrError::MissingHost {
+                addr: s.to_string(),
+                port: s.to_string(),
+            });
+        }
         let (host, port) = if let Some(rest) = s.strip_prefix('[') {
             let (inside, after) = rest
                 .split_once(']')

@@ -125,9 +125,13 @@ pub struct ServeArgs {
     /// long (0: never).
     #[arg(long, allow_negative_numbers = true, value_name = "DURATION", default_value = "5m", value_parser = units::parse_duration)]
     pub idle_timeout: Duration,
+    /// Serve Prometheus metrics at http://HOST:PORT/metrics (prints
+    /// `listening http://HOST:PORT/metrics` after the other listeners).
+    #[arg(long, value_name = "HOST:PORT")]
+    pub metrics: Option<crate::addr::HostPort>,
     /// Uppercase UTF-8 text fully, as Python's str.upper() (ß to SS, é to É),
     /// also across block boundaries; invalid bytes pass through, or with
-    /// --utf8=strict end the connection with a logged error.
+    /// --utf8=strict reset the connection with a logged error.
     #[arg(long, value_enum, value_name = "STRICTNESS", num_args = 0..=1, require_equals = true, default_missing_value = "lenient")]
     pub utf8: Option<Utf8Arg>,
     /// Unsent output of all connections together, at most: past it, a
@@ -432,6 +436,9 @@ impl ServeArgs {
             self.listeners
         };
         let model = self.model.unwrap_or_else(Model::default_here);
+        if model == Model::Fork && self.metrics.is_some() {
+            return Err("--metrics cannot count the fork model: its connections are served in child processes whose counters the parent never sees; use another model".into());
+        }
         Ok(server::Config {
             listeners,
             model,
@@ -447,6 +454,7 @@ impl ServeArgs {
                 .workers
                 .map_or_else(|| default_workers(model), |n| n as usize),
             idle_timeout: (!self.idle_timeout.is_zero()).then_some(self.idle_timeout),
+            metrics: self.metrics,
             buffered: crate::conn::Buffered::new(self.max_buffered),
             udp: {
                 let mut p = UdpPolicy {
@@ -583,15 +591,21 @@ upcase bench 127.0.0.1:1060 --mode stream --duration 5s\n  \
 upcase bench 127.0.0.1:1060 --mode rr --conns 50 --size 512\n  \
 upcase bench 127.0.0.1:1060 --mode rr --conns 50 --rate 50000\n  \
 upcase bench --compare --workloads stream,rr --duration 3s\n  \
-upcase bench --compare --models epoll,async --server 'python3 tests/peers/tcp_deadlock.py server 127.0.0.1 {port}'"
+upcase bench --compare --models epoll,async --server 'python3 tests/peers/tcp_deadlock.py server 127.0.0.1 {port}'\n\n\
+EXIT CODES:\n  \
+0  every reply verified\n  \
+1  an error: could not connect, or a --compare server would not start\n  \
+2  invalid arguments\n  \
+4  a wrong reply, or a connection that never got one (--compare: wrong replies only; \
+iterative and pool serve some clients by design)"
 )]
 pub struct BenchArgs {
     /// Server address (not with --compare).
     #[arg(value_name = "ADDR", required_unless_present = "compare")]
     pub endpoint: Option<Endpoint>,
-    /// Workload.
-    #[arg(long, value_enum, default_value_t = Workload::Rr)]
-    pub mode: Workload,
+    /// Workload [default: rr; udp for a udp:// address].
+    #[arg(long, value_enum)]
+    pub mode: Option<Workload>,
     /// Connections [default: stream 1, rr 50, crr 50, udp 1, hold 10000].
     #[arg(long, allow_negative_numbers = true, value_name = "N", value_parser = clap::value_parser!(u32).range(1..=1_000_000))]
     pub conns: Option<u32>,
@@ -667,7 +681,26 @@ pub struct BenchArgs {
 }
 
 impl BenchArgs {
-    pub fn into_config(self) -> Result<BenchCommand, String> {
+    pub fn into_config(mut self) -> Result<BenchCommand, String> {
+        if self.compare && self.endpoint.is_some() {
+            return Err("--compare starts its own servers on free ports: drop the address, or drop --compare to measure the server at that address".into());
+        }
+        let udp_address = self.endpoint.as_ref().is_some_and(Endpoint::is_udp);
+        let mode = match (self.mode, udp_address) {
+            (None, true) => Workload::Udp,
+            (None, false) => Workload::Rr,
+            (Some(m), true) if m != Workload::Udp => {
+                return Err(format!(
+                    "a udp:// address runs the udp workload; --mode {} needs a TCP or Unix address",
+                    m.name()
+                ));
+            }
+            (Some(Workload::Udp), false) if self.endpoint.is_some() => {
+                return Err("--mode udp needs a udp:// address".into());
+            }
+            (Some(m), _) => m,
+        };
+        self.mode = Some(mode);
         if let Some(r) = self.rate
             && !(r.is_finite() && (0.001..=1e9).contains(&r))
         {
@@ -681,16 +714,16 @@ impl BenchArgs {
         if let (Framing::Fixed(_), true) = (self.framing, self.utf8) {
             return Err("--framing fixed cannot go with --utf8: uppercasing UTF-8 can change a message's length".into());
         }
-        if self.rate.is_some() && self.mode == Workload::Stream && !self.compare {
+        if self.rate.is_some() && mode == Workload::Stream && !self.compare {
             return Err("--rate applies to rr, crr, udp and hold, not stream".into());
         }
         if self.engine == Engine::Uring
             && !self.compare
-            && !matches!(self.mode, Workload::Rr | Workload::Hold)
+            && !matches!(mode, Workload::Rr | Workload::Hold)
         {
             return Err(format!(
                 "--engine uring runs rr and hold; {} runs on epoll",
-                self.mode.name()
+                mode.name()
             ));
         }
         let endpoint = self
@@ -700,8 +733,8 @@ impl BenchArgs {
         let conns = self.conns.map(|n| n as usize);
         let base = BenchConfig {
             endpoint,
-            workload: self.mode,
-            conns: conns.unwrap_or_else(|| self.mode.default_conns()),
+            workload: mode,
+            conns: conns.unwrap_or_else(|| mode.default_conns()),
             active: self.active as usize,
             duration: self.duration,
             size: self.size,

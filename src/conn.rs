@@ -190,12 +190,30 @@ pub struct Conn {
     peer: String,
     pub bytes_in: u64,
     pub bytes_out: u64,
+    metrics: crate::metrics::ConnMetrics,
+}
+
+/// Who connected (a name for the logs) and on which listener (a label for
+/// the metrics).
+pub struct Origin {
+    pub peer: String,
+    pub listener: String,
+}
+
+impl From<&str> for Origin {
+    fn from(peer: &str) -> Origin {
+        Origin {
+            peer: peer.to_string(),
+            listener: String::new(),
+        }
+    }
 }
 
 impl Drop for Conn {
     fn drop(&mut self) {
         // What was never sent leaves the budget with the connection.
         self.limits.buffered.sub(self.unsent);
+        crate::metrics::global().conn_ended(&self.metrics, self.end());
     }
 }
 
@@ -244,8 +262,10 @@ const REPORT_EVERY: Duration = Duration::from_secs(1);
 
 impl Conn {
     /// A new connection from `peer` (a name for the logs), accepted at `now`.
-    pub fn new(peer: String, protocol: Protocol, limits: Limits, now: Instant) -> Conn {
+    pub fn new(origin: Origin, protocol: Protocol, limits: Limits, now: Instant) -> Conn {
+        let Origin { peer, listener } = origin;
         tracing::info!("connection from {peer}");
+        let metrics = crate::metrics::global().conn_started(&listener);
         let shape = match protocol.framing {
             Framing::Stream => Shape::Stream(Transformer::new(protocol.mode)),
             f => Shape::Framed {
@@ -270,6 +290,7 @@ impl Conn {
             peer,
             bytes_in: 0,
             bytes_out: 0,
+            metrics,
         }
     }
 
@@ -335,6 +356,7 @@ impl Conn {
         }
         let n = buf.len();
         self.bytes_in += n as u64;
+        self.metrics.bytes_in.inc_by(n as u64);
         if n > 0 {
             self.last_progress = now;
         }
@@ -423,6 +445,7 @@ impl Conn {
         self.unsent -= n;
         self.limits.buffered.sub(n);
         self.bytes_out += n as u64;
+        self.metrics.bytes_out.inc_by(n as u64);
         if n > 0 {
             self.last_progress = now;
         }

@@ -22,6 +22,7 @@ pub mod client;
 pub mod conn;
 pub mod framing;
 pub mod lifecycle;
+pub mod metrics;
 pub mod net;
 pub mod pattern;
 pub mod ring;

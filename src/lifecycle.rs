@@ -175,6 +175,7 @@ impl Lifecycle {
         if self.draining.swap(true, Ordering::SeqCst) {
             return;
         }
+        crate::metrics::global().set_draining();
         let mut st = self.state();
         st.deadline = Instant::now().checked_add(self.drain_timeout);
         for fd in &st.listeners {
@@ -379,6 +380,7 @@ impl Gauge {
             true
         } else {
             drop(n);
+            crate::metrics::global().max_conns_reached();
             self.warn_full();
             false
         }

@@ -361,6 +361,19 @@ pub fn tune_tcp(sock: SockRef<'_>, opts: &SockOpts) -> io::Result<()> {
     Ok(())
 }
 
+/// The address a connection was accepted on, as an endpoint
+/// (`tcp://127.0.0.1:1060`, `unix:/path`): which listener it came through.
+pub fn local_name(fd: std::os::fd::BorrowedFd<'_>) -> String {
+    match SockRef::from(&fd).local_addr() {
+        Ok(a) => match (a.as_socket(), a.as_pathname()) {
+            (Some(ip), _) => format!("tcp://{}", HostPort::from(ip)),
+            (None, Some(path)) => format!("unix:{}", path.display()),
+            _ => "unix:(unnamed)".into(),
+        },
+        Err(_) => "unknown".into(),
+    }
+}
+
 /// Makes the coming close(2) send a reset (RST) instead of a FIN, for a
 /// connection whose input was refused. Unix sockets have no such thing;
 /// their peer sees ECONNRESET only if unread input is left.

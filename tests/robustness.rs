@@ -229,6 +229,7 @@ fn out_of_descriptors_pauses_accepting_and_recovers() {
 fn sigterm_drains_a_gigabyte_stream_in_every_model() {
     for model in runnable(&ALL) {
         let mut srv = serve(model, &["-q"]);
+        let idle_fds = fd_count(srv.pid());
         let mut client = upcase();
         client.args(["send", srv.addr(0), "--bytes", "1G"]);
         let client = client
@@ -236,6 +237,13 @@ fn sigterm_drains_a_gigabyte_stream_in_every_model() {
             .stderr(Stdio::piped())
             .spawn()
             .unwrap();
+        // The signal must come once the stream is under way: after the
+        // server holds the connection (fork: the parent's copy is closed
+        // at once, so there a pause must do), plus a moment of streaming.
+        let deadline = Instant::now() + SECS(5);
+        while model != "fork" && fd_count(srv.pid()) <= idle_fds && Instant::now() < deadline {
+            thread::sleep(Duration::from_millis(10));
+        }
         thread::sleep(Duration::from_millis(150));
         // SAFETY: signalling our own child.
         unsafe { libc::kill(srv.pid(), libc::SIGTERM) };

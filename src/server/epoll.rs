@@ -339,8 +339,12 @@ impl<'a> EventLoop<'a> {
                 tracing::warn!("{peer}: cannot register: {e}");
                 continue;
             }
-            let conn = Conn::new(
+            let origin = crate::conn::Origin {
+                listener: net::local_name(sock.as_fd()),
                 peer,
+            };
+            let conn = Conn::new(
+                origin,
                 self.config.protocol,
                 self.config.limits(0),
                 Instant::now(),

@@ -68,6 +68,11 @@ impl Model {
         }
     }
 
+    /// Whether this machine can run the model (io_uring may be forbidden).
+    pub fn runs_here(self) -> bool {
+        self != Model::Uring || uring::available()
+    }
+
     pub const ALL: [Model; 8] = [
         Model::Iterative,
         Model::Fork,
@@ -115,6 +120,8 @@ pub struct Config {
     pub buffered: std::sync::Arc<crate::conn::Buffered>,
     /// `--udp-limit`, `--udp-allow`: who gets UDP replies, and how many.
     pub udp: udp::UdpPolicy,
+    /// `--metrics`: where Prometheus scrapes `/metrics`.
+    pub metrics: Option<crate::addr::HostPort>,
 }
 
 impl Config {
@@ -266,6 +273,19 @@ pub fn run(config: Config) -> anyhow::Result<()> {
             .context("starting the signal thread")?;
     }
     announce(&listeners)?;
+    crate::metrics::init(config.model.name());
+    if let Some(hp) = &config.metrics {
+        // Not one of the service's listeners: it keeps answering during a
+        // drain, so that the drain can be watched.
+        let endpoint = Endpoint::Tcp(hp.clone());
+        let Listener::Tcp(l) = crate::net::bind(&endpoint, &config.sockopts)? else {
+            unreachable!("a TCP endpoint binds a TCP listener");
+        };
+        let at = crate::addr::HostPort::from(l.local_addr().context("reading the bound address")?);
+        println!("listening http://{at}/metrics");
+        tracing::info!("metrics at http://{at}/metrics");
+        crate::metrics::serve(l).context("starting the metrics thread")?;
+    }
     tracing::info!("serving with the {} model", config.model.name());
     let result = match config.model {
         Model::Iterative => iterative::run(config, listeners, &life),

@@ -219,7 +219,11 @@ fn accept_some(
                     continue;
                 }
                 sock.tune(&config.sockopts);
-                let conn = Conn::new(peer, config.protocol, config.limits(0), Instant::now());
+                let origin = crate::conn::Origin {
+                    listener: crate::net::local_name(sock.as_fd()),
+                    peer,
+                };
+                let conn = Conn::new(origin, config.protocol, config.limits(0), Instant::now());
                 clients.push(Client {
                     _slot: slot,
                     sock,

@@ -143,7 +143,12 @@ async fn accept(listener: &Accepting) -> io::Result<(Stream, String)> {
 }
 
 async fn handle(sock: Stream, peer: String, config: &Config) {
-    let mut conn = Conn::new(peer, config.protocol, config.limits(0), Instant::now());
+    let listener = match &sock {
+        Stream::Tcp(s) => net::local_name(s.as_fd()),
+        Stream::Unix(s) => net::local_name(s.as_fd()),
+    };
+    let origin = crate::conn::Origin { peer, listener };
+    let mut conn = Conn::new(origin, config.protocol, config.limits(0), Instant::now());
     let result = match sock {
         Stream::Tcp(mut s) => {
             if let Err(e) = net::tune_tcp(socket2::SockRef::from(&s), &config.sockopts) {

@@ -115,6 +115,7 @@ impl UdpService {
     /// The reply to the `n` bytes just received from `peer`, or `None` when
     /// it is not answered (refused, or no valid reply; counted and logged).
     pub fn answer(&mut self, n: usize, peer: SocketAddr) -> Option<&[u8]> {
+        crate::metrics::global().datagram("received");
         if n == 0 {
             tracing::debug!("udp: empty datagram (goodbye) from {peer}");
         }
@@ -127,7 +128,10 @@ impl UdpService {
         let len = match reply(mode, &mut self.buf[..n], &mut self.scratch) {
             Ok(r) => r.len(),
             Err(e) => {
-                self.failed += 1;
+                {
+                    self.failed += 1;
+                    crate::metrics::global().datagram("failed");
+                }
                 tracing::warn!("udp: datagram from {peer} not answered: {e}");
                 return None;
             }
@@ -181,6 +185,7 @@ impl UdpService {
 
     fn refuse(&mut self, peer: SocketAddr, why: &str) {
         self.refused += 1;
+        crate::metrics::global().datagram("refused");
         self.refused_since_log += 1;
         if self
             .refused_logged
@@ -198,14 +203,23 @@ impl UdpService {
     /// Counts how sending a reply went.
     pub fn sent(&mut self, peer: SocketAddr, result: io::Result<usize>, len: usize) {
         match result {
-            Ok(k) if k == len => self.answered += 1,
+            Ok(k) if k == len => {
+                self.answered += 1;
+                crate::metrics::global().datagram("answered");
+            }
             Ok(k) => {
-                self.failed += 1;
+                {
+                    self.failed += 1;
+                    crate::metrics::global().datagram("failed");
+                }
                 tracing::warn!("udp: reply to {peer} truncated to {k} bytes");
             }
             Err(e) => {
                 // A full send buffer (WouldBlock) drops the reply, as UDP may.
-                self.failed += 1;
+                {
+                    self.failed += 1;
+                    crate::metrics::global().datagram("failed");
+                }
                 tracing::debug!("udp: reply to {peer} failed: {e}");
             }
         }

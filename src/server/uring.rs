@@ -356,6 +356,7 @@ impl Loop<'_> {
                 Ok((sock, peer)) => {
                     self.backoff().succeeded();
                     sock.tune(&self.config.sockopts);
+                    let listener = crate::net::local_name(sock.as_fd());
                     let limits = crate::conn::Limits {
                         block: self.ring.block_size(),
                         ..self.config.limits(read_ahead)
@@ -363,7 +364,12 @@ impl Loop<'_> {
                     let key = self.conns.insert(Conn {
                         _slot: slot,
                         sock,
-                        core: Core::new(peer, self.config.protocol, limits, self.now),
+                        core: Core::new(
+                            crate::conn::Origin { listener, peer },
+                            self.config.protocol,
+                            limits,
+                            self.now,
+                        ),
                         queue: VecDeque::new(),
                         sent: 0,
                         vectored: None,

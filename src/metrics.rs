@@ -1,0 +1,331 @@
+//! `serve --metrics HOST:PORT`: Prometheus metrics at `/metrics`.
+//!
+//! The counters live where the facts are decided, once for every model:
+//! the connection core counts a connection when it starts, its bytes as
+//! they move and its end with the reason (`conn::End`); the UDP service
+//! counts datagrams; the lifecycle sets the drain state. Counting costs an
+//! atomic add on a handle each connection keeps, so the registry's lock is
+//! taken once per connection, never per read.
+//!
+//! The encoding is prometheus-client's (the Prometheus project's Rust
+//! client); the HTTP side is the least that a scraper needs: one thread,
+//! `GET /metrics`, one response per connection.
+
+use std::io::{self, Read, Write};
+use std::net::TcpListener;
+use std::sync::OnceLock;
+use std::time::Duration;
+
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::encoding::text::encode;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::registry::Registry;
+
+use crate::conn::End;
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct Listener {
+    listener: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct Closed {
+    listener: String,
+    reason: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct Datagrams {
+    outcome: String,
+}
+
+/// Every metric of the process.
+pub struct Metrics {
+    registry: Registry,
+    accepted: Family<Listener, Counter>,
+    open: Family<Listener, Gauge>,
+    closed: Family<Closed, Counter>,
+    bytes_in: Family<Listener, Counter>,
+    bytes_out: Family<Listener, Counter>,
+    datagrams: Family<Datagrams, Counter>,
+    max_conns_reached: Counter,
+    draining: Gauge,
+}
+
+static METRICS: OnceLock<Metrics> = OnceLock::new();
+
+/// The process's metrics, labelled with the model that serves (the first
+/// call decides it; the core's unit tests get "none").
+pub fn init(model: &str) -> &'static Metrics {
+    METRICS.get_or_init(|| Metrics::new(model))
+}
+
+pub fn global() -> &'static Metrics {
+    init("none")
+}
+
+/// What one connection counts with: handles, so that counting its bytes
+/// takes no lock.
+pub struct ConnMetrics {
+    listener: String,
+    pub bytes_in: Counter,
+    pub bytes_out: Counter,
+}
+
+impl Metrics {
+    fn new(model: &str) -> Metrics {
+        let mut registry = Registry::with_prefix_and_labels(
+            "upcase",
+            [(
+                std::borrow::Cow::Borrowed("model"),
+                std::borrow::Cow::Owned(model.to_string()),
+            )]
+            .into_iter(),
+        );
+        let m = Metrics {
+            registry: Registry::default(),
+            accepted: Family::default(),
+            open: Family::default(),
+            closed: Family::default(),
+            bytes_in: Family::default(),
+            bytes_out: Family::default(),
+            datagrams: Family::default(),
+            max_conns_reached: Counter::default(),
+            draining: Gauge::default(),
+        };
+        registry.register(
+            "connections_accepted",
+            "Connections accepted, by listener",
+            m.accepted.clone(),
+        );
+        registry.register(
+            "connections_open",
+            "Connections being served now, by listener",
+            m.open.clone(),
+        );
+        registry.register(
+            "connections_closed",
+            "Connections ended, by listener and reason (done, error, idle, invalid input, framing error)",
+            m.closed.clone(),
+        );
+        registry.register(
+            "received_bytes",
+            "Bytes read from clients",
+            m.bytes_in.clone(),
+        );
+        registry.register(
+            "sent_bytes",
+            "Bytes written to clients",
+            m.bytes_out.clone(),
+        );
+        registry.register(
+            "datagrams",
+            "UDP datagrams: received, answered, failed (the send failed), refused (--udp-limit, --udp-allow)",
+            m.datagrams.clone(),
+        );
+        registry.register(
+            "max_conns_reached",
+            "Times accepting paused at --max-conns (new clients wait in the backlog)",
+            m.max_conns_reached.clone(),
+        );
+        registry.register(
+            "draining",
+            "1 while draining after SIGTERM/SIGINT: no new connections, the open ones finish",
+            m.draining.clone(),
+        );
+        Metrics { registry, ..m }
+    }
+
+    /// A connection starts on `listener`.
+    pub fn conn_started(&self, listener: &str) -> ConnMetrics {
+        let key = Listener {
+            listener: listener.to_string(),
+        };
+        self.accepted.get_or_create(&key).inc();
+        self.open.get_or_create(&key).inc();
+        ConnMetrics {
+            bytes_in: self.bytes_in.get_or_create(&key).clone(),
+            bytes_out: self.bytes_out.get_or_create(&key).clone(),
+            listener: key.listener,
+        }
+    }
+
+    /// A connection ended, for `end`.
+    pub fn conn_ended(&self, conn: &ConnMetrics, end: End) {
+        let key = Listener {
+            listener: conn.listener.clone(),
+        };
+        self.open.get_or_create(&key).dec();
+        self.closed
+            .get_or_create(&Closed {
+                listener: key.listener,
+                reason: end.as_str().to_string(),
+            })
+            .inc();
+    }
+
+    /// One UDP datagram: "received", "answered", "failed" or "refused".
+    pub fn datagram(&self, outcome: &'static str) {
+        self.datagrams
+            .get_or_create(&Datagrams {
+                outcome: outcome.to_string(),
+            })
+            .inc();
+    }
+
+    pub fn max_conns_reached(&self) {
+        self.max_conns_reached.inc();
+    }
+
+    pub fn set_draining(&self) {
+        self.draining.set(1);
+    }
+
+    /// The OpenMetrics text (what Prometheus asks for first).
+    pub fn encode(&self) -> String {
+        let mut out = String::new();
+        // Writing to a String cannot fail.
+        let _ = encode(&mut out, &self.registry);
+        out
+    }
+}
+
+/// The same samples in Prometheus's older text format (0.0.4), for the
+/// scrapers and tools that ask for it or for nothing in particular (curl,
+/// promtool): there a counter's HELP and TYPE name the `_total` sample
+/// itself, and there is no `# EOF`.
+pub fn prometheus_text(openmetrics: &str) -> String {
+    let counters: Vec<&str> = openmetrics
+        .lines()
+        .filter_map(|l| l.strip_prefix("# TYPE ")?.strip_suffix(" counter"))
+        .collect();
+    let mut out = String::with_capacity(openmetrics.len() + 64);
+    for line in openmetrics.lines() {
+        if line == "# EOF" || line.starts_with("# UNIT ") {
+            continue;
+        }
+        let renamed = ["# HELP ", "# TYPE "].iter().find_map(|kind| {
+            let rest = line.strip_prefix(kind)?;
+            let (name, tail) = rest.split_once(' ')?;
+            counters
+                .contains(&name)
+                .then(|| format!("{kind}{name}_total {tail}"))
+        });
+        out.push_str(renamed.as_deref().unwrap_or(line));
+        out.push('\n');
+    }
+    out
+}
+
+/// Serves `GET /metrics` on `listener`, one request per connection, on a
+/// thread of its own, until the process exits.
+pub fn serve(listener: TcpListener) -> io::Result<()> {
+    std::thread::Builder::new()
+        .name("upcase-metrics".into())
+        .spawn(move || {
+            for conn in listener.incoming() {
+                match conn {
+                    Ok(c) => {
+                        if let Err(e) = answer(c) {
+                            tracing::debug!("metrics: {e}");
+                        }
+                    }
+                    Err(e) => {
+                        tracing::warn!("metrics: accept: {e}");
+                        std::thread::sleep(Duration::from_millis(100));
+                    }
+                }
+            }
+        })
+        .map(|_| ())
+}
+
+/// The most of a request we read: a scraper's request head is far smaller.
+const MAX_REQUEST: usize = 8192;
+
+fn answer(mut c: std::net::TcpStream) -> io::Result<()> {
+    // A client that sends nothing cannot hold the thread for long.
+    c.set_read_timeout(Some(Duration::from_secs(2)))?;
+    c.set_write_timeout(Some(Duration::from_secs(2)))?;
+    let mut head = Vec::new();
+    let mut buf = [0u8; 1024];
+    while !head.windows(4).any(|w| w == b"\r\n\r\n") && !head.windows(2).any(|w| w == b"\n\n") {
+        let n = c.read(&mut buf)?;
+        if n == 0 || head.len() + n > MAX_REQUEST {
+            break;
+        }
+        head.extend_from_slice(&buf[..n]);
+    }
+    let text = String::from_utf8_lossy(&head);
+    let openmetrics = text.lines().any(|l| {
+        l.to_ascii_lowercase().starts_with("accept:") && l.contains("application/openmetrics-text")
+    });
+    let line = head.split(|&b| b == b'\n').next().unwrap_or_default();
+    let mut words = line.split(|&b| b == b' ');
+    let (method, path) = (
+        words.next().unwrap_or_default(),
+        words.next().unwrap_or_default(),
+    );
+    let (status, kind, body) = match (method, path) {
+        (b"GET", b"/metrics") if openmetrics => (
+            "200 OK",
+            "application/openmetrics-text; version=1.0.0; charset=utf-8",
+            global().encode(),
+        ),
+        (b"GET", b"/metrics") => (
+            "200 OK",
+            "text/plain; version=0.0.4; charset=utf-8",
+            prometheus_text(&global().encode()),
+        ),
+        (b"GET", _) => (
+            "404 Not Found",
+            "text/plain; charset=utf-8",
+            "upcase serves its metrics at /metrics\n".to_string(),
+        ),
+        _ => (
+            "405 Method Not Allowed",
+            "text/plain; charset=utf-8",
+            "GET /metrics\n".to_string(),
+        ),
+    };
+    write!(
+        c,
+        "HTTP/1.1 {status}\r\nContent-Type: {kind}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        body.len()
+    )?;
+    c.flush()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn prometheus_text_names_the_total_samples() {
+        let m = Metrics::new("epoll");
+        m.conn_started("tcp://127.0.0.1:1").bytes_in.inc_by(5);
+        let om = m.encode();
+        assert!(om.ends_with("# EOF\n"), "{om}");
+        assert!(om.contains("# TYPE upcase_received_bytes counter"), "{om}");
+        let text = prometheus_text(&om);
+        assert!(!text.contains("# EOF"), "{text}");
+        assert!(
+            text.contains("# TYPE upcase_received_bytes_total counter"),
+            "{text}"
+        );
+        assert!(
+            text.contains("# HELP upcase_received_bytes_total Bytes read"),
+            "{text}"
+        );
+        assert!(
+            text.contains(
+                "upcase_received_bytes_total{model=\"epoll\",listener=\"tcp://127.0.0.1:1\"} 5"
+            ),
+            "{text}"
+        );
+        // Gauges keep their names.
+        assert!(text.contains("# TYPE upcase_draining gauge"), "{text}");
+    }
+}

@@ -1,0 +1,243 @@
+//! `serve --metrics`: scraped during load and during a drain, the counters
+//! add up to what the clients did, on every model that can count; the text
+//! passes Prometheus's own checker.
+
+mod common;
+
+use std::io::{Read, Write};
+use std::net::{TcpStream, UdpSocket};
+use std::time::{Duration, Instant};
+
+use common::*;
+
+/// Every model but fork, whose connections live in child processes.
+const MODELS: [&str; 7] = [
+    "iterative",
+    "threads",
+    "pool",
+    "select",
+    "epoll",
+    "async",
+    "uring",
+];
+
+fn scrape(at: &str) -> String {
+    let mut c = TcpStream::connect(at).expect("connect to /metrics");
+    c.set_read_timeout(Some(SECS(5))).unwrap();
+    c.write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n")
+        .unwrap();
+    let mut text = String::new();
+    c.read_to_string(&mut text).unwrap();
+    let (head, body) = text.split_once("\r\n\r\n").expect("an HTTP response");
+    assert!(head.starts_with("HTTP/1.1 200"), "{head}");
+    body.to_string()
+}
+
+/// The value of the sample `name` whose labels contain every one of `labels`
+/// (0 when there is none yet).
+fn value(text: &str, name: &str, labels: &[&str]) -> u64 {
+    text.lines()
+        .filter(|l| l.starts_with(&format!("{name}{{")))
+        .filter(|l| labels.iter().all(|want| l.contains(want)))
+        .map(|l| l.rsplit(' ').next().unwrap().parse::<u64>().unwrap())
+        .sum()
+}
+
+fn wait_for(what: &str, mut ok: impl FnMut() -> bool) {
+    let deadline = Instant::now() + SECS(10);
+    while !ok() {
+        assert!(Instant::now() < deadline, "{what}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+#[test]
+fn counters_add_up_to_what_the_clients_did() {
+    for model in runnable(&MODELS) {
+        let mut srv = Server::start(
+            &[
+                "-q",
+                "--model",
+                model,
+                "--idle-timeout",
+                "1s",
+                "--metrics",
+                "127.0.0.1:0",
+                "tcp://127.0.0.1:0",
+                "udp://127.0.0.1:0",
+            ],
+            3,
+        );
+        let at = srv.endpoints[2]
+            .strip_prefix("http://")
+            .and_then(|s| s.strip_suffix("/metrics"))
+            .unwrap_or_else(|| panic!("{model}: {:?}", srv.endpoints))
+            .to_string();
+        let tcp = format!("listener=\"{}\"", srv.addr(0));
+        let m = format!("model=\"{model}\"");
+
+        // 20 clients, 1000 bytes each, one after another (iterative serves
+        // one at a time), every reply checked.
+        for _ in 0..20 {
+            let mut c = TcpStream::connect(srv.hostport(0)).unwrap();
+            c.write_all(&[b'a'; 1000]).unwrap();
+            c.shutdown(std::net::Shutdown::Write).unwrap();
+            let mut reply = Vec::new();
+            c.read_to_end(&mut reply).unwrap();
+            assert_eq!(reply, vec![b'A'; 1000], "{model}");
+        }
+        let u = UdpSocket::bind("127.0.0.1:0").unwrap();
+        u.set_read_timeout(Some(SECS(5))).unwrap();
+        for _ in 0..5 {
+            u.send_to(b"dgram", srv.hostport(1)).unwrap();
+            let mut b = [0u8; 16];
+            let n = u.recv(&mut b).unwrap();
+            assert_eq!(&b[..n], b"DGRAM", "{model}");
+        }
+        // One client that says nothing: open now, closed as idle in 1 s.
+        let silent = TcpStream::connect(srv.hostport(0)).unwrap();
+        let text = {
+            let mut t = String::new();
+            wait_for(&format!("{model}: the silent client shows as open"), || {
+                t = scrape(&at);
+                value(&t, "upcase_connections_open", &[&tcp]) == 1
+            });
+            t
+        };
+        assert_eq!(value(&text, "upcase_draining", &[&m]), 0, "{text}");
+        wait_for(
+            &format!("{model}: the silent client is closed as idle"),
+            || {
+                value(
+                    &scrape(&at),
+                    "upcase_connections_closed_total",
+                    &["reason=\"idle\""],
+                ) == 1
+            },
+        );
+        let text = scrape(&at);
+        let count = |name: &str, extra: &[&str]| {
+            let mut labels = vec![m.as_str()];
+            labels.extend_from_slice(extra);
+            value(&text, name, &labels)
+        };
+        assert_eq!(
+            count("upcase_connections_accepted_total", &[&tcp]),
+            21,
+            "{text}"
+        );
+        assert_eq!(count("upcase_connections_open", &[&tcp]), 0, "{text}");
+        assert_eq!(
+            count(
+                "upcase_connections_closed_total",
+                &[&tcp, "reason=\"done\""]
+            ),
+            20,
+            "{text}"
+        );
+        assert_eq!(
+            count("upcase_received_bytes_total", &[&tcp]),
+            20_000,
+            "{text}"
+        );
+        assert_eq!(count("upcase_sent_bytes_total", &[&tcp]), 20_000, "{text}");
+        assert_eq!(
+            count("upcase_datagrams_total", &["outcome=\"received\""]),
+            5,
+            "{text}"
+        );
+        assert_eq!(
+            count("upcase_datagrams_total", &["outcome=\"answered\""]),
+            5,
+            "{text}"
+        );
+        drop(silent);
+
+        // A drain that waits for a client: the metrics say so meanwhile.
+        let mut held = TcpStream::connect(srv.hostport(0)).unwrap();
+        held.write_all(b"x").unwrap();
+        let mut one = [0u8; 1];
+        held.read_exact(&mut one).unwrap();
+        // SAFETY: kill(2) on our own child's pid.
+        unsafe { libc::kill(srv.pid(), libc::SIGTERM) };
+        wait_for(&format!("{model}: draining shows"), || {
+            value(&scrape(&at), "upcase_draining", &[&m]) == 1
+        });
+        held.shutdown(std::net::Shutdown::Write).unwrap();
+        let status = srv.signal_and_wait(0, SECS(10));
+        assert!(status.success(), "{model}: {status:?}");
+    }
+}
+
+/// Prometheus's own checker (promtool, from Debian's prometheus package)
+/// accepts what a scrape returns, once every metric has samples.
+#[test]
+fn promtool_accepts_the_text() {
+    let have = std::process::Command::new("promtool")
+        .arg("--version")
+        .output()
+        .is_ok_and(|o| o.status.success());
+    if !have {
+        skip(
+            "promtool is not installed (Debian's prometheus package; scripts/test.sh installs it)",
+        );
+        return;
+    }
+    let srv = Server::start(
+        &[
+            "-q",
+            "--metrics",
+            "127.0.0.1:0",
+            "tcp://127.0.0.1:0",
+            "udp://127.0.0.1:0",
+        ],
+        3,
+    );
+    let at = srv.endpoints[2]
+        .trim_start_matches("http://")
+        .trim_end_matches("/metrics")
+        .to_string();
+    let r = upcase_run(&["send", srv.addr(0)], b"hello\n", SECS(10));
+    assert_eq!(r.code(), 0, "{}", r.stderr);
+    let r = upcase_run(&["send", srv.addr(1)], b"hello\n", SECS(10));
+    assert_eq!(r.code(), 0, "{}", r.stderr);
+    let text = scrape(&at);
+    let mut check = std::process::Command::new("promtool");
+    check.args(["check", "metrics"]);
+    let out = run(check, text.as_bytes(), SECS(20));
+    assert!(
+        out.status.success(),
+        "promtool: {}{}\n{text}",
+        out.out(),
+        out.stderr
+    );
+}
+
+#[test]
+fn metrics_refuse_what_they_cannot_count() {
+    let r = upcase_run(
+        &[
+            "serve",
+            "--model",
+            "fork",
+            "--metrics",
+            "127.0.0.1:0",
+            "tcp://127.0.0.1:0",
+        ],
+        b"",
+        SECS(10),
+    );
+    assert_eq!(r.code(), 2, "{}", r.stderr);
+    assert!(r.stderr.contains("fork"), "{}", r.stderr);
+    let r = upcase_run(
+        &["serve", "--metrics", "9100", "tcp://127.0.0.1:0"],
+        b"",
+        SECS(10),
+    );
+    assert_eq!(r.code(), 2, "{}", r.stderr);
+    assert!(
+        r.stderr.contains("did you mean 127.0.0.1:9100"),
+        "{}",
+        r.stderr
+    );
+}
