@@ -43,7 +43,8 @@ EXIT CODES:
   2  invalid arguments
   3  stalled: send --naive's deadlock, or a server that stopped, diagnosed
   4  the reply was wrong or incomplete, or UDP datagrams were lost
-     (bench: any verification error)
+     (bench: a wrong reply or a connection that got none;
+     bench --compare: 1 when a server it starts would not start)
 
 SERVER MODELS (serve --model): iterative, fork, threads, pool, select,
 epoll, async, uring: the seeds' designs and two beyond them, one connection
@@ -253,8 +254,11 @@ in 16-byte writes, half-close, then read. When neither direction moves for \
 --stall, it prints a diagnosis (bytes sent and received, this socket's kernel \
 send and receive queues, and why) and exits with code 3.\n\n\
 Over UDP each stdin line is one datagram (or, with --bytes N --size B, \
-ceil(N/B) numbered datagrams); each request waits --timeout, then is resent \
-with the wait doubled, up to --retries times, before it counts as lost.",
+ceil(N/B) numbered datagrams); each request waits --rto, then is resent \
+with the wait doubled, up to --retries times (at most -w in all), before it \
+counts as lost; after --give-up-after lost in a row, send stops with the report.\n\n\
+nc's habits work: `send HOST PORT`, socat's TCP:HOST:PORT, UDP:HOST:PORT and \
+UNIX-CONNECT:PATH, and -w DURATION to bound connecting and each wait for the server.",
     after_help = "EXAMPLES:\n  \
 echo hello | upcase send 127.0.0.1:1060          # HELLO\n  \
 upcase send 127.0.0.1:1060 --bytes 1G            # stream 1 GiB, verified\n  \
