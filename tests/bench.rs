@@ -189,6 +189,18 @@ fn compare_two_models_and_write_the_results() {
     for row in rows.as_array().unwrap() {
         for rep in row["reports"].as_array().unwrap() {
             assert_eq!(rep["errors"], 0, "{rep}");
+            // The server's service demand, from /proc: per MB for the
+            // stream, per message for rr; the kernel's share is never 0.
+            let d = &rep["service_demand"];
+            let per = if rep["workload"] == "stream" {
+                "MB"
+            } else {
+                "message"
+            };
+            assert_eq!(d["per"], per, "{rep}");
+            assert!(d["sys_us"].as_f64().unwrap() > 0.0, "{rep}");
+            assert!(d["user_us"].as_f64().unwrap() >= 0.0, "{rep}");
+            assert!(d["ctx_switches"].as_f64().unwrap() >= 0.0, "{rep}");
         }
     }
     let svg = std::fs::read_to_string(dir.join("compare.svg")).unwrap();

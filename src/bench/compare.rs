@@ -273,7 +273,9 @@ pub fn table(rows: &[Row], workloads: &[Workload]) -> String {
         if *w == Workload::Hold {
             head.push("hold B/conn".into());
         }
-        head.push(format!("{n} srv cpu"));
+        head.push(format!(
+            "{n} srv cores (user+sys us, ctx switches, per unit)"
+        ));
     }
     let mut out = format!("| {} |\n|{}\n", head.join(" | "), "---|".repeat(head.len()));
     for row in rows {
@@ -328,12 +330,16 @@ pub fn table(rows: &[Row], workloads: &[Workload]) -> String {
             cells.push(
                 match (
                     r.and_then(|r| r.server_cpu),
-                    r.and_then(|r| r.server_us_per_msg),
+                    r.and_then(|r| r.service_demand.as_ref()),
                 ) {
-                    (Some(c), Some(us)) if *w != Workload::Stream => {
-                        format!("{c:.2} ({us:.1} us/msg)")
-                    }
-                    (Some(c), _) => format!("{c:.2}"),
+                    (Some(c), Some(d)) => format!(
+                        "{c:.2} ({:.1}+{:.1} us, {:.2} cs /{})",
+                        d.user_us,
+                        d.sys_us,
+                        d.ctx_switches,
+                        if d.per == "MB" { "MB" } else { "msg" }
+                    ),
+                    (Some(c), None) => format!("{c:.2}"),
                     _ => "-".into(),
                 },
             );

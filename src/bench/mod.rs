@@ -169,6 +169,9 @@ pub struct Report {
     pub server_cpu: Option<f64>,
     /// Server CPU time per message, in microseconds (message workloads).
     pub server_us_per_msg: Option<f64>,
+    /// The server's service demand: its CPU (user and system apart) and
+    /// context switches per message, or per MB for streams.
+    pub service_demand: Option<ServiceDemand>,
     /// Connections that completed at least one message (rr, crr, udp): a
     /// server that serves only some clients shows here, not in msgs/s.
     pub conns_served: usize,
@@ -176,6 +179,29 @@ pub struct Report {
     pub held: Option<usize>,
     pub server_bytes_per_held_conn: Option<f64>,
     pub first_error: Option<String>,
+}
+
+/// What serving one unit of work cost the server (its threads and
+/// children included): on a machine where the kernel does most of the
+/// work, a better measure of a design than its rate on shared cores.
+#[derive(Debug, Clone, Serialize)]
+pub struct ServiceDemand {
+    /// "message", or "MB" for streams.
+    pub per: &'static str,
+    pub user_us: f64,
+    pub sys_us: f64,
+    pub ctx_switches: f64,
+}
+
+impl ServiceDemand {
+    fn of(used: proc::Usage, units: f64, per: &'static str) -> Option<ServiceDemand> {
+        (units > 0.0).then(|| ServiceDemand {
+            per,
+            user_us: used.user * 1e6 / units,
+            sys_us: used.sys * 1e6 / units,
+            ctx_switches: used.ctx_switches as f64 / units,
+        })
+    }
 }
 
 /// Runs one workload against one server.
@@ -229,7 +255,7 @@ fn run_load(cfg: &BenchConfig) -> anyhow::Result<Report> {
         cfg.pipeline.max(1) as u64
     };
     let client_before = proc::self_cpu();
-    let server_before = cfg.server_pid.and_then(proc::cpu_seconds);
+    let server_before = cfg.server_pid.and_then(proc::usage);
     let start = Instant::now();
     let deadline = start + cfg.duration;
 
@@ -281,12 +307,20 @@ fn run_load(cfg: &BenchConfig) -> anyhow::Result<Report> {
         .duration_since(start)
         .as_secs_f64();
     let client_cpu = (proc::self_cpu() - client_before) / seconds;
-    let server_cpu = match (server_before, cfg.server_pid.and_then(proc::cpu_seconds)) {
-        (Some(a), Some(b)) => Some((b - a) / seconds),
+    let server_used = match (server_before, cfg.server_pid.and_then(proc::usage)) {
+        (Some(a), Some(b)) => Some(b - a),
         _ => None,
     };
+    let server_cpu = server_used.map(|u| (u.user + u.sys) / seconds);
     let mut report = summarise(cfg, results, seconds, client_cpu, server_cpu);
     report.engine = engine;
+    report.service_demand = server_used.and_then(|u| {
+        if report.workload == Workload::Stream {
+            ServiceDemand::of(u, report.bytes as f64 / 1e6, "MB")
+        } else {
+            ServiceDemand::of(u, report.messages as f64, "message")
+        }
+    });
     Ok(report)
 }
 
@@ -355,6 +389,7 @@ fn summarise(
         server_us_per_msg: server_cpu
             .filter(|_| !stream && messages > 0)
             .map(|c| c * seconds * 1e6 / messages as f64),
+        service_demand: None,
         held: None,
         server_bytes_per_held_conn: None,
         first_error,
@@ -519,6 +554,12 @@ impl Report {
             (Some(s), Some(us)) => println!(", server {s:.2} cores ({us:.2} us per message)"),
             (Some(s), None) => println!(", server {s:.2} cores"),
             _ => println!(),
+        }
+        if let Some(d) = &self.service_demand {
+            println!(
+                "demand:      per {}: server user {:.2} us, system {:.2} us, {:.2} context switches",
+                d.per, d.user_us, d.sys_us, d.ctx_switches
+            );
         }
         if let Some(e) = &self.first_error {
             println!("first error: {e}");

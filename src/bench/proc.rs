@@ -14,13 +14,7 @@ pub fn self_cpu() -> f64 {
 /// the reaped ones (counted by the kernel in the parent) and the live ones
 /// (the fork model's children still serving), as netperf's -c counts.
 pub fn cpu_seconds(pid: i32) -> Option<f64> {
-    let own = own_and_reaped(pid)?;
-    Some(
-        own + children(pid)
-            .into_iter()
-            .filter_map(cpu_seconds)
-            .sum::<f64>(),
-    )
+    usage(pid).map(|u| u.user + u.sys)
 }
 
 /// The live children of `pid`, from each thread's `children` file.
@@ -39,23 +33,6 @@ fn children(pid: i32) -> Vec<i32> {
         .collect()
 }
 
-/// utime + stime + cutime + cstime of one process.
-fn own_and_reaped(pid: i32) -> Option<f64> {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
-    let rest = stat.rsplit_once(") ")?.1;
-    let f: Vec<&str> = rest.split_whitespace().collect();
-    // After "pid (comm) ": state is field 0; utime, stime, cutime, cstime
-    // are fields 11..=14.
-    let ticks: f64 = f
-        .get(11..=14)?
-        .iter()
-        .filter_map(|v| v.parse::<f64>().ok())
-        .sum();
-    // SAFETY: sysconf has no preconditions.
-    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64;
-    Some(ticks / hz)
-}
-
 /// A process's resident memory, in bytes.
 pub fn rss_bytes(pid: i32) -> Option<u64> {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
@@ -67,4 +44,69 @@ pub fn rss_bytes(pid: i32) -> Option<u64> {
         .parse()
         .ok()?;
     Some(kb * 1024)
+}
+
+/// What a process tree has used so far: CPU split into user and system
+/// time, and context switches (what netperf -c and neper's rusage report).
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct Usage {
+    pub user: f64,
+    pub sys: f64,
+    pub ctx_switches: u64,
+}
+
+impl std::ops::Sub for Usage {
+    type Output = Usage;
+    fn sub(self, o: Usage) -> Usage {
+        Usage {
+            user: self.user - o.user,
+            sys: self.sys - o.sys,
+            ctx_switches: self.ctx_switches.saturating_sub(o.ctx_switches),
+        }
+    }
+}
+
+/// `pid`'s usage with all its threads and its descendants, live or reaped
+/// (reaped ones count CPU only: the kernel keeps no switches of theirs that
+/// another process can read).
+pub fn usage(pid: i32) -> Option<Usage> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    let rest = stat.rsplit_once(") ")?.1;
+    let f: Vec<f64> = rest
+        .split_whitespace()
+        .map(|v| v.parse::<f64>().unwrap_or(0.0))
+        .collect();
+    // SAFETY: sysconf has no preconditions.
+    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64;
+    // utime, stime, cutime, cstime are fields 11..=14 after "pid (comm) ".
+    let mut u = Usage {
+        user: (f.get(11)? + f.get(13)?) / hz,
+        sys: (f.get(12)? + f.get(14)?) / hz,
+        ctx_switches: thread_switches(pid),
+    };
+    for child in children(pid) {
+        if let Some(c) = usage(child) {
+            u.user += c.user;
+            u.sys += c.sys;
+            u.ctx_switches += c.ctx_switches;
+        }
+    }
+    Some(u)
+}
+
+/// Voluntary and involuntary switches of every live thread of `pid`.
+fn thread_switches(pid: i32) -> u64 {
+    let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
+        return 0;
+    };
+    tasks
+        .flatten()
+        .filter_map(|t| std::fs::read_to_string(t.path().join("status")).ok())
+        .flat_map(|s| {
+            s.lines()
+                .filter(|l| l.contains("ctxt_switches:"))
+                .filter_map(|l| l.split_whitespace().nth(1)?.parse::<u64>().ok())
+                .collect::<Vec<_>>()
+        })
+        .sum()
 }
