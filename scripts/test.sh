@@ -6,7 +6,8 @@ cd "$(dirname "$0")/.."
 
 # Real peers the tests talk to: Python 3 (ports of the seeds), OpenBSD
 # netcat (nc -N), socat; and for the UDP loss test, ip (network
-# namespaces), tc and nft (loss inside the test's own namespace); curl and promtool
+# namespaces), tc and nft (loss inside the test's own namespace); openssl (TLS peer,
+# certificates), curl and promtool
 # (Debian's prometheus package) check the --metrics output.
 # Installed only when missing.
 need=()
@@ -17,6 +18,7 @@ command -v ip >/dev/null && command -v tc >/dev/null && command -v ss >/dev/null
 command -v nft >/dev/null || need+=(nftables)
 command -v promtool >/dev/null || need+=(prometheus)
 command -v curl >/dev/null || need+=(curl)
+command -v openssl >/dev/null || need+=(openssl)
 if ((${#need[@]})); then
   echo "installing: ${need[*]}"
   sudo=""

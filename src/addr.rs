@@ -29,6 +29,8 @@ use std::str::FromStr;
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub enum Endpoint {
     Tcp(HostPort),
+    /// TCP carrying TLS (`tls://HOST:PORT`).
+    Tls(HostPort),
     Udp(HostPort),
     Unix(PathBuf),
 }
@@ -52,7 +54,7 @@ pub enum Host {
 pub enum AddrError {
     #[error("empty address: expected HOST:PORT, tcp://HOST:PORT, udp://HOST:PORT or unix:PATH")]
     Empty,
-    #[error("unknown scheme '{0}://': expected tcp://, udp:// or unix:")]
+    #[error("unknown scheme '{0}://': expected tcp://, tls://, udp:// or unix:")]
     UnknownScheme(String),
     #[error("missing port in '{0}': expected HOST:PORT, e.g. 127.0.0.1:1060 or [::1]:1060")]
     MissingPort(String),
@@ -94,6 +96,10 @@ impl Endpoint {
     pub fn is_udp(&self) -> bool {
         matches!(self, Endpoint::Udp(_))
     }
+
+    pub fn is_tls(&self) -> bool {
+        matches!(self, Endpoint::Tls(_))
+    }
 }
 
 impl FromStr for Endpoint {
@@ -130,6 +136,7 @@ impl FromStr for Endpoint {
         if let Some((scheme, rest)) = s.split_once("://") {
             return match scheme.to_ascii_lowercase().as_str() {
                 "tcp" => Ok(Endpoint::Tcp(rest.parse()?)),
+                "tls" => Ok(Endpoint::Tls(rest.parse()?)),
                 "udp" => Ok(Endpoint::Udp(rest.parse()?)),
                 _ => Err(AddrError::UnknownScheme(scheme.to_string())),
             };
@@ -304,6 +311,7 @@ impl fmt::Display for Endpoint {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
             Endpoint::Tcp(hp) => write!(f, "tcp://{hp}"),
+            Endpoint::Tls(hp) => write!(f, "tls://{hp}"),
             Endpoint::Udp(hp) => write!(f, "udp://{hp}"),
             // A path that itself starts with // is written in the URL form,
             // so that it parses back to the same path.
@@ -329,6 +337,10 @@ mod tests {
         assert_eq!(tcp("tcp://127.0.0.1:0").to_string(), "tcp://127.0.0.1:0");
         assert_eq!(tcp("[::1]:1060").to_string(), "tcp://[::1]:1060");
         assert_eq!(tcp("udp://[::1]:7").to_string(), "udp://[::1]:7");
+        assert_eq!(
+            tcp("tls://127.0.0.1:443").to_string(),
+            "tls://127.0.0.1:443"
+        );
         assert_eq!(tcp("UDP://localhost:7").to_string(), "udp://localhost:7");
         assert_eq!(tcp("unix:/tmp/x.sock").to_string(), "unix:/tmp/x.sock");
         assert_eq!(tcp("unix:rel.sock").to_string(), "unix:rel.sock");

@@ -126,6 +126,12 @@ pub struct ServeArgs {
     /// long (0: never).
     #[arg(long, allow_negative_numbers = true, value_name = "DURATION", default_value = "5m", value_parser = units::parse_duration)]
     pub idle_timeout: Duration,
+    /// tls:// listeners: the certificate chain to present (PEM).
+    #[arg(long, value_name = "FILE", requires = "key")]
+    pub cert: Option<std::path::PathBuf>,
+    /// tls:// listeners: the certificate's private key (PEM).
+    #[arg(long, value_name = "FILE", requires = "cert")]
+    pub key: Option<std::path::PathBuf>,
     /// Serve Prometheus metrics at http://HOST:PORT/metrics (prints
     /// `listening http://HOST:PORT/metrics` after the other listeners).
     #[arg(long, value_name = "HOST:PORT")]
@@ -275,6 +281,8 @@ pub struct SendArgs {
     pub port: Option<String>,
     #[command(flatten)]
     pub wait: WaitArgs,
+    #[command(flatten)]
+    pub tls: TlsClientArgs,
     /// Send N bytes of the seeds' pattern and verify the reply (suffixes K, M, G: binary).
     #[arg(long, allow_negative_numbers = true, value_name = "N", value_parser = units::parse_nonzero_size)]
     pub bytes: Option<u64>,
@@ -308,6 +316,34 @@ pub struct SendArgs {
     pub no_progress: bool,
     #[command(flatten)]
     pub sock: SockArgs,
+}
+
+/// Whom a tls:// client trusts.
+#[derive(Debug, Args)]
+pub struct TlsClientArgs {
+    /// tls://: trust the certificates in FILE (PEM: the server's own, or
+    /// the authority that signed it).
+    #[arg(long, value_name = "FILE")]
+    pub ca: Option<std::path::PathBuf>,
+    /// tls://: trust any server certificate (tests; the traffic is still
+    /// encrypted, to whoever answers).
+    #[arg(long, conflicts_with = "ca")]
+    pub insecure: bool,
+}
+
+impl TlsClientArgs {
+    fn config(
+        &self,
+        endpoint: &Endpoint,
+    ) -> Result<Option<std::sync::Arc<rustls::ClientConfig>>, String> {
+        match (endpoint.is_tls(), &self.ca, self.insecure) {
+            (true, ca, insecure) => crate::tls::client_config(ca.as_deref(), insecure).map(Some),
+            (false, None, false) => Ok(None),
+            (false, _, _) => Err(format!(
+                "--ca and --insecure are for tls:// addresses, not {endpoint}"
+            )),
+        }
+    }
 }
 
 /// How long a client waits for the server (nc's -w).
@@ -365,6 +401,8 @@ pub struct ChatArgs {
     pub port: Option<String>,
     #[command(flatten)]
     pub wait: WaitArgs,
+    #[command(flatten)]
+    pub tls: TlsClientArgs,
     /// The server runs --utf8: expect Unicode-uppercased replies.
     #[arg(long, value_enum, value_name = "STRICTNESS", num_args = 0..=1, require_equals = true, default_missing_value = "lenient")]
     pub utf8: Option<Utf8Arg>,
@@ -443,6 +481,17 @@ impl ServeArgs {
         if model == Model::Fork && self.metrics.is_some() {
             return Err("--metrics cannot count the fork model: its connections are served in child processes whose counters the parent never sees; use another model".into());
         }
+        let tls_wanted = listeners.iter().any(Endpoint::is_tls);
+        let tls = match (&self.cert, &self.key, tls_wanted) {
+            (Some(cert), Some(key), true) => Some(crate::tls::server_config(cert, key)?),
+            (None, _, true) => {
+                return Err("a tls:// listener needs --cert FILE and --key FILE (PEM)".into());
+            }
+            (Some(_), _, false) => {
+                return Err("--cert and --key are for tls:// listeners; none is given".into());
+            }
+            _ => None,
+        };
         Ok(server::Config {
             listeners,
             model,
@@ -459,6 +508,8 @@ impl ServeArgs {
                 .map_or_else(|| default_workers(model), |n| n as usize),
             idle_timeout: (!self.idle_timeout.is_zero()).then_some(self.idle_timeout),
             metrics: self.metrics,
+            tls,
+            tls_listeners: Vec::new(),
             buffered: crate::conn::Buffered::new(self.max_buffered),
             udp: {
                 let mut p = UdpPolicy {
@@ -540,9 +591,11 @@ impl SendArgs {
         let stall = self
             .stall
             .unwrap_or(Duration::from_secs(if self.naive { 2 } else { 10 }));
+        let mut sockopts = self.sock.into_opts().waiting(self.wait.timeout);
+        sockopts.tls = self.tls.config(&endpoint)?;
         Ok(SendConfig {
             endpoint,
-            sockopts: self.sock.into_opts().waiting(self.wait.timeout),
+            sockopts,
             bytes: self.bytes,
             naive: self.naive,
             stall: self.wait.timeout.map_or(stall, |w| w.min(stall)),
@@ -558,10 +611,13 @@ impl SendArgs {
 
 impl ChatArgs {
     pub fn into_config(self) -> Result<SendConfig, String> {
+        let endpoint = crate::addr::join_host_port(&self.endpoint, self.port.as_deref())
+            .map_err(|e| e.to_string())?;
+        let mut sockopts = self.sock.into_opts().waiting(self.wait.timeout);
+        sockopts.tls = self.tls.config(&endpoint)?;
         Ok(SendConfig {
-            endpoint: crate::addr::join_host_port(&self.endpoint, self.port.as_deref())
-                .map_err(|e| e.to_string())?,
-            sockopts: self.sock.into_opts().waiting(self.wait.timeout),
+            endpoint,
+            sockopts,
             bytes: None,
             naive: false,
             stall: Duration::from_secs(2),

@@ -191,13 +191,26 @@ pub struct Conn {
     pub bytes_in: u64,
     pub bytes_out: u64,
     metrics: crate::metrics::ConnMetrics,
+    /// A tls:// connection: the bytes on the wire are TLS records, and the
+    /// contract above applies to what is inside them.
+    tls: Option<Box<TlsLayer>>,
 }
 
-/// Who connected (a name for the logs) and on which listener (a label for
-/// the metrics).
+/// rustls's server side, as sans-I/O as this core: records in, records out.
+struct TlsLayer {
+    session: rustls::ServerConnection,
+    /// Decrypted input, one block at a time.
+    plain: Vec<u8>,
+    /// Records to send: the reply, encrypted, and handshake messages.
+    out: Vec<u8>,
+}
+
+/// Who connected (a name for the logs), on which listener (a label for
+/// the metrics), and whether that listener speaks TLS.
 pub struct Origin {
     pub peer: String,
     pub listener: String,
+    pub tls: Option<Arc<rustls::ServerConfig>>,
 }
 
 impl From<&str> for Origin {
@@ -205,6 +218,7 @@ impl From<&str> for Origin {
         Origin {
             peer: peer.to_string(),
             listener: String::new(),
+            tls: None,
         }
     }
 }
@@ -217,24 +231,100 @@ impl Drop for Conn {
     }
 }
 
-/// A stream transform's output, counted as unsent; or the end of the
-/// connection, when strict UTF-8 found an invalid byte.
-fn counted<'a>(
-    unsent: &mut usize,
-    buffered: &Buffered,
+/// A stream transform's output; or the end of the connection, when strict
+/// UTF-8 found an invalid byte.
+fn checked<'a>(
     failed: &mut Option<(End, String)>,
     out: Result<&'a [u8], transform::InvalidUtf8>,
 ) -> io::Result<&'a [u8]> {
-    match out {
-        Ok(out) => {
-            *unsent += out.len();
-            buffered.add(out.len());
-            Ok(out)
+    out.map_err(|e| {
+        let e = io::Error::from(e);
+        *failed = Some((End::Invalid, e.to_string()));
+        e
+    })
+}
+
+/// Encrypts `plain` into records in `out`: rustls holds a bounded amount at
+/// a time, so its records are moved out as it fills.
+fn tls_send(
+    session: &mut rustls::ServerConnection,
+    out: &mut Vec<u8>,
+    mut plain: &[u8],
+) -> io::Result<()> {
+    use io::Write;
+    while !plain.is_empty() {
+        let n = session.writer().write(plain)?;
+        plain = &plain[n..];
+        while session.wants_write() {
+            session.write_tls(out)?;
         }
-        Err(e) => {
-            let e = io::Error::from(e);
-            *failed = Some((End::Invalid, e.to_string()));
-            Err(e)
+    }
+    Ok(())
+}
+
+/// Moves every record rustls has ready into `out`.
+fn tls_flush(tls: &mut TlsLayer) -> io::Result<()> {
+    while tls.session.wants_write() {
+        tls.session.write_tls(&mut tls.out)?;
+    }
+    Ok(())
+}
+
+/// What ends a connection once the reply so far is sent, and what ends it
+/// at once: the parts of [`Conn`] the transform may set.
+struct Ending<'a> {
+    failed: &'a mut Option<(End, String)>,
+    input_ended: &'a mut bool,
+    after_reply: &'a mut Option<(End, String)>,
+}
+
+impl Shape {
+    /// The reply to `buf` (in place when the transform keeps the length).
+    fn reply<'a>(&'a mut self, buf: &'a mut [u8], end: Ending<'_>) -> io::Result<&'a [u8]> {
+        match self {
+            Shape::Stream(t) => checked(end.failed, t.push(buf)),
+            Shape::Framed { decoder, mode, out } => {
+                out.clear();
+                let framing = decoder.framing();
+                let mut invalid = None;
+                let decoded = decoder.decode(buf, |msg| {
+                    if invalid.is_none() {
+                        invalid = reply_to(framing, *mode, msg, out).err();
+                    }
+                });
+                let stop = match (decoded, invalid) {
+                    (_, Some(e)) => Some((End::Invalid, e.to_string())),
+                    (Err(e), None) => Some((End::Framing, e.to_string())),
+                    (Ok(()), None) => None,
+                };
+                if stop.is_some() {
+                    // Answer what came before, read nothing more, then close.
+                    *end.input_ended = true;
+                    *end.after_reply = stop;
+                }
+                Ok(out)
+            }
+        }
+    }
+
+    /// What the transform still owes at the end of input.
+    fn finish(&mut self, end: Ending<'_>) -> io::Result<&[u8]> {
+        match self {
+            Shape::Stream(t) => checked(end.failed, t.finish()),
+            Shape::Framed { decoder, mode, out } => {
+                out.clear();
+                let framing = decoder.framing();
+                match decoder.finish() {
+                    Ok(Some(mut tail)) => {
+                        if let Err(e) = reply_to(framing, *mode, &mut tail, out) {
+                            *end.after_reply = Some((End::Invalid, e.to_string()));
+                        }
+                    }
+                    Ok(None) => {}
+                    Err(e) => *end.after_reply = Some((End::Framing, e.to_string())),
+                }
+                Ok(out)
+            }
         }
     }
 }
@@ -263,8 +353,23 @@ const REPORT_EVERY: Duration = Duration::from_secs(1);
 impl Conn {
     /// A new connection from `peer` (a name for the logs), accepted at `now`.
     pub fn new(origin: Origin, protocol: Protocol, limits: Limits, now: Instant) -> Conn {
-        let Origin { peer, listener } = origin;
+        let Origin {
+            peer,
+            listener,
+            tls,
+        } = origin;
         tracing::info!("connection from {peer}");
+        let tls = tls.and_then(|config| match rustls::ServerConnection::new(config) {
+            Ok(session) => Some(Box::new(TlsLayer {
+                session,
+                plain: Vec::new(),
+                out: Vec::new(),
+            })),
+            Err(e) => {
+                tracing::error!("{peer}: TLS: {e}");
+                None
+            }
+        });
         let metrics = crate::metrics::global().conn_started(&listener);
         let shape = match protocol.framing {
             Framing::Stream => Shape::Stream(Transformer::new(protocol.mode)),
@@ -291,6 +396,7 @@ impl Conn {
             bytes_in: 0,
             bytes_out: 0,
             metrics,
+            tls,
         }
     }
 
@@ -373,37 +479,18 @@ impl Conn {
                 shown.escape_ascii()
             );
         }
-        match &mut self.shape {
-            Shape::Stream(t) => counted(
-                &mut self.unsent,
-                &self.limits.buffered,
-                &mut self.failed,
-                t.push(buf),
-            ),
-            Shape::Framed { decoder, mode, out } => {
-                out.clear();
-                let framing = decoder.framing();
-                let mut invalid = None;
-                let decoded = decoder.decode(buf, |msg| {
-                    if invalid.is_none() {
-                        invalid = reply_to(framing, *mode, msg, out).err();
-                    }
-                });
-                let stop = match (decoded, invalid) {
-                    (_, Some(e)) => Some((End::Invalid, e.to_string())),
-                    (Err(e), None) => Some((End::Framing, e.to_string())),
-                    (Ok(()), None) => None,
-                };
-                if stop.is_some() {
-                    // Answer what came before, read nothing more, then close.
-                    self.input_ended = true;
-                    self.end_after_reply = stop;
-                }
-                self.unsent += out.len();
-                self.limits.buffered.add(out.len());
-                Ok(out)
-            }
+        if self.tls.is_some() {
+            return self.tls_input(buf);
         }
+        let ending = Ending {
+            failed: &mut self.failed,
+            input_ended: &mut self.input_ended,
+            after_reply: &mut self.end_after_reply,
+        };
+        let out = self.shape.reply(buf, ending)?;
+        self.unsent += out.len();
+        self.limits.buffered.add(out.len());
+        Ok(out)
     }
 
     /// The peer half-closed (a read returned 0). Returns what the transform
@@ -411,30 +498,109 @@ impl Conn {
     pub fn on_input_end(&mut self, now: Instant) -> io::Result<&[u8]> {
         self.input_ended = true;
         self.last_progress = now;
-        match &mut self.shape {
-            Shape::Stream(t) => counted(
-                &mut self.unsent,
-                &self.limits.buffered,
-                &mut self.failed,
-                t.finish(),
-            ),
-            Shape::Framed { decoder, mode, out } => {
-                out.clear();
-                let framing = decoder.framing();
-                match decoder.finish() {
-                    Ok(Some(mut tail)) => {
-                        if let Err(e) = reply_to(framing, *mode, &mut tail, out) {
-                            self.end_after_reply = Some((End::Invalid, e.to_string()));
-                        }
-                    }
-                    Ok(None) => {}
-                    Err(e) => self.end_after_reply = Some((End::Framing, e.to_string())),
+        if self.tls.is_some() {
+            // The TCP FIN, with or without the client's close_notify.
+            return self.tls_end();
+        }
+        let ending = Ending {
+            failed: &mut self.failed,
+            input_ended: &mut self.input_ended,
+            after_reply: &mut self.end_after_reply,
+        };
+        let out = self.shape.finish(ending)?;
+        self.unsent += out.len();
+        self.limits.buffered.add(out.len());
+        Ok(out)
+    }
+
+    /// TLS records arrived: decrypt, answer what is inside by the same
+    /// contract, encrypt the reply. A close_notify is the client's
+    /// half-close; a protocol error sends rustls's alert, then ends.
+    fn tls_input(&mut self, mut records: &[u8]) -> io::Result<&[u8]> {
+        let Some(mut tls) = self.tls.take() else {
+            return Ok(&[]);
+        };
+        tls.out.clear();
+        let mut closed = false;
+        let result = (|| -> io::Result<()> {
+            while !records.is_empty() && !closed {
+                if tls.session.read_tls(&mut records)? == 0 {
+                    break;
                 }
-                self.unsent += out.len();
-                self.limits.buffered.add(out.len());
-                Ok(out)
+                if let Err(e) = tls.session.process_new_packets() {
+                    self.input_ended = true;
+                    self.end_after_reply = Some((End::Error, format!("TLS: {e}")));
+                    return Ok(());
+                }
+                closed = self.tls_decrypt(&mut tls)?;
+            }
+            if closed {
+                self.input_ended = true;
+                self.tls_finish(&mut tls)?;
+            }
+            Ok(())
+        })();
+        let sent = result.and_then(|()| tls_flush(&mut tls));
+        self.tls = Some(tls);
+        sent?;
+        let out = &self.tls.as_ref().map_or(&[][..], |t| &t.out[..]);
+        self.unsent += out.len();
+        self.limits.buffered.add(out.len());
+        Ok(out)
+    }
+
+    /// Answers every plaintext byte rustls holds; true once the client
+    /// sent close_notify.
+    fn tls_decrypt(&mut self, tls: &mut TlsLayer) -> io::Result<bool> {
+        use io::Read;
+        tls.plain.resize(self.limits.block.max(4096), 0);
+        loop {
+            let n = match tls.session.reader().read(&mut tls.plain) {
+                Ok(0) => return Ok(true),
+                Ok(n) => n,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(false),
+                Err(e) => return Err(e),
+            };
+            let ending = Ending {
+                failed: &mut self.failed,
+                input_ended: &mut self.input_ended,
+                after_reply: &mut self.end_after_reply,
+            };
+            let reply = self.shape.reply(&mut tls.plain[..n], ending)?;
+            tls_send(&mut tls.session, &mut tls.out, reply)?;
+            if self.input_ended {
+                return Ok(false);
             }
         }
+    }
+
+    /// The end of the client's input: what the transform owes, then our
+    /// close_notify, so that the client can tell a whole reply from a cut.
+    fn tls_finish(&mut self, tls: &mut TlsLayer) -> io::Result<()> {
+        let ending = Ending {
+            failed: &mut self.failed,
+            input_ended: &mut self.input_ended,
+            after_reply: &mut self.end_after_reply,
+        };
+        let tail = self.shape.finish(ending)?;
+        tls_send(&mut tls.session, &mut tls.out, tail)?;
+        tls.session.send_close_notify();
+        Ok(())
+    }
+
+    /// The TCP FIN arrived.
+    fn tls_end(&mut self) -> io::Result<&[u8]> {
+        let Some(mut tls) = self.tls.take() else {
+            return Ok(&[]);
+        };
+        tls.out.clear();
+        let result = self.tls_finish(&mut tls).and_then(|()| tls_flush(&mut tls));
+        self.tls = Some(tls);
+        result?;
+        let out = &self.tls.as_ref().map_or(&[][..], |t| &t.out[..]);
+        self.unsent += out.len();
+        self.limits.buffered.add(out.len());
+        Ok(out)
     }
 
     /// `n` reply bytes were written.

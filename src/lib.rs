@@ -27,5 +27,6 @@ pub mod net;
 pub mod pattern;
 pub mod ring;
 pub mod server;
+pub mod tls;
 pub mod transform;
 pub mod units;

@@ -48,6 +48,8 @@ pub struct SockOpts {
     /// Clients: how long connecting, and each wait for the server to send,
     /// may take (`-w`); reads past it fail with `TimedOut`.
     pub wait: Option<Duration>,
+    /// Clients of tls:// addresses: whom to trust (`--ca`, `--insecure`).
+    pub tls: Option<std::sync::Arc<rustls::ClientConfig>>,
 }
 
 impl SockOpts {
@@ -69,6 +71,7 @@ impl Default for SockOpts {
             backlog: 1024,
             unix_mode: None,
             wait: None,
+            tls: None,
         }
     }
 }
@@ -156,7 +159,8 @@ impl Listener {
 /// sockets are ready to receive. All sockets are returned in blocking mode.
 pub fn bind(endpoint: &Endpoint, opts: &SockOpts) -> Result<Listener, NetError> {
     match endpoint {
-        Endpoint::Tcp(hp) => {
+        // TLS is spoken by the connection core; the socket is TCP's.
+        Endpoint::Tcp(hp) | Endpoint::Tls(hp) => {
             let addr = first_addr(hp)?;
             let sock = new_socket(addr, Type::STREAM, Protocol::TCP, opts, endpoint)?;
             bind_addr(&sock, addr, endpoint)?;
@@ -394,6 +398,20 @@ pub enum Stream {
 /// in turn. UDP endpoints are handled by [`connect_udp`].
 pub fn connect(endpoint: &Endpoint, opts: &SockOpts) -> Result<Stream, NetError> {
     match endpoint {
+        Endpoint::Tls(hp) => {
+            let tcp = connect(&Endpoint::Tcp(hp.clone()), opts)?;
+            let Stream::Tcp(tcp) = tcp else {
+                unreachable!("a TCP endpoint connects a TCP stream");
+            };
+            let config = opts.tls.clone().ok_or_else(|| {
+                NetError::io(
+                    endpoint,
+                    "TLS",
+                    io::Error::new(io::ErrorKind::InvalidInput, "no TLS client settings"),
+                )
+            })?;
+            crate::tls::client(tcp, config, hp).map_err(|e| NetError::io(endpoint, "TLS", e))
+        }
         Endpoint::Tcp(hp) => {
             let mut last = None;
             for addr in hp.resolve()? {

@@ -103,10 +103,7 @@ impl Acceptor {
 /// Serves one connection to its end, by the contract, and logs how it went.
 pub fn serve(mut sock: Stream, peer: String, config: &Config) {
     sock.tune(&config.sockopts);
-    let origin = crate::conn::Origin {
-        listener: crate::net::local_name(sock.as_fd()),
-        peer,
-    };
+    let origin = config.origin(peer, sock.as_fd());
     let mut conn = Conn::new(origin, config.protocol, config.limits(0), Instant::now());
     if let Err(e) = sock.set_io_timeout(config.idle_timeout) {
         tracing::warn!("setting the idle timeout: {e}");

@@ -339,10 +339,7 @@ impl<'a> EventLoop<'a> {
                 tracing::warn!("{peer}: cannot register: {e}");
                 continue;
             }
-            let origin = crate::conn::Origin {
-                listener: net::local_name(sock.as_fd()),
-                peer,
-            };
+            let origin = self.config.origin(peer, sock.as_fd());
             let conn = Conn::new(
                 origin,
                 self.config.protocol,

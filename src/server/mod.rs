@@ -122,9 +122,33 @@ pub struct Config {
     pub udp: udp::UdpPolicy,
     /// `--metrics`: where Prometheus scrapes `/metrics`.
     pub metrics: Option<crate::addr::HostPort>,
+    /// `--cert`/`--key`: what tls:// listeners present.
+    pub tls: Option<std::sync::Arc<rustls::ServerConfig>>,
+    /// The tls:// listeners, by the name of their bound address (set once
+    /// bound, so that port 0 is known).
+    pub tls_listeners: Vec<String>,
 }
 
 impl Config {
+    /// Who a new connection on `fd` is, which listener it came through, and
+    /// whether that one speaks TLS: asked by every driver at accept.
+    pub fn origin(&self, peer: String, fd: std::os::fd::BorrowedFd<'_>) -> crate::conn::Origin {
+        let listener = crate::net::local_name(fd);
+        if self.tls.is_some() && self.tls_listeners.contains(&listener) {
+            crate::conn::Origin {
+                peer,
+                listener: listener.replacen("tcp://", "tls://", 1),
+                tls: self.tls.clone(),
+            }
+        } else {
+            crate::conn::Origin {
+                peer,
+                listener,
+                tls: None,
+            }
+        }
+    }
+
     /// The UDP service of one socket.
     pub fn udp_service(&self) -> udp::UdpService {
         udp::UdpService::new(self.protocol.mode, self.udp.clone())
@@ -195,16 +219,23 @@ pub fn bind_all(config: &Config) -> anyhow::Result<Vec<Listener>> {
         .collect()
 }
 
-/// Prints the `listening ENDPOINT` lines scripts wait for, and flushes them.
-pub fn announce(listeners: &[Listener]) -> anyhow::Result<()> {
+/// Prints the `listening ENDPOINT` lines scripts wait for, and flushes them;
+/// returns the names of the tls:// ones as connections see them
+/// ([`crate::net::local_name`]), for [`Config::origin`].
+pub fn announce(listeners: &[Listener], asked: &[Endpoint]) -> anyhow::Result<Vec<String>> {
     let mut out = std::io::stdout().lock();
-    for l in listeners {
-        let ep = l.local_endpoint().context("reading the bound address")?;
+    let mut tls = Vec::new();
+    for (l, asked) in listeners.iter().zip(asked) {
+        let mut ep = l.local_endpoint().context("reading the bound address")?;
+        if let (true, Endpoint::Tcp(hp)) = (asked.is_tls(), &ep) {
+            tls.push(ep.to_string());
+            ep = Endpoint::Tls(hp.clone());
+        }
         writeln!(out, "listening {ep}").context("writing to stdout")?;
         tracing::info!("listening on {ep}");
     }
     out.flush().context("writing to stdout")?;
-    Ok(())
+    Ok(tls)
 }
 
 /// Connections a model serves at once: `--max-conns`, except where the
@@ -260,7 +291,7 @@ fn tightest<const N: usize>(limits: [Option<(usize, &str)>; N]) -> Option<(usize
 }
 
 /// Runs the server until SIGINT or SIGTERM (see [`crate::lifecycle`]).
-pub fn run(config: Config) -> anyhow::Result<()> {
+pub fn run(mut config: Config) -> anyhow::Result<()> {
     // Signals are caught from before the first `listening` line.
     let life = Lifecycle::install(config.drain_timeout, capacity(&config))
         .context("installing signal handlers")?;
@@ -272,7 +303,7 @@ pub fn run(config: Config) -> anyhow::Result<()> {
         life.spawn_signal_thread()
             .context("starting the signal thread")?;
     }
-    announce(&listeners)?;
+    config.tls_listeners = announce(&listeners, &config.listeners)?;
     crate::metrics::init(config.model.name());
     if let Some(hp) = &config.metrics {
         // Not one of the service's listeners: it keeps answering during a

@@ -219,10 +219,7 @@ fn accept_some(
                     continue;
                 }
                 sock.tune(&config.sockopts);
-                let origin = crate::conn::Origin {
-                    listener: crate::net::local_name(sock.as_fd()),
-                    peer,
-                };
+                let origin = config.origin(peer, sock.as_fd());
                 let conn = Conn::new(origin, config.protocol, config.limits(0), Instant::now());
                 clients.push(Client {
                     _slot: slot,

@@ -143,11 +143,10 @@ async fn accept(listener: &Accepting) -> io::Result<(Stream, String)> {
 }
 
 async fn handle(sock: Stream, peer: String, config: &Config) {
-    let listener = match &sock {
-        Stream::Tcp(s) => net::local_name(s.as_fd()),
-        Stream::Unix(s) => net::local_name(s.as_fd()),
+    let origin = match &sock {
+        Stream::Tcp(s) => config.origin(peer, s.as_fd()),
+        Stream::Unix(s) => config.origin(peer, s.as_fd()),
     };
-    let origin = crate::conn::Origin { peer, listener };
     let mut conn = Conn::new(origin, config.protocol, config.limits(0), Instant::now());
     let result = match sock {
         Stream::Tcp(mut s) => {

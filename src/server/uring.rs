@@ -356,7 +356,7 @@ impl Loop<'_> {
                 Ok((sock, peer)) => {
                     self.backoff().succeeded();
                     sock.tune(&self.config.sockopts);
-                    let listener = crate::net::local_name(sock.as_fd());
+                    let origin = self.config.origin(peer, sock.as_fd());
                     let limits = crate::conn::Limits {
                         block: self.ring.block_size(),
                         ..self.config.limits(read_ahead)
@@ -364,12 +364,7 @@ impl Loop<'_> {
                     let key = self.conns.insert(Conn {
                         _slot: slot,
                         sock,
-                        core: Core::new(
-                            crate::conn::Origin { listener, peer },
-                            self.config.protocol,
-                            limits,
-                            self.now,
-                        ),
+                        core: Core::new(origin, self.config.protocol, limits, self.now),
                         queue: VecDeque::new(),
                         sent: 0,
                         vectored: None,

@@ -1,0 +1,305 @@
+//! tls:// with rustls, against peers nobody here wrote: openssl s_client
+//! (TLS 1.2 and 1.3) and Python's ssl module; certificates made by the
+//! openssl command for each run (a CA and a leaf for 127.0.0.1).
+
+mod common;
+
+use std::path::PathBuf;
+use std::process::Command;
+
+use common::*;
+
+/// A CA, and a server certificate it signed for 127.0.0.1 and localhost.
+struct Certs {
+    dir: PathBuf,
+}
+
+impl Certs {
+    fn make() -> Certs {
+        require("openssl", "openssl");
+        static N: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+        let n = N.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let dir = std::env::temp_dir().join(format!("upcase-tls-{}-{n}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        std::fs::write(
+            dir.join("ext.cnf"),
+            "subjectAltName=IP:127.0.0.1,DNS:localhost\nbasicConstraints=CA:FALSE\n",
+        )
+        .unwrap();
+        let steps: [&[&str]; 3] = [
+            &[
+                "req",
+                "-x509",
+                "-newkey",
+                "rsa:2048",
+                "-nodes",
+                "-keyout",
+                "ca.key",
+                "-out",
+                "ca.pem",
+                "-subj",
+                "/CN=upcase test CA",
+                "-days",
+                "1",
+            ],
+            &[
+                "req",
+                "-newkey",
+                "rsa:2048",
+                "-nodes",
+                "-keyout",
+                "key.pem",
+                "-out",
+                "req.csr",
+                "-subj",
+                "/CN=localhost",
+            ],
+            &[
+                "x509",
+                "-req",
+                "-in",
+                "req.csr",
+                "-CA",
+                "ca.pem",
+                "-CAkey",
+                "ca.key",
+                "-CAcreateserial",
+                "-out",
+                "cert.pem",
+                "-days",
+                "1",
+                "-extfile",
+                "ext.cnf",
+            ],
+        ];
+        for args in steps {
+            let out = Command::new("openssl")
+                .args(args)
+                .current_dir(&dir)
+                .output()
+                .unwrap();
+            assert!(out.status.success(), "openssl {args:?}: {out:?}");
+        }
+        Certs { dir }
+    }
+
+    fn path(&self, name: &str) -> String {
+        self.dir.join(name).display().to_string()
+    }
+}
+
+impl Drop for Certs {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+fn serve_tls(certs: &Certs, model: &str, extra: &[&str]) -> Server {
+    let (cert, key) = (certs.path("cert.pem"), certs.path("key.pem"));
+    let mut args = vec![
+        "-q",
+        "--model",
+        model,
+        "--cert",
+        &cert,
+        "--key",
+        &key,
+        "tls://127.0.0.1:0",
+        "tcp://127.0.0.1:0",
+    ];
+    args.extend_from_slice(extra);
+    let srv = Server::start(&args, 2);
+    assert!(
+        srv.endpoints[0].starts_with("tls://"),
+        "{:?}",
+        srv.endpoints
+    );
+    assert!(
+        srv.endpoints[1].starts_with("tcp://"),
+        "{:?}",
+        srv.endpoints
+    );
+    srv
+}
+
+#[test]
+fn every_model_speaks_tls_and_plain_side_by_side() {
+    let certs = Certs::make();
+    let ca = certs.path("ca.pem");
+    for model in runnable(&ALL_MODELS) {
+        let srv = serve_tls(&certs, model, &[]);
+        let r = upcase_run(
+            &["send", srv.addr(0), "--ca", &ca],
+            b"hello tls\n",
+            SECS(20),
+        );
+        assert_eq!(
+            (r.code(), r.out()),
+            (0, "HELLO TLS\n".into()),
+            "{model}: {}",
+            r.stderr
+        );
+        let r = upcase_run(
+            &["send", srv.addr(0), "--ca", &ca, "--bytes", "16M"],
+            b"",
+            SECS(60),
+        );
+        assert_eq!(r.code(), 0, "{model}: {}", r.stderr);
+        assert_eq!(r.num("received"), 16 << 20, "{model}");
+        assert_eq!(r.num("wrong"), 0, "{model}");
+        // The plain listener beside it is still plain.
+        let r = upcase_run(&["send", srv.addr(1)], b"plain\n", SECS(20));
+        assert_eq!(
+            (r.code(), r.out()),
+            (0, "PLAIN\n".into()),
+            "{model}: {}",
+            r.stderr
+        );
+    }
+}
+
+#[test]
+fn openssl_s_client_tls12_and_tls13() {
+    let certs = Certs::make();
+    let srv = serve_tls(&certs, "epoll", &[]);
+    for version in ["-tls1_2", "-tls1_3"] {
+        // s_client ends at the end of its input: the input stays open for a
+        // second, the reply's time to come back.
+        let mut c = Command::new("sh");
+        c.arg("-c").arg(format!(
+            "(printf 'hello openssl\\n'; sleep 1) | openssl s_client {version} -connect {} -CAfile {} -verify_return_error -brief -no_ign_eof",
+            srv.hostport(0),
+            certs.path("ca.pem")
+        ));
+        let out = run(c, b"", SECS(20));
+        assert!(
+            out.status.success(),
+            "{version}: {:?} {} {}",
+            out.status,
+            out.out(),
+            out.stderr
+        );
+        assert!(
+            out.out().contains("HELLO OPENSSL"),
+            "{version}: {}",
+            out.out()
+        );
+        let want = if version == "-tls1_2" {
+            "TLSv1.2"
+        } else {
+            "TLSv1.3"
+        };
+        assert!(
+            out.stderr.contains(&format!("Protocol version: {want}")),
+            "{version}: {}",
+            out.stderr
+        );
+        assert!(out.stderr.contains("Verification: OK"), "{}", out.stderr);
+    }
+}
+
+/// Python's ssl: a reply, then a clean shutdown both ways (our
+/// close_notify answers the client's; a TCP close without it would make
+/// unwrap() fail).
+#[test]
+fn python_ssl_and_close_notify() {
+    let certs = Certs::make();
+    let srv = serve_tls(&certs, "uring", &[]);
+    let script = r#"
+import socket, ssl, sys
+host, port = sys.argv[1].rsplit(':', 1)
+ctx = ssl.create_default_context(cafile=sys.argv[2])
+raw = socket.create_connection((host, int(port)))
+s = ctx.wrap_socket(raw, server_hostname=host, suppress_ragged_eofs=False)
+s.sendall(b'hello python\n')
+got = b''
+while not got.endswith(b'\n'):
+    got += s.recv(100)
+print(s.version(), got.decode().strip())
+s.unwrap()
+print('closed cleanly')
+"#;
+    let mut c = Command::new("python3");
+    c.args(["-c", script, srv.hostport(0), &certs.path("ca.pem")]);
+    let out = run(c, b"", SECS(20));
+    assert!(out.status.success(), "{}", out.stderr);
+    assert_eq!(
+        out.out(),
+        "TLSv1.3 HELLO PYTHON\nclosed cleanly\n",
+        "{}",
+        out.stderr
+    );
+}
+
+/// Bytes that are not TLS end that connection with a log line; the server
+/// goes on serving TLS clients.
+#[test]
+fn plain_bytes_on_a_tls_listener_end_only_that_connection() {
+    let certs = Certs::make();
+    let mut srv = serve_tls(&certs, "async", &[]);
+    let plain = format!("tcp://{}", srv.hostport(0));
+    let r = upcase_run(&["send", &plain], b"GET / HTTP/1.0\r\n\r\n", SECS(20));
+    assert!(
+        !r.out().contains("GET"),
+        "plain bytes were answered: {}",
+        r.out()
+    );
+    let r = upcase_run(
+        &["send", srv.addr(0), "--ca", &certs.path("ca.pem")],
+        b"still here\n",
+        SECS(20),
+    );
+    assert_eq!(
+        (r.code(), r.out()),
+        (0, "STILL HERE\n".into()),
+        "{}",
+        r.stderr
+    );
+    srv.signal_and_wait(libc::SIGTERM, SECS(10));
+    assert!(srv.logs().contains("TLS:"), "{}", srv.logs());
+}
+
+#[test]
+fn tls_arguments_are_checked() {
+    let certs = Certs::make();
+    let (cert, key) = (certs.path("cert.pem"), certs.path("key.pem"));
+    for (args, says) in [
+        (
+            vec!["serve", "tls://127.0.0.1:0"],
+            "needs --cert FILE and --key FILE",
+        ),
+        (
+            vec!["serve", "--cert", &cert, "--key", &key, "tcp://127.0.0.1:0"],
+            "none is given",
+        ),
+        (
+            vec![
+                "serve",
+                "--cert",
+                "/nonexistent.pem",
+                "--key",
+                &key,
+                "tls://127.0.0.1:0",
+            ],
+            "--cert /nonexistent.pem",
+        ),
+        (
+            vec!["serve", "--cert", &key, "--key", &key, "tls://127.0.0.1:0"],
+            "no PEM certificate",
+        ),
+        (vec!["send", "tls://127.0.0.1:1"], "needs --ca FILE"),
+        (
+            vec!["send", "127.0.0.1:1", "--insecure"],
+            "for tls:// addresses",
+        ),
+    ] {
+        let r = upcase_run(&args, b"", SECS(10));
+        assert_eq!(r.code(), 2, "{args:?}: {}", r.stderr);
+        assert!(r.stderr.contains(says), "{args:?}: {}", r.stderr);
+    }
+    // A server whose certificate the client does not trust: exit 1, saying why.
+    let srv = serve_tls(&certs, "epoll", &[]);
+    let r = upcase_run(&["send", srv.addr(0), "--ca", &cert], b"x\n", SECS(20));
+    assert_eq!(r.code(), 1, "{}", r.stderr);
+    assert!(r.stderr.contains("certificate"), "{}", r.stderr);
+}
