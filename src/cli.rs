@@ -682,10 +682,13 @@ pub struct BenchArgs {
     #[arg(long, allow_negative_numbers = true, value_name = "R")]
     pub rate: Option<f64>,
     /// How the load generator waits on its connections, for rr and hold:
-    /// auto (io_uring where the kernel has it), epoll or uring. Other
-    /// workloads run on epoll.
+    /// auto (io_uring where the kernel has it), epoll, uring, or threads
+    /// (a blocking thread per connection, rr only: a client of another
+    /// design; tls:// runs on it). Other workloads run on epoll.
     #[arg(long, value_enum, value_name = "ENGINE", default_value_t = Engine::Auto)]
     pub engine: Engine,
+    #[command(flatten)]
+    pub tls: TlsClientArgs,
     /// Load-generator threads (each an event loop).
     #[arg(long, allow_negative_numbers = true, value_name = "N", default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..=256))]
     pub threads: u32,
@@ -777,6 +780,15 @@ impl BenchArgs {
         if self.rate.is_some() && mode == Workload::Stream && !self.compare {
             return Err("--rate applies to rr, crr, udp and hold, not stream".into());
         }
+        if self.endpoint.as_ref().is_some_and(Endpoint::is_tls) && mode != Workload::Rr {
+            return Err("over TLS, bench runs rr (on the threads engine); for a stream, `upcase send tls://HOST:PORT --bytes N`".into());
+        }
+        if self.engine == Engine::Threads && mode != Workload::Rr && !self.compare {
+            return Err(format!(
+                "--engine threads runs rr; {} runs on epoll",
+                mode.name()
+            ));
+        }
         if self.engine == Engine::Uring
             && !self.compare
             && !matches!(mode, Workload::Rr | Workload::Hold)
@@ -791,6 +803,10 @@ impl BenchArgs {
             .clone()
             .unwrap_or_else(|| "127.0.0.1:1".parse().expect("literal"));
         let conns = self.conns.map(|n| n as usize);
+        let mut sockopts = self.sock.into_opts();
+        if let Some(ep) = &self.endpoint {
+            sockopts.tls = self.tls.config(ep)?;
+        }
         let base = BenchConfig {
             endpoint,
             workload: mode,
@@ -801,7 +817,7 @@ impl BenchArgs {
             rate: self.rate,
             threads: self.threads as usize,
             timeout: self.timeout,
-            sockopts: self.sock.into_opts(),
+            sockopts,
             server_pid: self.server_pid,
             intervals: !self.no_intervals && !self.compare,
             mode: if self.utf8 {

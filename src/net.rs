@@ -399,7 +399,13 @@ pub enum Stream {
 pub fn connect(endpoint: &Endpoint, opts: &SockOpts) -> Result<Stream, NetError> {
     match endpoint {
         Endpoint::Tls(hp) => {
-            let tcp = connect(&Endpoint::Tcp(hp.clone()), opts)?;
+            let tcp = connect(&Endpoint::Tcp(hp.clone()), opts).map_err(|e| match e {
+                // Named as the user wrote it.
+                NetError::Refused { .. } => NetError::Refused {
+                    endpoint: endpoint.clone(),
+                },
+                e => e,
+            })?;
             let Stream::Tcp(tcp) = tcp else {
                 unreachable!("a TCP endpoint connects a TCP stream");
             };

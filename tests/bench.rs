@@ -216,7 +216,7 @@ fn compare_two_models_and_write_the_results() {
 /// The engines that can run rr here: epoll always, uring where the kernel
 /// has it (the uring model's probe says the same).
 fn engines() -> Vec<&'static str> {
-    let mut e = vec!["epoll"];
+    let mut e = vec!["epoll", "threads"];
     if model_available("uring") {
         e.push("uring");
     } else {

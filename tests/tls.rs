@@ -303,3 +303,38 @@ fn tls_arguments_are_checked() {
     assert_eq!(r.code(), 1, "{}", r.stderr);
     assert!(r.stderr.contains("certificate"), "{}", r.stderr);
 }
+
+/// bench over TLS runs rr on the threads engine, every reply verified.
+#[test]
+fn bench_rr_over_tls() {
+    let certs = Certs::make();
+    let srv = serve_tls(&certs, "epoll", &[]);
+    let r = upcase_run(
+        &[
+            "bench",
+            srv.addr(0),
+            "--ca",
+            &certs.path("ca.pem"),
+            "--conns",
+            "8",
+            "--duration",
+            "1s",
+            "--json",
+            "--no-intervals",
+        ],
+        b"",
+        SECS(30),
+    );
+    assert_eq!(r.code(), 0, "{}", r.stderr);
+    let v: serde_json::Value = serde_json::from_slice(&r.stdout).unwrap();
+    assert_eq!(v["engine"], "threads", "{v}");
+    assert_eq!(v["errors"], 0, "{v}");
+    assert!(v["messages"].as_u64().unwrap() > 100, "{v}");
+    assert_eq!(v["conns_served"], 8, "{v}");
+    let r = upcase_run(
+        &["bench", srv.addr(0), "--insecure", "--mode", "stream"],
+        b"",
+        SECS(10),
+    );
+    assert_eq!(r.code(), 2, "{}", r.stderr);
+}

@@ -11,6 +11,7 @@
 pub mod compare;
 pub mod load;
 pub mod proc;
+mod threads;
 pub mod udp;
 mod uring;
 
@@ -73,6 +74,10 @@ pub enum Engine {
     Epoll,
     /// One io_uring per thread: multishot receives, batched sends.
     Uring,
+    /// A blocking thread per connection (rr only): a client of another
+    /// design, to check that a ranking is not the engine's artefact; the
+    /// one that speaks TLS.
+    Threads,
 }
 
 impl Engine {
@@ -81,14 +86,27 @@ impl Engine {
             Engine::Auto => "auto",
             Engine::Epoll => "epoll",
             Engine::Uring => "uring",
+            Engine::Threads => "threads",
         }
     }
 
     /// The engine a workload runs on here: only rr (and hold, which runs
     /// rr) has an io_uring engine.
-    pub fn resolve(self, workload: Workload) -> anyhow::Result<Engine> {
+    pub fn resolve(self, workload: Workload, tls: bool) -> anyhow::Result<Engine> {
         let rr = matches!(workload, Workload::Rr | Workload::Hold);
+        if tls {
+            if workload != Workload::Rr {
+                anyhow::bail!(
+                    "over TLS, bench runs rr (on --engine threads); for a stream, `upcase send tls://... --bytes N`"
+                );
+            }
+            return Ok(Engine::Threads);
+        }
         Ok(match self {
+            Engine::Threads if workload != Workload::Rr => {
+                anyhow::bail!("--engine threads runs rr")
+            }
+            Engine::Threads => Engine::Threads,
             // With --compare, the other workloads run on epoll.
             Engine::Uring if !rr => Engine::Epoll,
             Engine::Uring if !uring::available() => {
@@ -228,7 +246,7 @@ fn framed_round(cfg: &BenchConfig) -> anyhow::Result<(Vec<u8>, Vec<u8>)> {
 
 /// The load itself, once the server answered the probe.
 fn run_load(cfg: &BenchConfig) -> anyhow::Result<Report> {
-    let engine = cfg.engine.resolve(cfg.workload)?;
+    let engine = cfg.engine.resolve(cfg.workload, cfg.endpoint.is_tls())?;
     let live = Arc::new(Live::default());
     let threads = cfg.threads.clamp(1, cfg.conns.max(1));
     let per_conn_rate = cfg.rate.map(|r| r / cfg.conns as f64);
@@ -286,6 +304,7 @@ fn run_load(cfg: &BenchConfig) -> anyhow::Result<Report> {
             .spawn(move || match job.workload {
                 Workload::Udp => udp::run(job, timeout, live),
                 _ if engine == Engine::Uring => (uring::run(job, live), 0),
+                _ if engine == Engine::Threads => (threads::run(job, live), 0),
                 _ => (load::run(job, live), 0),
             })
             .context("starting load threads")?;
@@ -436,7 +455,12 @@ fn probe(cfg: &BenchConfig) -> anyhow::Result<()> {
     if cfg.workload == Workload::Udp {
         return Ok(()); // no handshake to try; lost datagrams are reported
     }
-    let sock = crate::net::connect_nonblocking(&cfg.endpoint, &cfg.sockopts, None)?;
+    // TLS is spoken over TCP: the probe is TCP's.
+    let endpoint = match &cfg.endpoint {
+        Endpoint::Tls(hp) => Endpoint::Tcp(hp.clone()),
+        e => e.clone(),
+    };
+    let sock = crate::net::connect_nonblocking(&endpoint, &cfg.sockopts, None)?;
     let fd = match &sock {
         MioStream::Tcp(t) => t.as_raw_fd(),
         MioStream::Unix(u) => u.as_raw_fd(),
