@@ -1,5 +1,5 @@
-//! The README's console examples, executed: what a newcomer reads is what
-//! the binary does.
+//! The console examples of the README and of docs/, executed: what a
+//! newcomer reads is what the binary does.
 //!
 //! Every ```` ```console ```` block is run, one `$ ` command after another,
 //! through bash, with `upcase` on PATH. What a block needs comes from an
@@ -34,12 +34,14 @@ use common::*;
 
 /// One console block of the README.
 struct Block {
+    /// Where it is, for the messages: `README.md line 88`.
+    file: String,
     line: usize,
     setup: Option<String>,
     steps: Vec<(String, Vec<String>)>,
 }
 
-fn blocks(text: &str) -> Vec<Block> {
+fn blocks(file: &str, text: &str) -> Vec<Block> {
     let lines: Vec<&str> = text.lines().collect();
     let mut out = Vec::new();
     let mut i = 0;
@@ -54,6 +56,7 @@ fn blocks(text: &str) -> Vec<Block> {
             .and_then(|a| a.strip_suffix("-->"))
             .map(|a| a.trim().to_string());
         let mut block = Block {
+            file: file.to_string(),
             line: i + 1,
             setup,
             steps: Vec::new(),
@@ -232,7 +235,8 @@ fn same_line(expected: &str, actual: &str) -> bool {
 fn check(block: &Block, step: &str, expected: &[String], actual: &[String]) {
     let diff = || {
         format!(
-            "README.md line {}: `$ {step}`\n--- README\n{}\n--- actual\n{}\n",
+            "{} line {}: `$ {step}`\n--- documented\n{}\n--- actual\n{}\n",
+            block.file,
             block.line,
             expected.join("\n"),
             actual.join("\n")
@@ -246,9 +250,25 @@ fn check(block: &Block, step: &str, expected: &[String], actual: &[String]) {
 
 #[test]
 fn readme_console_examples_are_true() {
-    let text = std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join("README.md"))
-        .expect("README.md");
-    let all = blocks(&text);
+    // The README, and every page under docs/.
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let mut pages = vec![root.join("README.md")];
+    let mut docs: Vec<_> = std::fs::read_dir(root.join("docs"))
+        .map(|d| d.flatten().map(|e| e.path()).collect())
+        .unwrap_or_default();
+    docs.retain(|p| p.extension().is_some_and(|e| e == "md"));
+    docs.sort();
+    pages.extend(docs);
+    let mut all = Vec::new();
+    for page in &pages {
+        let text = std::fs::read_to_string(page).expect("a documentation page");
+        let name = page
+            .strip_prefix(root)
+            .unwrap_or(page)
+            .display()
+            .to_string();
+        all.extend(blocks(&name, &text));
+    }
     assert!(all.len() >= 10, "found only {} console blocks", all.len());
     let mut ran = 0;
     for block in &all {
@@ -263,7 +283,8 @@ fn readme_console_examples_are_true() {
             let (child, seen, logs) = background(&format!("exec upcase {args}"));
             assert!(
                 seen.iter().any(|l| l.starts_with("listening ")),
-                "README.md line {}: `upcase {args}` did not start: {seen:?}",
+                "{} line {}: `upcase {args}` did not start: {seen:?}",
+                block.file,
                 block.line
             );
             held.push((child, logs));
@@ -280,8 +301,8 @@ fn readme_console_examples_are_true() {
                 let got = first_lines(&cmd, expected.len());
                 if got.is_empty() && port_taken(&cmd) {
                     skip(&format!(
-                        "README.md line {}: `{cmd}` needs a port another program holds",
-                        block.line
+                        "{} line {}: `{cmd}` needs a port another program holds",
+                        block.file, block.line
                     ));
                     continue;
                 }
