@@ -382,6 +382,10 @@ pub struct UdpArgs {
         default_value_t = 3
     )]
     pub give_up_after: u32,
+    /// UDP: stop sending after this long in all, with the report (what was
+    /// not sent makes the run incomplete, exit 4).
+    #[arg(long, allow_negative_numbers = true, value_name = "DURATION", value_parser = units::parse_positive_duration)]
+    pub deadline: Option<Duration>,
 }
 
 /// The seeds' interactive client: `Input: ` prompts, `Output: ` replies.
@@ -571,6 +575,7 @@ impl UdpArgs {
             retries: self.retries,
             total: wait.timeout,
             give_up_after: self.give_up_after,
+            deadline: self.deadline,
         }
     }
 }

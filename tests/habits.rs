@@ -212,3 +212,39 @@ fn man_page_and_completions_cover_every_command() {
     let bad = upcase_run(&["completions", "tcsh"], b"", SECS(10));
     assert_eq!(bad.code(), 2, "{}", bad.stderr);
 }
+
+/// A UDP server that answers, slowly: --deadline bounds the whole run, and
+/// what was not sent makes it incomplete (exit 4), with the report.
+#[test]
+fn udp_send_keeps_its_deadline() {
+    let sock = UdpSocket::bind("127.0.0.1:0").unwrap();
+    let ep = format!("udp://{}", sock.local_addr().unwrap());
+    thread::spawn(move || {
+        let mut buf = vec![0u8; 2048];
+        sock.set_read_timeout(Some(SECS(10))).unwrap();
+        while let Ok((n, peer)) = sock.recv_from(&mut buf) {
+            thread::sleep(Duration::from_millis(50));
+            let _ = sock.send_to(&buf[..n].to_ascii_uppercase(), peer);
+        }
+    });
+    let r = upcase_run(
+        &[
+            "send",
+            &ep,
+            "--bytes",
+            "100K",
+            "--size",
+            "1K",
+            "--deadline",
+            "500ms",
+        ],
+        b"",
+        SECS(20),
+    );
+    assert_eq!(r.code(), 4, "{}", r.stderr);
+    assert!(r.stderr.contains("--deadline reached"), "{}", r.stderr);
+    let sent = r.num("sent");
+    assert!((1..100).contains(&sent), "sent {sent}: {}", r.out());
+    assert_eq!(r.num("answered"), sent, "{}", r.out());
+    assert!(r.elapsed < SECS(3), "took {:?}", r.elapsed);
+}

@@ -80,6 +80,8 @@ pub struct UdpRetry {
     pub retries: u32,
     pub total: Option<Duration>,
     pub give_up_after: u32,
+    /// `--deadline`: the whole run's time.
+    pub deadline: Option<Duration>,
 }
 
 impl Default for UdpRetry {
@@ -89,6 +91,7 @@ impl Default for UdpRetry {
             retries: 5,
             total: None,
             give_up_after: 3,
+            deadline: None,
         }
     }
 }

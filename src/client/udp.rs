@@ -164,6 +164,15 @@ impl Requester {
         Ok(Answer::Lost)
     }
 
+    /// `--deadline` has passed since `start`. Says so on stderr.
+    pub fn out_of_time(&self, start: Instant) -> bool {
+        let over = self.retry.deadline.is_some_and(|d| start.elapsed() >= d);
+        if over {
+            eprintln!("upcase: --deadline reached: stopping");
+        }
+        over
+    }
+
     /// The server looks gone: `--give-up-after` requests in a row were lost.
     /// Says so on stderr.
     pub fn gave_up(&self) -> bool {
@@ -215,6 +224,9 @@ pub fn send_lines(cfg: &SendConfig) -> anyhow::Result<Outcome> {
                     break;
                 }
             }
+        }
+        if req.out_of_time(start) {
+            break;
         }
         // Remember a few answers, to recognise late duplicates of them.
         recent.push(expect);
@@ -285,13 +297,18 @@ pub fn send_bytes(cfg: &SendConfig, total: u64) -> anyhow::Result<Outcome> {
         .map_err(|e| request_error(cfg, e))?;
         offset += len as u64;
         seq += 1;
-        if req.gave_up() {
+        if req.gave_up() || (offset < total && req.out_of_time(start)) {
             break;
         }
     }
+    let cut_short = offset < total;
     finish(&mut req.report, start);
     req.report.print(cfg.json);
-    let outcome = req.report.outcome();
+    let mut outcome = req.report.outcome();
+    if cut_short && outcome == Outcome::Ok {
+        eprintln!("upcase: incomplete: {offset} of {total} bytes sent");
+        outcome = Outcome::Mismatch;
+    }
     if outcome != Outcome::Ok {
         eprintln!(
             "upcase: {} of {} datagrams lost, {} wrong",
