@@ -694,6 +694,10 @@ pub struct BenchArgs {
     pub engine: Engine,
     #[command(flatten)]
     pub tls: TlsClientArgs,
+    /// Pin the server (the one --compare starts, or --server-pid) and the
+    /// load generator to separate CPUs: SERVER_CPUS:CLIENT_CPUS, e.g. 0:1.
+    #[arg(long, value_name = "SERVER:CLIENT", value_parser = |s: &str| s.parse::<crate::bench::proc::Pin>())]
+    pub pin: Option<crate::bench::proc::Pin>,
     /// Load-generator threads (each an event loop).
     #[arg(long, allow_negative_numbers = true, value_name = "N", default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..=256))]
     pub threads: u32,
@@ -833,6 +837,7 @@ impl BenchArgs {
             framing: self.framing,
             pipeline: self.pipeline as usize,
             engine: self.engine,
+            pin: self.pin.clone(),
         };
         if !self.compare {
             return Ok(BenchCommand::One(base, self.json));

@@ -449,3 +449,39 @@ fn pids_running(needle: &str) -> Vec<i32> {
         })
         .collect()
 }
+
+/// --pin puts the server's threads and the load generator on the CPUs
+/// given; the server's affinity is seen from /proc.
+#[test]
+fn pin_puts_server_and_client_on_their_cpus() {
+    if std::thread::available_parallelism().map_or(1, |n| n.get()) < 2 {
+        skip("--pin needs two CPUs");
+        return;
+    }
+    let srv = Server::start(&["-q", "--model", "epoll", "tcp://127.0.0.1:0"], 1);
+    let pid = srv.pid().to_string();
+    let (r, v) = bench_json(&[
+        srv.addr(0),
+        "--pin",
+        "0:1",
+        "--server-pid",
+        &pid,
+        "--duration",
+        "1s",
+    ]);
+    assert_eq!(r.code(), 0, "{}", r.stderr);
+    assert_eq!(v["errors"], 0, "{v}");
+    let tasks = std::fs::read_dir(format!("/proc/{pid}/task")).unwrap();
+    for t in tasks.flatten() {
+        let status = std::fs::read_to_string(t.path().join("status")).unwrap();
+        let cpus = status
+            .lines()
+            .find_map(|l| l.strip_prefix("Cpus_allowed_list:"))
+            .unwrap()
+            .trim()
+            .to_string();
+        assert_eq!(cpus, "0", "thread {:?}", t.file_name());
+    }
+    let r = upcase_run(&["bench", srv.addr(0), "--pin", "1-0:1"], b"", SECS(10));
+    assert_eq!(r.code(), 2, "{}", r.stderr);
+}

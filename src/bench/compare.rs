@@ -62,7 +62,8 @@ pub fn run(cfg: &CompareConfig) -> anyhow::Result<Comparison> {
             eprintln!("   {name}: not available on this machine, skipped");
             continue;
         }
-        let server = match Running::start(&target, cfg.base.mode, cfg.base.framing) {
+        let pin = cfg.base.pin.as_ref().map(|p| p.server.as_slice());
+        let server = match Running::start(&target, cfg.base.mode, cfg.base.framing, pin) {
             Ok(s) => s,
             Err(e) => {
                 eprintln!("   {name}: cannot start: {e:#}");
@@ -121,6 +122,7 @@ impl Running {
         target: &Target,
         mode: crate::transform::Mode,
         framing: crate::framing::Framing,
+        pin: Option<&[usize]>,
     ) -> anyhow::Result<Running> {
         match target {
             Target::Model(m) => {
@@ -142,7 +144,7 @@ impl Running {
                     .stdin(Stdio::null())
                     .stdout(Stdio::piped())
                     .stderr(Stdio::inherit());
-                let mut child = Running::spawn(child, "upcase serve")?;
+                let mut child = Running::spawn(child, "upcase serve", pin)?;
                 let out = child.child.stdout.take().context("server stdout")?;
                 let mut lines = BufReader::new(out).lines();
                 let mut eps = Vec::new();
@@ -169,7 +171,7 @@ impl Running {
                     .stdin(Stdio::null())
                     .stdout(Stdio::null())
                     .stderr(Stdio::inherit());
-                let mut child = Running::spawn(sh, &cmd)?;
+                let mut child = Running::spawn(sh, &cmd, pin)?;
                 child.tcp = format!("127.0.0.1:{port}").parse()?;
                 let deadline = Instant::now() + Duration::from_secs(10);
                 while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
@@ -193,13 +195,18 @@ impl Running {
 
     /// Starts `cmd` so that it cannot outlive us: it gets SIGTERM when this
     /// process dies, however it dies, and is stopped when dropped.
-    fn spawn(mut cmd: Command, what: &str) -> anyhow::Result<Running> {
+    fn spawn(mut cmd: Command, what: &str, pin: Option<&[usize]>) -> anyhow::Result<Running> {
         use std::os::unix::process::CommandExt;
-        // SAFETY: prctl is async-signal-safe and touches no memory of ours.
+        let cpus = pin.map(<[usize]>::to_vec);
+        // SAFETY: prctl and sched_setaffinity are async-signal-safe system
+        // calls; the CPU list was built before fork and is only read.
         unsafe {
-            cmd.pre_exec(|| {
+            cmd.pre_exec(move || {
                 if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGTERM) == -1 {
                     return Err(std::io::Error::last_os_error());
+                }
+                if let Some(cpus) = &cpus {
+                    super::proc::pin_self(cpus)?;
                 }
                 Ok(())
             });

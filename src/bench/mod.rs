@@ -148,6 +148,9 @@ pub struct BenchConfig {
     pub framing: crate::framing::Framing,
     pub pipeline: usize,
     pub engine: Engine,
+    /// `--pin`: the CPUs of the server (given by --server-pid, or started
+    /// by --compare) and of the load generator.
+    pub pin: Option<proc::Pin>,
 }
 
 /// Latency percentiles, in microseconds.
@@ -225,6 +228,13 @@ impl ServiceDemand {
 /// Runs one workload against one server.
 pub fn run(cfg: &BenchConfig) -> anyhow::Result<Report> {
     probe(cfg)?;
+    if let Some(pin) = &cfg.pin {
+        // Load threads start after this and inherit it.
+        proc::pin_self(&pin.client).context("--pin: the load generator's CPUs")?;
+        if let Some(pid) = cfg.server_pid {
+            proc::pin_pid(pid, &pin.server).context("--pin: the server's CPUs")?;
+        }
+    }
     if cfg.workload == Workload::Hold {
         return hold(cfg);
     }

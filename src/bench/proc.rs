@@ -110,3 +110,92 @@ fn thread_switches(pid: i32) -> u64 {
         })
         .sum()
 }
+
+/// `--pin SERVER_CPUS:CLIENT_CPUS`: the CPUs the server and the load
+/// generator may run on, each a list such as `0`, `0,2` or `0-1`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Pin {
+    pub server: Vec<usize>,
+    pub client: Vec<usize>,
+}
+
+impl std::str::FromStr for Pin {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Pin, String> {
+        let (server, client) = s.split_once(':').ok_or_else(|| {
+            format!("'{s}': expected SERVER_CPUS:CLIENT_CPUS, e.g. 0:1 or 0-1:2-3")
+        })?;
+        Ok(Pin {
+            server: cpu_list(server)?,
+            client: cpu_list(client)?,
+        })
+    }
+}
+
+/// `0,2-3` as [0, 2, 3].
+fn cpu_list(s: &str) -> Result<Vec<usize>, String> {
+    let bad = || format!("'{s}': a CPU list is numbers and ranges, e.g. 0 or 0,2 or 0-3");
+    let mut cpus = Vec::new();
+    for part in s.split(',') {
+        let (a, b) = part.split_once('-').unwrap_or((part, part));
+        let (a, b): (usize, usize) = (
+            a.trim().parse().map_err(|_| bad())?,
+            b.trim().parse().map_err(|_| bad())?,
+        );
+        if a > b || b >= libc::CPU_SETSIZE as usize {
+            return Err(bad());
+        }
+        cpus.extend(a..=b);
+    }
+    Ok(cpus)
+}
+
+/// Restricts every thread of process `pid` (as it is now) to `cpus`.
+pub fn pin_pid(pid: i32, cpus: &[usize]) -> std::io::Result<()> {
+    for task in std::fs::read_dir(format!("/proc/{pid}/task"))?.flatten() {
+        if let Some(tid) = task.file_name().to_str().and_then(|t| t.parse().ok()) {
+            set_affinity(tid, cpus)?;
+        }
+    }
+    Ok(())
+}
+
+/// Restricts the calling thread (and the threads and processes it starts
+/// afterwards, which inherit it) to `cpus`.
+pub fn pin_self(cpus: &[usize]) -> std::io::Result<()> {
+    set_affinity(0, cpus)
+}
+
+fn set_affinity(tid: libc::pid_t, cpus: &[usize]) -> std::io::Result<()> {
+    // SAFETY: cpu_set_t is plain data; CPU_ZERO/CPU_SET write within it
+    // (every cpu was checked against CPU_SETSIZE), and sched_setaffinity
+    // reads it for the given size.
+    unsafe {
+        let mut set: libc::cpu_set_t = std::mem::zeroed();
+        libc::CPU_ZERO(&mut set);
+        for &c in cpus {
+            libc::CPU_SET(c, &mut set);
+        }
+        if libc::sched_setaffinity(tid, std::mem::size_of::<libc::cpu_set_t>(), &set) != 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn pins_parse() {
+        let p: Pin = "0:1".parse().unwrap();
+        assert_eq!((p.server, p.client), (vec![0], vec![1]));
+        let p: Pin = "0-1:2,4-5".parse().unwrap();
+        assert_eq!((p.server, p.client), (vec![0, 1], vec![2, 4, 5]));
+        for bad in ["0", "a:1", "1-0:2", "0:", "0:99999"] {
+            assert!(bad.parse::<Pin>().is_err(), "{bad}");
+        }
+    }
+}
