@@ -153,13 +153,14 @@ pub fn client(tcp: TcpStream, config: Arc<ClientConfig>, hp: &HostPort) -> io::R
     std::thread::Builder::new()
         .name("upcase-tls".into())
         .spawn(move || {
-            if let Err(e) = (Pump {
+            let mut pump = Pump {
                 session,
                 tcp,
                 app: theirs,
-            })
-            .run()
-            {
+            };
+            // Said before the application's end closes, so that the reason
+            // is on stderr before the application reports the closed pipe.
+            if let Err(e) = pump.run() {
                 eprintln!("upcase: TLS: {e}");
             }
         })?;
@@ -177,7 +178,7 @@ struct Pump {
 const MAX_PENDING: usize = 256 * 1024;
 
 impl Pump {
-    fn run(mut self) -> io::Result<()> {
+    fn run(&mut self) -> io::Result<()> {
         let mut buf = vec![0u8; 64 * 1024];
         let mut pending: Vec<u8> = Vec::new(); // plaintext for the app
         let mut outgoing: Vec<u8> = Vec::new(); // plaintext for the server

@@ -99,7 +99,10 @@ fn one(job: &Job, live: &Live, i: usize) -> ThreadResult {
                     Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
                     // The run is over while this reply was awaited (a
                     // server that serves others first): not an error.
-                    Err(e) if net_timeout(&e) && Instant::now() >= job.deadline => return Ok(()),
+                    Err(e) if net_timeout(&e) && Instant::now() >= job.deadline => {
+                        uncount(&mut r, &mut total, got);
+                        return Ok(());
+                    }
                     Err(e) => return Err(e),
                 };
                 r.received((&mut got, &mut total), &buf[..n], &job.reply, live)?;
@@ -107,6 +110,7 @@ fn one(job: &Job, live: &Live, i: usize) -> ThreadResult {
             if Instant::now() > job.deadline {
                 // Completed after the run: like the event-loop engines,
                 // which stop at the deadline, it is not counted.
+                uncount(&mut r, &mut total, got);
                 break;
             }
             let _ = r.hist.record((due.elapsed().as_nanos() as u64).max(1));
@@ -162,8 +166,18 @@ fn open(job: &Job) -> io::Result<Conn> {
     Ok(conn)
 }
 
+/// Takes back the bytes of a reply that will not count: a message is
+/// whole or is not there, and bytes = messages x reply size.
+fn uncount(r: &mut ThreadResult, total: &mut u64, got: u64) {
+    r.bytes -= got;
+    *total -= got;
+}
+
 fn net_timeout(e: &io::Error) -> bool {
-    matches!(e.kind(), io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut)
+    matches!(
+        e.kind(),
+        io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
+    )
 }
 
 fn server_name(hp: &HostPort) -> io::Result<rustls::pki_types::ServerName<'static>> {
