@@ -273,16 +273,8 @@ printf 'one\\ntwo\\n' | upcase send udp://127.0.0.1:1060\n  \
 upcase send udp://127.0.0.1:1060 --bytes 1M --size 1K --json"
 )]
 pub struct SendArgs {
-    /// Server address.
-    #[arg(value_name = "ADDR")]
-    pub endpoint: String,
-    /// nc's form: `send HOST PORT` is `send HOST:PORT`.
-    #[arg(value_name = "PORT")]
-    pub port: Option<String>,
     #[command(flatten)]
-    pub wait: WaitArgs,
-    #[command(flatten)]
-    pub tls: TlsClientArgs,
+    pub server: ServerArgs,
     /// Send N bytes of the seeds' pattern and verify the reply (suffixes K, M, G: binary).
     #[arg(long, allow_negative_numbers = true, value_name = "N", value_parser = units::parse_nonzero_size)]
     pub bytes: Option<u64>,
@@ -316,6 +308,33 @@ pub struct SendArgs {
     pub no_progress: bool,
     #[command(flatten)]
     pub sock: SockArgs,
+}
+
+/// Which server a client talks to, and how long and whom it trusts:
+/// `send` and `chat` alike.
+#[derive(Debug, Args)]
+pub struct ServerArgs {
+    /// Server address.
+    #[arg(value_name = "ADDR")]
+    pub endpoint: String,
+    /// nc's form: `HOST PORT` is `HOST:PORT`.
+    #[arg(value_name = "PORT")]
+    pub port: Option<String>,
+    #[command(flatten)]
+    pub wait: WaitArgs,
+    #[command(flatten)]
+    pub tls: TlsClientArgs,
+}
+
+impl ServerArgs {
+    /// The endpoint, and the socket options with `-w` and the TLS trust.
+    fn resolve(&self, sock: SockArgs) -> Result<(Endpoint, SockOpts), String> {
+        let endpoint = crate::addr::join_host_port(&self.endpoint, self.port.as_deref())
+            .map_err(|e| e.to_string())?;
+        let mut opts = sock.into_opts().waiting(self.wait.timeout);
+        opts.tls = self.tls.config(&endpoint)?;
+        Ok((endpoint, opts))
+    }
 }
 
 /// Whom a tls:// client trusts.
@@ -397,16 +416,8 @@ and stops on an empty line (over UDP, sending the seeds' empty goodbye datagram)
     after_help = "EXAMPLES:\n  upcase chat 127.0.0.1:1060\n  upcase chat udp://127.0.0.1:1060"
 )]
 pub struct ChatArgs {
-    /// Server address.
-    #[arg(value_name = "ADDR")]
-    pub endpoint: String,
-    /// nc's form: `chat HOST PORT` is `chat HOST:PORT`.
-    #[arg(value_name = "PORT")]
-    pub port: Option<String>,
     #[command(flatten)]
-    pub wait: WaitArgs,
-    #[command(flatten)]
-    pub tls: TlsClientArgs,
+    pub server: ServerArgs,
     /// The server runs --utf8: expect Unicode-uppercased replies.
     #[arg(long, value_enum, value_name = "STRICTNESS", num_args = 0..=1, require_equals = true, default_missing_value = "lenient")]
     pub utf8: Option<Utf8Arg>,
@@ -582,8 +593,7 @@ impl UdpArgs {
 
 impl SendArgs {
     pub fn into_config(self) -> Result<SendConfig, String> {
-        let endpoint = crate::addr::join_host_port(&self.endpoint, self.port.as_deref())
-            .map_err(|e| e.to_string())?;
+        let (endpoint, sockopts) = self.server.resolve(self.sock)?;
         if self.naive && endpoint.is_udp() {
             return Err("--naive is about TCP's deadlock; UDP has no flow control to deadlock (drop --naive)".into());
         }
@@ -596,16 +606,14 @@ impl SendArgs {
         let stall = self
             .stall
             .unwrap_or(Duration::from_secs(if self.naive { 2 } else { 10 }));
-        let mut sockopts = self.sock.into_opts().waiting(self.wait.timeout);
-        sockopts.tls = self.tls.config(&endpoint)?;
         Ok(SendConfig {
             endpoint,
             sockopts,
             bytes: self.bytes,
             naive: self.naive,
-            stall: self.wait.timeout.map_or(stall, |w| w.min(stall)),
+            stall: self.server.wait.timeout.map_or(stall, |w| w.min(stall)),
             size: self.size,
-            udp: self.udp.into_retry(&self.wait),
+            udp: self.udp.into_retry(&self.server.wait),
             json: self.json,
             progress: !self.no_progress,
             mode: mode_of(self.utf8),
@@ -616,10 +624,7 @@ impl SendArgs {
 
 impl ChatArgs {
     pub fn into_config(self) -> Result<SendConfig, String> {
-        let endpoint = crate::addr::join_host_port(&self.endpoint, self.port.as_deref())
-            .map_err(|e| e.to_string())?;
-        let mut sockopts = self.sock.into_opts().waiting(self.wait.timeout);
-        sockopts.tls = self.tls.config(&endpoint)?;
+        let (endpoint, sockopts) = self.server.resolve(self.sock)?;
         Ok(SendConfig {
             endpoint,
             sockopts,
@@ -627,7 +632,7 @@ impl ChatArgs {
             naive: false,
             stall: Duration::from_secs(2),
             size: 1024,
-            udp: self.udp.into_retry(&self.wait),
+            udp: self.udp.into_retry(&self.server.wait),
             json: false,
             progress: false,
             mode: mode_of(self.utf8),
