@@ -517,33 +517,41 @@ impl Conn {
     /// contract, encrypt the reply. A close_notify is the client's
     /// half-close; a protocol error sends rustls's alert, then ends.
     fn tls_input(&mut self, mut records: &[u8]) -> io::Result<&[u8]> {
-        let Some(mut tls) = self.tls.take() else {
-            return Ok(&[]);
-        };
-        tls.out.clear();
-        let mut closed = false;
-        let result = (|| -> io::Result<()> {
+        self.through_tls(|conn, tls| {
+            let mut closed = false;
             while !records.is_empty() && !closed {
                 if tls.session.read_tls(&mut records)? == 0 {
                     break;
                 }
                 if let Err(e) = tls.session.process_new_packets() {
-                    self.input_ended = true;
-                    self.end_after_reply = Some((End::Error, format!("TLS: {e}")));
+                    conn.input_ended = true;
+                    conn.end_after_reply = Some((End::Error, format!("TLS: {e}")));
                     return Ok(());
                 }
-                closed = self.tls_decrypt(&mut tls)?;
+                closed = conn.tls_decrypt(tls)?;
             }
             if closed {
-                self.input_ended = true;
-                self.tls_finish(&mut tls)?;
+                conn.input_ended = true;
+                conn.tls_finish(tls)?;
             }
             Ok(())
-        })();
-        let sent = result.and_then(|()| tls_flush(&mut tls));
+        })
+    }
+
+    /// Runs `step` on the TLS session, then hands back every record it
+    /// produced, counted as unsent like any reply.
+    fn through_tls(
+        &mut self,
+        step: impl FnOnce(&mut Conn, &mut TlsLayer) -> io::Result<()>,
+    ) -> io::Result<&[u8]> {
+        let Some(mut tls) = self.tls.take() else {
+            return Ok(&[]);
+        };
+        tls.out.clear();
+        let result = step(self, &mut tls).and_then(|()| tls_flush(&mut tls));
         self.tls = Some(tls);
-        sent?;
-        let out = &self.tls.as_ref().map_or(&[][..], |t| &t.out[..]);
+        result?;
+        let out = self.tls.as_ref().map_or(&[][..], |t| &t.out[..]);
         self.unsent += out.len();
         self.limits.buffered.add(out.len());
         Ok(out)
@@ -590,17 +598,7 @@ impl Conn {
 
     /// The TCP FIN arrived.
     fn tls_end(&mut self) -> io::Result<&[u8]> {
-        let Some(mut tls) = self.tls.take() else {
-            return Ok(&[]);
-        };
-        tls.out.clear();
-        let result = self.tls_finish(&mut tls).and_then(|()| tls_flush(&mut tls));
-        self.tls = Some(tls);
-        result?;
-        let out = &self.tls.as_ref().map_or(&[][..], |t| &t.out[..]);
-        self.unsent += out.len();
-        self.limits.buffered.add(out.len());
-        Ok(out)
+        self.through_tls(|conn, tls| conn.tls_finish(tls))
     }
 
     /// `n` reply bytes were written.
