@@ -740,6 +740,90 @@ mod tests {
         }
     }
 
+    /// A certificate for 127.0.0.1, and a client that trusts it.
+    fn tls_pair() -> (Arc<rustls::ServerConfig>, Arc<rustls::ClientConfig>) {
+        let rcgen::CertifiedKey { cert, signing_key } =
+            rcgen::generate_simple_self_signed(vec!["127.0.0.1".into()]).unwrap();
+        let dir = std::env::temp_dir().join(format!("upcase-core-tls-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let (c, k) = (dir.join("cert.pem"), dir.join("key.pem"));
+        std::fs::write(&c, cert.pem()).unwrap();
+        std::fs::write(&k, signing_key.serialize_pem()).unwrap();
+        let server = crate::tls::server_config(&c, &k).unwrap();
+        let client = crate::tls::client_config(Some(&c), false).unwrap();
+        let _ = std::fs::remove_dir_all(&dir);
+        (server, client)
+    }
+
+    /// TLS through the core, with the network in memory: the records cut
+    /// into reads of `cut` bytes, the reply taken whole. The client gets
+    /// the uppercased text and then our close_notify.
+    #[test]
+    fn tls_in_memory_at_every_cut() {
+        use std::io::{Read, Write};
+        let (server, client) = tls_pair();
+        let text = b"hello tls, in memory!".repeat(50);
+        for cut in [1, 2, 5, 64, 1000, 1 << 16] {
+            let now = T0();
+            let origin = Origin {
+                peer: "mem".into(),
+                listener: "tls://mem".into(),
+                tls: Some(server.clone()),
+            };
+            let mut c = Conn::new(origin, proto(Mode::Ascii), limits(4096, 0), now);
+            let name = rustls::pki_types::ServerName::try_from("127.0.0.1").unwrap();
+            let mut peer = rustls::ClientConnection::new(client.clone(), name).unwrap();
+            peer.writer().write_all(&text).unwrap();
+            let (mut reply, mut peer_done, mut closing) = (Vec::new(), false, false);
+            for _ in 0..10_000 {
+                if !closing && !peer.is_handshaking() {
+                    // The end of input, once there is a session to end.
+                    peer.send_close_notify();
+                    closing = true;
+                }
+                // Client to server, `cut` bytes per read.
+                let mut wire = Vec::new();
+                while peer.wants_write() {
+                    peer.write_tls(&mut wire).unwrap();
+                }
+                for chunk in wire.chunks(cut) {
+                    let mut buf = chunk.to_vec();
+                    let out = c
+                        .on_input(&mut buf, now)
+                        .unwrap_or_else(|e| panic!("cut {cut}: {e}"))
+                        .to_vec();
+                    c.on_written(out.len(), now);
+                    let mut rd = &out[..];
+                    while !rd.is_empty() {
+                        peer.read_tls(&mut rd).unwrap();
+                        if let Err(e) = peer.process_new_packets() {
+                            panic!("cut {cut}: {e}");
+                        }
+                    }
+                }
+                loop {
+                    let mut b = [0u8; 4096];
+                    match peer.reader().read(&mut b) {
+                        Ok(0) => {
+                            peer_done = true;
+                            break;
+                        }
+                        Ok(n) => reply.extend_from_slice(&b[..n]),
+                        Err(_) => break,
+                    }
+                }
+                if peer_done {
+                    break;
+                }
+            }
+            assert!(peer_done, "cut {cut}: no close_notify from the server");
+            assert_eq!(reply, text.to_ascii_uppercase(), "cut {cut}");
+            assert!(c.wants_shutdown(), "cut {cut}: the write side is next");
+            c.on_shutdown();
+            assert_eq!(c.end(), End::Done, "cut {cut}");
+        }
+    }
+
     /// Runs a connection to its end. `reads[i % len]` bounds the i-th read,
     /// `writes[j % len]` the j-th write (0: the peer is not reading now).
     /// Returns the output and whether the half-close came after all of it.
