@@ -750,9 +750,15 @@ pub struct BenchArgs {
         requires = "compare"
     )]
     pub workloads: Vec<Workload>,
-    /// With --compare: write compare.json and compare.svg here.
+    /// With --compare: write compare.json and compare.svg here (with
+    /// --sweep: sweep.json, sweep.md and sweep.svg).
     #[arg(long, value_name = "DIR", requires = "compare")]
     pub out: Option<std::path::PathBuf>,
+    /// With --compare: for each server, measure its rr capacity, then offer
+    /// 10 % to 120 % of it open loop and report p50/p99 against offered
+    /// load (12 runs of --duration each per server).
+    #[arg(long, requires = "compare")]
+    pub sweep: bool,
     #[command(flatten)]
     pub sock: SockArgs,
 }
@@ -871,6 +877,7 @@ impl BenchArgs {
                 base,
                 conns,
                 out: self.out,
+                sweep: self.sweep,
             },
             self.json,
         ))

@@ -485,3 +485,55 @@ fn pin_puts_server_and_client_on_their_cpus() {
     let r = upcase_run(&["bench", srv.addr(0), "--pin", "1-0:1"], b"", SECS(10));
     assert_eq!(r.code(), 2, "{}", r.stderr);
 }
+
+/// --sweep: capacity, then 10 % to 120 % of it open loop; the light loads
+/// are met, every point is verified, and the chart has its axes.
+#[test]
+fn sweep_draws_latency_against_offered_load() {
+    let dir = std::env::temp_dir().join(format!("upcase-sweep-{}", std::process::id()));
+    let r = upcase_run(
+        &[
+            "bench",
+            "--compare",
+            "--sweep",
+            "--models",
+            "epoll",
+            "--conns",
+            "10",
+            "--duration",
+            "300ms",
+            "--out",
+            dir.to_str().unwrap(),
+        ],
+        b"",
+        SECS(120),
+    );
+    assert_eq!(r.code(), 0, "{}", r.stderr);
+    let points: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(dir.join("sweep.json")).unwrap()).unwrap();
+    let points = points.as_array().unwrap();
+    assert_eq!(points.len(), 12, "{points:?}");
+    for p in points {
+        assert_eq!(p["server"], "epoll");
+        assert_eq!(p["errors"], 0, "{p}");
+        let (f, offered, achieved) = (
+            p["fraction"].as_f64().unwrap(),
+            p["offered"].as_f64().unwrap(),
+            p["achieved"].as_f64().unwrap(),
+        );
+        if f <= 0.5 {
+            // Half the capacity is always met (within the schedule's ramp).
+            assert!(achieved > offered * 0.8, "{p}");
+        }
+        assert!(
+            p["p99_us"].as_f64().unwrap() >= p["p50_us"].as_f64().unwrap(),
+            "{p}"
+        );
+    }
+    let svg = std::fs::read_to_string(dir.join("sweep.svg")).unwrap();
+    for text in ["offered load, messages/s", "latency, us (log)", "epoll"] {
+        assert!(svg.contains(text), "no {text:?} in the chart");
+    }
+    assert!(r.out().contains("| epoll | 120 |"), "{}", r.out());
+    let _ = std::fs::remove_dir_all(&dir);
+}

@@ -25,6 +25,8 @@ pub struct CompareConfig {
     /// Connections per workload; `None`: each workload's default.
     pub conns: Option<usize>,
     pub out: Option<PathBuf>,
+    /// `--sweep`: latency against offered load instead of the workloads.
+    pub sweep: bool,
 }
 
 /// One server's results.
@@ -42,35 +44,7 @@ pub struct Comparison {
 
 pub fn run(cfg: &CompareConfig) -> anyhow::Result<Comparison> {
     let mut rows = Vec::new();
-    let mut failed = Vec::new();
-    let mut targets: Vec<(String, Target)> = cfg
-        .models
-        .iter()
-        .map(|m| (m.name().to_string(), Target::Model(*m)))
-        .collect();
-    targets.extend(
-        cfg.servers
-            .iter()
-            .map(|(name, cmd)| (name.clone(), Target::Command(cmd.clone()))),
-    );
-    for (name, target) in targets {
-        eprintln!("== {name}");
-        if let Target::Model(m) = target
-            && !m.runs_here()
-        {
-            // Not a failure: this machine does not allow io_uring.
-            eprintln!("   {name}: not available on this machine, skipped");
-            continue;
-        }
-        let pin = cfg.base.pin.as_ref().map(|p| p.server.as_slice());
-        let server = match Running::start(&target, cfg.base.mode, cfg.base.framing, pin) {
-            Ok(s) => s,
-            Err(e) => {
-                eprintln!("   {name}: cannot start: {e:#}");
-                failed.push(name);
-                continue;
-            }
-        };
+    let failed = each_server(cfg, |name, server| {
         let mut reports = Vec::new();
         for &w in &cfg.workloads {
             let endpoint = match (w, &server.udp) {
@@ -97,13 +71,51 @@ pub fn run(cfg: &CompareConfig) -> anyhow::Result<Comparison> {
                 Err(e) => eprintln!("   {name}: {} failed: {e:#}", w.name()),
             }
         }
-        drop(server);
         rows.push(Row {
-            server: name,
+            server: name.to_string(),
             reports,
         });
-    }
+    });
     Ok(Comparison { rows, failed })
+}
+
+/// Starts each server of the comparison in turn (the models, then the
+/// --server commands; a model this machine cannot run is skipped), hands
+/// it to `measure`, and stops it. Returns those that would not start.
+pub(super) fn each_server(
+    cfg: &CompareConfig,
+    mut measure: impl FnMut(&str, &Running),
+) -> Vec<String> {
+    let mut failed = Vec::new();
+    let mut targets: Vec<(String, Target)> = cfg
+        .models
+        .iter()
+        .map(|m| (m.name().to_string(), Target::Model(*m)))
+        .collect();
+    targets.extend(
+        cfg.servers
+            .iter()
+            .map(|(name, cmd)| (name.clone(), Target::Command(cmd.clone()))),
+    );
+    for (name, target) in targets {
+        eprintln!("== {name}");
+        if let Target::Model(m) = target
+            && !m.runs_here()
+        {
+            // Not a failure: this machine does not allow io_uring.
+            eprintln!("   {name}: not available on this machine, skipped");
+            continue;
+        }
+        let pin = cfg.base.pin.as_ref().map(|p| p.server.as_slice());
+        match Running::start(&target, cfg.base.mode, cfg.base.framing, pin) {
+            Ok(server) => measure(&name, &server),
+            Err(e) => {
+                eprintln!("   {name}: cannot start: {e:#}");
+                failed.push(name);
+            }
+        }
+    }
+    failed
 }
 
 enum Target {
@@ -111,10 +123,10 @@ enum Target {
     Command(String),
 }
 
-struct Running {
+pub(super) struct Running {
     child: Child,
-    tcp: Endpoint,
-    udp: Option<Endpoint>,
+    pub(super) tcp: Endpoint,
+    pub(super) udp: Option<Endpoint>,
 }
 
 impl Running {
@@ -189,7 +201,7 @@ impl Running {
         }
     }
 
-    fn pid(&self) -> i32 {
+    pub(super) fn pid(&self) -> i32 {
         self.child.id() as i32
     }
 
@@ -383,7 +395,7 @@ pub fn write_out(
 /// Draws the comparison as an SVG: one panel per workload, a bar per
 /// server for its throughput, and its p99 latency written on the bar.
 /// "300k", "1.2M": axis numbers a reader takes in at a glance.
-fn human(v: f64) -> String {
+pub(super) fn human(v: f64) -> String {
     match v.abs() {
         a if a >= 1e6 => format!("{:.1}M", v / 1e6),
         a if a >= 1e4 => format!("{:.0}k", v / 1e3),

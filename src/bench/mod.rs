@@ -11,6 +11,7 @@
 pub mod compare;
 pub mod load;
 pub mod proc;
+pub mod sweep;
 mod threads;
 pub mod udp;
 mod uring;
