@@ -374,26 +374,37 @@ pub fn write_out(
     rows: &[Row],
     workloads: &[Workload],
 ) -> anyhow::Result<()> {
+    write_files(dir, "compare", &rows, table(rows, workloads), |svg| {
+        chart(svg, rows, workloads)
+    })
+}
+
+/// Writes STEM.json (`value`), STEM.md (`md`) and STEM.svg (by `draw`)
+/// into `dir`, and says where: what --compare and --sweep leave behind.
+pub(super) fn write_files(
+    dir: &std::path::Path,
+    stem: &str,
+    value: &impl Serialize,
+    md: String,
+    draw: impl FnOnce(&std::path::Path) -> anyhow::Result<()>,
+) -> anyhow::Result<()> {
     std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
-    let json = dir.join("compare.json");
-    std::fs::write(&json, serde_json::to_string_pretty(rows)?)
+    let json = dir.join(format!("{stem}.json"));
+    std::fs::write(&json, serde_json::to_string_pretty(value)?)
         .with_context(|| format!("writing {}", json.display()))?;
-    let md = dir.join("compare.md");
-    std::fs::write(&md, table(rows, workloads))
-        .with_context(|| format!("writing {}", md.display()))?;
-    let svg = dir.join("compare.svg");
-    chart(&svg, rows, workloads).with_context(|| format!("drawing {}", svg.display()))?;
+    let md_path = dir.join(format!("{stem}.md"));
+    std::fs::write(&md_path, md).with_context(|| format!("writing {}", md_path.display()))?;
+    let svg = dir.join(format!("{stem}.svg"));
+    draw(&svg).with_context(|| format!("drawing {}", svg.display()))?;
     eprintln!(
         "wrote {}, {} and {}",
         json.display(),
-        md.display(),
+        md_path.display(),
         svg.display()
     );
     Ok(())
 }
 
-/// Draws the comparison as an SVG: one panel per workload, a bar per
-/// server for its throughput, and its p99 latency written on the bar.
 /// "300k", "1.2M": axis numbers a reader takes in at a glance.
 pub(super) fn human(v: f64) -> String {
     match v.abs() {
@@ -422,6 +433,8 @@ enum Kind {
     Partial,
 }
 
+/// Draws the comparison as an SVG: one panel per workload, a bar per
+/// server for its throughput, and its p99 latency written on the bar.
 pub fn chart(path: &std::path::Path, rows: &[Row], workloads: &[Workload]) -> anyhow::Result<()> {
     use plotters::prelude::*;
     use plotters::style::text_anchor::{HPos, Pos, VPos};

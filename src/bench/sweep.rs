@@ -9,7 +9,6 @@
 
 use std::path::Path;
 
-use anyhow::Context;
 use serde::Serialize;
 
 use super::compare::{CompareConfig, each_server};
@@ -111,21 +110,9 @@ pub fn table(points: &[Point]) -> String {
 
 /// Writes sweep.json, sweep.md and sweep.svg into `dir`.
 pub fn write_out(dir: &Path, points: &[Point]) -> anyhow::Result<()> {
-    std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
-    let json = dir.join("sweep.json");
-    std::fs::write(&json, serde_json::to_string_pretty(points)?)
-        .with_context(|| format!("writing {}", json.display()))?;
-    let md = dir.join("sweep.md");
-    std::fs::write(&md, table(points)).with_context(|| format!("writing {}", md.display()))?;
-    let svg = dir.join("sweep.svg");
-    chart(&svg, points).with_context(|| format!("drawing {}", svg.display()))?;
-    eprintln!(
-        "wrote {}, {} and {}",
-        json.display(),
-        md.display(),
-        svg.display()
-    );
-    Ok(())
+    super::compare::write_files(dir, "sweep", &points, table(points), |svg| {
+        chart(svg, points)
+    })
 }
 
 /// p99 (solid, with dots) and p50 (thin) latency against offered load, a
