@@ -19,6 +19,8 @@ command -v nft >/dev/null || need+=(nftables)
 command -v promtool >/dev/null || need+=(prometheus)
 command -v curl >/dev/null || need+=(curl)
 command -v openssl >/dev/null || need+=(openssl)
+command -v systemd-socket-activate >/dev/null && command -v systemd-analyze >/dev/null || need+=(systemd)
+command -v haproxy >/dev/null || need+=(haproxy)
 if ((${#need[@]})); then
   echo "installing: ${need[*]}"
   sudo=""

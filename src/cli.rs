@@ -173,6 +173,25 @@ pub struct ServeArgs {
     /// async one per core].
     #[arg(long, allow_negative_numbers = true, value_name = "N", value_parser = clap::value_parser!(u32).range(1..=4096))]
     pub workers: Option<u32>,
+    /// Every TCP, TLS and Unix connection starts with a PROXY protocol
+    /// header of this version (HAProxy's send-proxy / send-proxy-v2): the
+    /// client's address it names is the one logged. A missing, malformed
+    /// or late header closes that connection, logged. Without this flag a
+    /// PROXY header is data like any other (it is uppercased and echoed).
+    #[arg(long, value_enum, value_name = "VERSION")]
+    pub proxy_protocol: Option<crate::proxy::Version>,
+    /// How long a connection may take to send its whole PROXY header.
+    #[arg(long, value_name = "DURATION", default_value = "3s", value_parser = units::parse_positive_duration, requires = "proxy_protocol")]
+    pub proxy_timeout: Duration,
+    /// Run a supervisor and N worker processes sharing the listeners: a
+    /// worker that dies is started again, SIGTERM drains them all, SIGUSR2
+    /// restarts without refusing anyone (--max-conns is per worker).
+    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u32).range(1..=1024))]
+    pub processes: Option<u32>,
+    /// Write the server's pid (the supervisor's, with --processes) to PATH;
+    /// removed at exit, rewritten by a restart.
+    #[arg(long, value_name = "PATH")]
+    pub pid_file: Option<std::path::PathBuf>,
     #[command(flatten)]
     pub listen: ListenOpts,
     #[command(flatten)]
@@ -487,12 +506,21 @@ impl ServeArgs {
         sockopts.reuseport = self.listen.reuseport;
         sockopts.backlog = self.listen.backlog;
         sockopts.unix_mode = self.listen.unix_mode;
-        let listeners = if self.listeners.is_empty() {
+        let listeners_defaulted = self.listeners.is_empty();
+        let listeners = if listeners_defaulted {
             server::default_listeners()
         } else {
             self.listeners
         };
         let model = self.model.unwrap_or_else(Model::default_here);
+        if self.proxy_protocol.is_some() && listeners.iter().all(Endpoint::is_udp) {
+            return Err(
+                "--proxy-protocol applies to TCP, TLS and Unix listeners; only UDP is given".into(),
+            );
+        }
+        if self.processes.is_some() && self.metrics.is_some() {
+            return Err("--metrics cannot go with --processes yet: each worker counts its own connections and one port cannot serve them all; scrape single-process servers".into());
+        }
         if model == Model::Fork && self.metrics.is_some() {
             return Err("--metrics cannot count the fork model: its connections are served in child processes whose counters the parent never sees; use another model".into());
         }
@@ -525,6 +553,10 @@ impl ServeArgs {
             metrics: self.metrics,
             tls,
             tls_listeners: Vec::new(),
+            processes: self.processes.map(|n| n as usize),
+            pid_file: self.pid_file,
+            proxy: self.proxy_protocol.map(|v| (v, self.proxy_timeout)),
+            listeners_defaulted,
             buffered: crate::conn::Buffered::new(self.max_buffered),
             udp: {
                 let mut p = UdpPolicy {

@@ -12,6 +12,8 @@
 //! is tested without a network.
 //!
 //! The contract, as the seeds teach it:
+//! 0. (Behind a load balancer, `--proxy-protocol`: the PROXY header comes
+//!    first, before TLS; it names the client and is not answered.)
 //! 1. Read at most one block (`--block`) at a time.
 //! 2. Transform it (ASCII or UTF-8 uppercase).
 //! 3. Do not read more while the reply is unsent beyond the read-ahead
@@ -138,6 +140,8 @@ pub enum End {
     Invalid,
     /// A malformed or oversized message (`--framing`).
     Framing,
+    /// A missing, malformed or late PROXY header (`--proxy-protocol`).
+    Proxy,
     /// Still open when the drain ran out of time.
     Cut,
 }
@@ -150,6 +154,7 @@ impl End {
             End::Idle => "idle",
             End::Invalid => "invalid input",
             End::Framing => "framing error",
+            End::Proxy => "proxy header",
             End::Cut => "drain cut",
         }
     }
@@ -194,6 +199,16 @@ pub struct Conn {
     /// A tls:// connection: the bytes on the wire are TLS records, and the
     /// contract above applies to what is inside them.
     tls: Option<Box<TlsLayer>>,
+    /// Until the PROXY header is complete (`--proxy-protocol`): it comes
+    /// first, before TLS, and is neither answered nor counted as input.
+    proxy: Option<Box<ProxyWait>>,
+}
+
+/// A PROXY header being awaited, and by when.
+struct ProxyWait {
+    header: crate::proxy::Header,
+    deadline: Instant,
+    timeout: Duration,
 }
 
 /// rustls's server side, as sans-I/O as this core: records in, records out.
@@ -206,11 +221,13 @@ struct TlsLayer {
 }
 
 /// Who connected (a name for the logs), on which listener (a label for
-/// the metrics), and whether that listener speaks TLS.
+/// the metrics), whether that listener speaks TLS, and whether a PROXY
+/// header must come first (which versions, within how long).
 pub struct Origin {
     pub peer: String,
     pub listener: String,
     pub tls: Option<Arc<rustls::ServerConfig>>,
+    pub proxy: Option<(crate::proxy::Version, Duration)>,
 }
 
 impl From<&str> for Origin {
@@ -219,6 +236,7 @@ impl From<&str> for Origin {
             peer: peer.to_string(),
             listener: String::new(),
             tls: None,
+            proxy: None,
         }
     }
 }
@@ -357,6 +375,7 @@ impl Conn {
             peer,
             listener,
             tls,
+            proxy,
         } = origin;
         tracing::info!("connection from {peer}");
         let tls = tls.and_then(|config| match rustls::ServerConnection::new(config) {
@@ -397,6 +416,13 @@ impl Conn {
             bytes_out: 0,
             metrics,
             tls,
+            proxy: proxy.map(|(want, timeout)| {
+                Box::new(ProxyWait {
+                    header: crate::proxy::Header::new(want),
+                    deadline: now.checked_add(timeout).unwrap_or(now),
+                    timeout,
+                })
+            }),
         }
     }
 
@@ -454,11 +480,19 @@ impl Conn {
     /// until the next call. The driver must write all of them, in order,
     /// reporting each write with [`Conn::on_written`].
     #[inline]
-    pub fn on_input<'a>(&'a mut self, buf: &'a mut [u8], now: Instant) -> io::Result<&'a [u8]> {
+    pub fn on_input<'a>(&'a mut self, mut buf: &'a mut [u8], now: Instant) -> io::Result<&'a [u8]> {
         if self.input_ended || self.is_finished() {
             // Read ahead before reading stopped (the uring driver): what
             // follows a framing error is never answered.
             return Ok(&buf[..0]);
+        }
+        if self.proxy.is_some() {
+            self.last_progress = now;
+            let consumed = self.proxy_input(buf)?;
+            buf = &mut buf[consumed..];
+            if buf.is_empty() {
+                return Ok(buf);
+            }
         }
         let n = buf.len();
         self.bytes_in += n as u64;
@@ -493,9 +527,65 @@ impl Conn {
         Ok(out)
     }
 
+    /// Takes PROXY header bytes from the start of `buf`; returns how many
+    /// (all of them while the header is incomplete). A bad header ends the
+    /// connection.
+    fn proxy_input(&mut self, buf: &[u8]) -> io::Result<usize> {
+        let Some(wait) = &mut self.proxy else {
+            return Ok(0);
+        };
+        match wait.header.push(buf) {
+            crate::proxy::Parsed::Incomplete => Ok(buf.len()),
+            crate::proxy::Parsed::Done {
+                consumed,
+                source,
+                version,
+            } => {
+                self.proxy = None;
+                if let Some(client) = source {
+                    let client = format!("tcp://{}", crate::addr::HostPort::from(client));
+                    tracing::info!("{client} via {} (PROXY v{version})", self.peer);
+                    self.peer = client;
+                }
+                Ok(consumed)
+            }
+            crate::proxy::Parsed::Bad(why) => {
+                self.proxy = None;
+                self.failed = Some((End::Proxy, why.clone()));
+                Err(io::Error::new(io::ErrorKind::InvalidData, why))
+            }
+        }
+    }
+
+    /// Whether the PROXY header is still awaited.
+    pub fn awaiting_proxy(&self) -> bool {
+        self.proxy.is_some()
+    }
+
+    /// How long the next read or write may wait without progress before
+    /// the connection is idle (`--idle-timeout`), or, while the PROXY
+    /// header is awaited, late (`--proxy-timeout`): for the drivers whose
+    /// timers are per operation (blocking, async).
+    pub fn wait_limit(&self, now: Instant) -> Option<Duration> {
+        let header = self.proxy.as_ref().map(|w| {
+            w.deadline
+                .saturating_duration_since(now)
+                .max(Duration::from_millis(1))
+        });
+        match (header, self.limits.idle) {
+            (Some(h), Some(i)) => Some(h.min(i)),
+            (h, i) => h.or(i),
+        }
+    }
+
     /// The peer half-closed (a read returned 0). Returns what the transform
     /// still owes, to be written like any reply.
     pub fn on_input_end(&mut self, now: Instant) -> io::Result<&[u8]> {
+        if let Some(wait) = self.proxy.take() {
+            self.input_ended = true;
+            self.failed = Some((End::Proxy, wait.header.at_end()));
+            return Ok(&[]);
+        }
         self.input_ended = true;
         self.last_progress = now;
         if self.tls.is_some() {
@@ -640,8 +730,15 @@ impl Conn {
 
     /// When the connection becomes idle, if nothing moves before then.
     pub fn idle_deadline(&self) -> Option<Instant> {
-        let idle = self.limits.idle?;
-        (!self.is_finished()).then(|| self.last_progress + idle)
+        if self.is_finished() {
+            return None;
+        }
+        let idle = self.limits.idle.map(|d| self.last_progress + d);
+        let header = self.proxy.as_ref().map(|w| w.deadline);
+        match (idle, header) {
+            (Some(i), Some(h)) => Some(i.min(h)),
+            (i, h) => i.or(h),
+        }
     }
 
     /// Whether the connection is past its idle deadline at `now`. The
@@ -659,6 +756,16 @@ impl Conn {
 
     /// Ends the connection as idle.
     pub fn close_idle(&mut self) {
+        if let Some(wait) = self.proxy.take() {
+            self.failed.get_or_insert((
+                End::Proxy,
+                format!(
+                    "no complete PROXY header within {} (--proxy-timeout)",
+                    humantime::format_duration(wait.timeout)
+                ),
+            ));
+            return;
+        }
         if self.failed.is_none() {
             let idle = self.limits.idle.unwrap_or_default();
             self.failed = Some((
@@ -755,6 +862,64 @@ mod tests {
         (server, client)
     }
 
+    /// A PROXY header cut anywhere, then data: the header is neither
+    /// answered nor counted, the data after it is, and the peer named in
+    /// the logs becomes the header's client.
+    #[test]
+    fn proxy_header_at_every_cut() {
+        let header = b"PROXY TCP4 10.1.2.3 10.9.9.9 4444 1060\r\n";
+        let mut all = header.to_vec();
+        all.extend_from_slice(b"hello, proxy");
+        let now = Instant::now();
+        for cut in 1..all.len() {
+            let origin = Origin {
+                proxy: Some((crate::proxy::Version::Any, Duration::from_secs(3))),
+                ..Origin::from("tcp://127.0.0.1:9")
+            };
+            let mut c = Conn::new(origin, proto(Mode::Ascii), limits(4096, 0), now);
+            let mut reply = Vec::new();
+            for piece in [&all[..cut], &all[cut..]] {
+                let mut buf = piece.to_vec();
+                let out = c.on_input(&mut buf, now).unwrap().to_vec();
+                c.on_written(out.len(), now);
+                reply.extend_from_slice(&out);
+            }
+            assert_eq!(reply, b"HELLO, PROXY", "cut {cut}");
+            assert_eq!(c.bytes_in, 12, "cut {cut}");
+            assert_eq!(c.peer, "tcp://10.1.2.3:4444");
+        }
+    }
+
+    #[test]
+    fn a_missing_late_or_cut_proxy_header_ends_the_connection() {
+        let now = Instant::now();
+        let new = || {
+            let origin = Origin {
+                proxy: Some((crate::proxy::Version::V2, Duration::from_secs(3))),
+                ..Origin::from("tcp://127.0.0.1:9")
+            };
+            Conn::new(origin, proto(Mode::Ascii), limits(4096, 0), now)
+        };
+        // Data where the header should be.
+        let mut c = new();
+        assert!(c.on_input(&mut b"hello".to_vec(), now).is_err());
+        assert_eq!(c.end(), End::Proxy);
+        assert!(c.is_finished());
+        // Late: the deadline is 3 s after the accept, however idle is set.
+        let mut c = new();
+        assert_eq!(c.idle_deadline(), Some(now + Duration::from_secs(3)));
+        assert!(!c.is_idle(now + Duration::from_millis(2999)));
+        assert!(c.is_idle(now + Duration::from_secs(3)));
+        c.close_idle();
+        assert_eq!(c.end(), End::Proxy);
+        // Closed halfway through the header.
+        let mut c = new();
+        let mut start = b"\r\n\r\n\0".to_vec();
+        assert!(c.on_input(&mut start, now).unwrap().is_empty());
+        assert!(c.on_input_end(now).unwrap().is_empty());
+        assert_eq!(c.end(), End::Proxy);
+    }
+
     /// TLS through the core, with the network in memory: the records cut
     /// into reads of `cut` bytes, the reply taken whole. The client gets
     /// the uppercased text and then our close_notify.
@@ -769,6 +934,7 @@ mod tests {
                 peer: "mem".into(),
                 listener: "tls://mem".into(),
                 tls: Some(server.clone()),
+                proxy: None,
             };
             let mut c = Conn::new(origin, proto(Mode::Ascii), limits(4096, 0), now);
             let name = rustls::pki_types::ServerName::try_from("127.0.0.1").unwrap();

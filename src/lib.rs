@@ -5,6 +5,7 @@
 //! - [`addr`]: the one address syntax every command takes;
 //! - [`pattern`]: the seeds' test stream and its verifier;
 //! - [`units`]: sizes and durations as users type them;
+//! - [`proxy`]: the PROXY protocol header a load balancer sends first;
 //! - [`conn`]: the connection core, one connection's whole contract (read
 //!   budget, transform, backpressure, half-close, idle), with no socket.
 //!
@@ -25,6 +26,7 @@ pub mod lifecycle;
 pub mod metrics;
 pub mod net;
 pub mod pattern;
+pub mod proxy;
 pub mod ring;
 pub mod server;
 pub mod tls;

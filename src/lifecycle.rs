@@ -70,6 +70,12 @@ struct State {
     deadline: Option<Instant>,
     /// Second descriptors of the stream listeners, to shut at the drain.
     listeners: Vec<OwnedFd>,
+    /// A worker of `--processes`, which tells SIGUSR2 where to go.
+    worker: bool,
+    /// The listeners are shared with processes that outlive this one (the
+    /// other workers, the next server of a restart, systemd): a drain stops
+    /// accepting here without shutting them.
+    shared: bool,
     unix_files: Vec<UnixPathGuard>,
 }
 
@@ -77,6 +83,9 @@ impl Lifecycle {
     /// Installs the signal handlers. Call before binding anything.
     pub fn install(drain_timeout: Duration, max_conns: usize) -> io::Result<Arc<Lifecycle>> {
         let signals = SignalPipe::for_signals(&STOP_SIGNALS)?;
+        // SIGUSR2 restarts a supervisor (`--processes`); here it must not
+        // kill the process, which is its default action.
+        signals.route(libc::SIGUSR2, RESTART_BYTE)?;
         let (rx, tx) = UnixStream::pair()?;
         Ok(Arc::new(Lifecycle {
             draining: AtomicBool::new(false),
@@ -109,6 +118,18 @@ impl Lifecycle {
         Ok(())
     }
 
+    /// Makes this the lifecycle of one worker of `--processes`.
+    pub fn set_worker(&self) {
+        let mut st = self.state();
+        (st.worker, st.shared) = (true, true);
+    }
+
+    /// The listeners belong to someone who outlives us (systemd): a drain
+    /// leaves them listening, so that connections wait for the next start.
+    pub fn set_listeners_shared(&self) {
+        self.state().shared = true;
+    }
+
     pub fn is_draining(&self) -> bool {
         self.draining.load(Ordering::SeqCst)
     }
@@ -135,11 +156,23 @@ impl Lifecycle {
     /// the drain, a second stops at once; also stops when the deadline
     /// has passed.
     pub fn on_signals(&self) -> Next {
-        let n = self
+        let got = self
             .signals
             .lock()
             .unwrap_or_else(|e| e.into_inner())
-            .take();
+            .take_bytes();
+        let n = got.iter().filter(|b| **b != RESTART_BYTE).count();
+        if n < got.len() {
+            if self.state().worker {
+                tracing::warn!(
+                    "SIGUSR2 to a worker: ignored; send it to the supervisor (--pid-file) to restart"
+                );
+            } else {
+                tracing::warn!(
+                    "SIGUSR2: ignored; a restart needs `serve --processes N` (a supervisor)"
+                );
+            }
+        }
         let seen = {
             let mut st = self.state();
             st.seen += n;
@@ -178,7 +211,8 @@ impl Lifecycle {
         crate::metrics::global().set_draining();
         let mut st = self.state();
         st.deadline = Instant::now().checked_add(self.drain_timeout);
-        for fd in &st.listeners {
+        let shared = if st.shared { 0 } else { st.listeners.len() };
+        for fd in &st.listeners[..shared] {
             // SAFETY: shutdown(2) on a descriptor we own. On a listening
             // socket it stops listening (new connects are refused) for
             // every descriptor of that socket, in every loop.
@@ -269,32 +303,77 @@ impl Lifecycle {
     }
 }
 
-/// The read end of a signal self-pipe: one byte per signal received.
+/// A signal self-pipe: each signal routed into it writes one byte, which
+/// says which signal it was (so that one pipe can carry a stop, a restart
+/// and a child's end, and none is mistaken for another).
 pub struct SignalPipe {
     rx: UnixStream,
+    tx: UnixStream,
 }
 
+/// The byte a stop signal (SIGINT, SIGTERM) writes.
+pub const STOP_BYTE: u8 = b's';
+/// The byte SIGUSR2 (restart) writes.
+pub const RESTART_BYTE: u8 = b'r';
+/// The byte SIGCHLD writes.
+pub const CHILD_BYTE: u8 = b'c';
+
 impl SignalPipe {
-    /// Routes `signals` into a new pipe.
-    pub fn for_signals(signals: &[libc::c_int]) -> io::Result<Self> {
+    pub fn new() -> io::Result<Self> {
         let (rx, tx) = UnixStream::pair()?;
         rx.set_nonblocking(true)?;
+        tx.set_nonblocking(true)?;
+        Ok(SignalPipe { rx, tx })
+    }
+
+    /// Routes `signals` into a new pipe, each as [`STOP_BYTE`].
+    pub fn for_signals(signals: &[libc::c_int]) -> io::Result<Self> {
+        let pipe = SignalPipe::new()?;
         for &sig in signals {
-            signal_hook::low_level::pipe::register(sig, tx.try_clone()?)?;
+            pipe.route(sig, STOP_BYTE)?;
         }
-        Ok(SignalPipe { rx })
+        Ok(pipe)
+    }
+
+    /// From now on `signal` writes `byte` into the pipe (and no longer
+    /// has its default action).
+    pub fn route(&self, signal: libc::c_int, byte: u8) -> io::Result<()> {
+        let fd = self.tx.try_clone()?;
+        let action = move || {
+            // SAFETY: send(2) is async-signal-safe; it writes one byte from
+            // a valid buffer to a descriptor this closure owns for ever
+            // (signal-hook keeps the closure). A full pipe drops the byte:
+            // one already waiting wakes the reader just as well.
+            unsafe {
+                libc::send(
+                    fd.as_raw_fd(),
+                    (&raw const byte).cast(),
+                    1,
+                    libc::MSG_DONTWAIT,
+                )
+            };
+        };
+        // SAFETY: the action does nothing but an async-signal-safe send(2)
+        // (no allocation, no lock), as a signal handler must.
+        unsafe { signal_hook::low_level::register(signal, action) }?;
+        Ok(())
     }
 
     /// Signals received since the last call (never blocks).
     pub fn take(&mut self) -> usize {
-        let mut buf = [0u8; 16];
-        let mut n = 0;
+        self.take_bytes().len()
+    }
+
+    /// The bytes of the signals received since the last call, in order.
+    pub fn take_bytes(&mut self) -> Vec<u8> {
+        let mut buf = [0u8; 64];
+        let mut got = Vec::new();
         loop {
             match self.rx.read(&mut buf) {
-                Ok(0) => return n,
-                Ok(k) => n += k,
+                Ok(0) => return got,
+                Ok(k) => got.extend_from_slice(&buf[..k]),
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
-                Err(_) => return n,
+                Err(_) => return got,
             }
         }
     }

@@ -195,10 +195,56 @@ fn init_logging(verbose: u8, quiet: bool) {
         _ => "trace",
     };
     let filter = EnvFilter::try_from_env("UPCASE_LOG").unwrap_or_else(|_| EnvFilter::new(default));
+    // A worker of `serve --processes` says which one it is on each line.
+    let prefix = match upcase::server::handoff::role() {
+        upcase::server::handoff::Role::Worker(n) => format!("worker {n}: "),
+        upcase::server::handoff::Role::Main => String::new(),
+    };
     tracing_subscriber::fmt()
         .with_env_filter(filter)
-        .with_writer(std::io::stderr)
+        .with_writer(Prefixed(prefix))
         .with_ansi(std::io::stderr().is_terminal())
         .with_target(false)
         .init();
+}
+
+/// Log lines to stderr, each written whole after a prefix.
+struct Prefixed(String);
+
+impl<'a> tracing_subscriber::fmt::MakeWriter<'a> for Prefixed {
+    type Writer = Line<'a>;
+
+    fn make_writer(&'a self) -> Line<'a> {
+        Line {
+            prefix: &self.0,
+            buf: Vec::new(),
+        }
+    }
+}
+
+/// One log line, written to stderr when dropped.
+struct Line<'a> {
+    prefix: &'a str,
+    buf: Vec<u8>,
+}
+
+impl std::io::Write for Line<'_> {
+    fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
+        self.buf.extend_from_slice(b);
+        Ok(b.len())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+impl Drop for Line<'_> {
+    fn drop(&mut self) {
+        use std::io::Write;
+        let mut line = Vec::with_capacity(self.prefix.len() + self.buf.len());
+        line.extend_from_slice(self.prefix.as_bytes());
+        line.extend_from_slice(&self.buf);
+        let _ = std::io::stderr().lock().write_all(&line);
+    }
 }

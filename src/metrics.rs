@@ -52,6 +52,9 @@ pub struct Metrics {
     datagrams: Family<Datagrams, Counter>,
     max_conns_reached: Counter,
     draining: Gauge,
+    /// Connections accepted on every listener, for the log line a worker of
+    /// `--processes` ends with (how evenly the kernel spread them).
+    accepted_all: std::sync::atomic::AtomicU64,
 }
 
 static METRICS: OnceLock<Metrics> = OnceLock::new();
@@ -94,6 +97,7 @@ impl Metrics {
             datagrams: Family::default(),
             max_conns_reached: Counter::default(),
             draining: Gauge::default(),
+            accepted_all: Default::default(),
         };
         registry.register(
             "connections_accepted",
@@ -144,12 +148,19 @@ impl Metrics {
             listener: listener.to_string(),
         };
         self.accepted.get_or_create(&key).inc();
+        self.accepted_all
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         self.open.get_or_create(&key).inc();
         ConnMetrics {
             bytes_in: self.bytes_in.get_or_create(&key).clone(),
             bytes_out: self.bytes_out.get_or_create(&key).clone(),
             listener: key.listener,
         }
+    }
+
+    /// Connections accepted so far, on every listener.
+    pub fn accepted_total(&self) -> u64 {
+        self.accepted_all.load(std::sync::atomic::Ordering::Relaxed)
     }
 
     /// A connection ended, for `end`.

@@ -329,8 +329,24 @@ impl UnixPathGuard {
         UnixPathGuard { path, ino }
     }
 
+    /// A guard for a socket file this process did not bind but now answers
+    /// for (a restart's inherited listener): removed at the end like ours.
+    pub fn owned(path: PathBuf) -> Self {
+        Self::new(path)
+    }
+
+    /// A guard that never removes the file (systemd's socket files).
+    pub fn unowned(path: PathBuf) -> Self {
+        UnixPathGuard { path, ino: None }
+    }
+
     pub fn path(&self) -> &Path {
         &self.path
+    }
+
+    /// Never removes the file (another process answers for it now).
+    pub fn disarm(&mut self) {
+        self.ino = None;
     }
 
     /// Moves the duty to remove the file into the returned guard; this one

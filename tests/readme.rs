@@ -89,6 +89,8 @@ impl Names {
         }
         let sock = sock_path("readme");
         pairs.push(("/tmp/upcase.sock".into(), sock.display().to_string()));
+        let pid = sock.with_extension("pid");
+        pairs.push(("/tmp/upcase.pid".into(), pid.display().to_string()));
         Names(pairs)
     }
 

@@ -105,13 +105,14 @@ pub fn serve(mut sock: Stream, peer: String, config: &Config) {
     sock.tune(&config.sockopts);
     let origin = config.origin(peer, sock.as_fd());
     let mut conn = Conn::new(origin, config.protocol, config.limits(0), Instant::now());
-    if let Err(e) = sock.set_io_timeout(config.idle_timeout) {
+    if let Err(e) = sock.set_io_timeout(conn.wait_limit(Instant::now())) {
         tracing::warn!("setting the idle timeout: {e}");
     }
     let mut buf = BlockBuf::new(config.block);
-    if let Err(e) = drive(&mut sock, &mut conn, &mut buf) {
-        // SO_RCVTIMEO / SO_SNDTIMEO expired: no progress for --idle-timeout.
-        if e.kind() == io::ErrorKind::WouldBlock && config.idle_timeout.is_some() {
+    if let Err(e) = drive(&mut sock, &mut conn, &mut buf, config) {
+        // SO_RCVTIMEO / SO_SNDTIMEO expired: no progress for --idle-timeout
+        // (or no PROXY header within --proxy-timeout).
+        if e.kind() == io::ErrorKind::WouldBlock && config.sweep_timeout().is_some() {
             conn.close_idle();
         } else {
             conn.on_error(&e);
@@ -125,12 +126,22 @@ pub fn serve(mut sock: Stream, peer: String, config: &Config) {
 
 /// The seeds' loop: read a block, write all of the reply, until the peer's
 /// end of input; then shut the write side.
-fn drive(sock: &mut Stream, conn: &mut Conn, buf: &mut BlockBuf) -> io::Result<()> {
+fn drive(
+    sock: &mut Stream,
+    conn: &mut Conn,
+    buf: &mut BlockBuf,
+    config: &Config,
+) -> io::Result<()> {
     while !conn.is_finished() {
         if conn.wants_shutdown() {
             sock.shutdown_write()?;
             conn.on_shutdown();
             break;
+        }
+        let awaiting_proxy = conn.awaiting_proxy();
+        if awaiting_proxy {
+            // The header's deadline is counted from the accept, not per read.
+            sock.set_io_timeout(conn.wait_limit(Instant::now()))?;
         }
         let n = match sock.read(buf.space(conn.read_budget())) {
             Ok(n) => n,
@@ -146,6 +157,9 @@ fn drive(sock: &mut Stream, conn: &mut Conn, buf: &mut BlockBuf) -> io::Result<(
         let len = reply.len();
         sock.write_all(reply)?;
         conn.on_written(len, Instant::now());
+        if awaiting_proxy && !conn.awaiting_proxy() {
+            sock.set_io_timeout(config.idle_timeout)?;
+        }
     }
     Ok(())
 }

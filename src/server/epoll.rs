@@ -174,7 +174,7 @@ impl<'a> EventLoop<'a> {
             backoff: backoff.clone(),
             retry_at: None,
             next_sweep: config
-                .idle_timeout
+                .sweep_timeout()
                 .map(|d| Instant::now() + super::sweep_every(d)),
         })
     }
@@ -233,7 +233,7 @@ impl<'a> EventLoop<'a> {
             for key in again {
                 self.drive(key, false);
             }
-            if let Some(idle) = self.config.idle_timeout
+            if let Some(idle) = self.config.sweep_timeout()
                 && self.next_sweep.is_some_and(|t| Instant::now() >= t)
             {
                 self.close_idle();

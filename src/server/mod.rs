@@ -10,16 +10,20 @@
 pub mod blocking;
 pub mod epoll;
 pub mod fork;
+pub mod handoff;
 pub mod iterative;
+pub mod pidfile;
 pub mod pool;
 pub mod readiness;
 pub mod select;
+pub mod supervisor;
 pub mod tasks;
 pub mod threads;
 pub mod udp;
 pub mod uring;
 
 use std::io::Write;
+use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context;
@@ -127,6 +131,16 @@ pub struct Config {
     /// The tls:// listeners, by the name of their bound address (set once
     /// bound, so that port 0 is known).
     pub tls_listeners: Vec<String>,
+    /// `--processes`: a supervisor and this many workers.
+    pub processes: Option<usize>,
+    /// `--pid-file`.
+    pub pid_file: Option<std::path::PathBuf>,
+    /// `--proxy-protocol` and `--proxy-timeout`: every stream connection
+    /// starts with a PROXY header of these versions, complete within this.
+    pub proxy: Option<(crate::proxy::Version, Duration)>,
+    /// No ADDR was given (`listeners` are the defaults): sockets from
+    /// systemd are then served whatever they are.
+    pub listeners_defaulted: bool,
 }
 
 impl Config {
@@ -139,13 +153,25 @@ impl Config {
                 peer,
                 listener: listener.replacen("tcp://", "tls://", 1),
                 tls: self.tls.clone(),
+                proxy: self.proxy,
             }
         } else {
             crate::conn::Origin {
                 peer,
                 listener,
                 tls: None,
+                proxy: self.proxy,
             }
+        }
+    }
+
+    /// How often the readiness loops must look for connections past their
+    /// deadline: `--idle-timeout`, or `--proxy-timeout` when shorter.
+    pub fn sweep_timeout(&self) -> Option<Duration> {
+        let proxy = self.proxy.map(|(_, t)| t);
+        match (self.idle_timeout, proxy) {
+            (Some(i), Some(p)) => Some(i.min(p)),
+            (i, p) => i.or(p),
         }
     }
 
@@ -219,23 +245,43 @@ pub fn bind_all(config: &Config) -> anyhow::Result<Vec<Listener>> {
         .collect()
 }
 
-/// Prints the `listening ENDPOINT` lines scripts wait for, and flushes them;
-/// returns the names of the tls:// ones as connections see them
-/// ([`crate::net::local_name`]), for [`Config::origin`].
-pub fn announce(listeners: &[Listener], asked: &[Endpoint]) -> anyhow::Result<Vec<String>> {
+/// Prints the `listening ENDPOINT` lines scripts wait for, and flushes them.
+pub fn announce(listeners: &[Listener], asked: &[Endpoint]) -> anyhow::Result<()> {
     let mut out = std::io::stdout().lock();
-    let mut tls = Vec::new();
-    for (l, asked) in listeners.iter().zip(asked) {
-        let mut ep = l.local_endpoint().context("reading the bound address")?;
-        if let (true, Endpoint::Tcp(hp)) = (asked.is_tls(), &ep) {
-            tls.push(ep.to_string());
-            ep = Endpoint::Tls(hp.clone());
-        }
+    for ep in shown(listeners, asked)? {
         writeln!(out, "listening {ep}").context("writing to stdout")?;
         tracing::info!("listening on {ep}");
     }
     out.flush().context("writing to stdout")?;
-    Ok(tls)
+    Ok(())
+}
+
+/// The listeners as users name them: the bound address (the real port
+/// when 0 was asked), tls:// where TLS was asked.
+fn shown(listeners: &[Listener], asked: &[Endpoint]) -> anyhow::Result<Vec<Endpoint>> {
+    listeners
+        .iter()
+        .zip(asked)
+        .map(|(l, asked)| {
+            let ep = l.local_endpoint().context("reading the bound address")?;
+            Ok(match (asked.is_tls(), ep) {
+                (true, Endpoint::Tcp(hp)) => Endpoint::Tls(hp),
+                (_, ep) => ep,
+            })
+        })
+        .collect()
+}
+
+/// The names of the tls:// listeners as connections see them
+/// ([`crate::net::local_name`]), for [`Config::origin`].
+fn tls_names(listeners: &[Listener], asked: &[Endpoint]) -> anyhow::Result<Vec<String>> {
+    Ok(shown(listeners, asked)?
+        .into_iter()
+        .filter_map(|ep| match ep {
+            Endpoint::Tls(hp) => Some(Endpoint::Tcp(hp).to_string()),
+            _ => None,
+        })
+        .collect())
 }
 
 /// Connections a model serves at once: `--max-conns`, except where the
@@ -290,12 +336,29 @@ fn tightest<const N: usize>(limits: [Option<(usize, &str)>; N]) -> Option<(usize
     Some((n.max(1), why.to_string()))
 }
 
-/// Runs the server until SIGINT or SIGTERM (see [`crate::lifecycle`]).
+/// Runs the server until SIGINT or SIGTERM (see [`crate::lifecycle`]):
+/// on its own, as the supervisor of `--processes`, or as one of its
+/// workers ([`handoff::role`]).
 pub fn run(mut config: Config) -> anyhow::Result<()> {
-    // Signals are caught from before the first `listening` line.
+    let inherited = handoff::inherited_fds().map_err(anyhow::Error::msg)?;
+    if let handoff::Role::Worker(n) = handoff::role() {
+        return run_worker(config, n, inherited);
+    }
+    if config.processes.is_some() {
+        // Signals are caught from before the first `listening` line.
+        let signals = supervisor::install_signals().context("installing signal handlers")?;
+        let (listeners, source) = listeners_for(&mut config, inherited)?;
+        if source != handoff::Source::Upcase {
+            announce(&listeners, &config.listeners)?;
+        }
+        return supervisor::run(config, listeners, signals, source);
+    }
     let life = Lifecycle::install(config.drain_timeout, capacity(&config))
         .context("installing signal handlers")?;
-    let mut listeners = bind_all(&config)?;
+    let (mut listeners, source) = listeners_for(&mut config, inherited)?;
+    if source == handoff::Source::Systemd {
+        life.set_listeners_shared();
+    }
     life.adopt(&mut listeners)
         .context("sharing the listeners")?;
     if config.model != Model::Fork {
@@ -303,7 +366,13 @@ pub fn run(mut config: Config) -> anyhow::Result<()> {
         life.spawn_signal_thread()
             .context("starting the signal thread")?;
     }
-    config.tls_listeners = announce(&listeners, &config.listeners)?;
+    announce(&listeners, &config.listeners)?;
+    config.tls_listeners = tls_names(&listeners, &config.listeners)?;
+    let _pid_file = match &config.pid_file {
+        Some(p) => Some(pidfile::PidFile::write(p)?),
+        None => None,
+    };
+    handoff::notify_systemd_ready();
     crate::metrics::init(config.model.name());
     if let Some(hp) = &config.metrics {
         // Not one of the service's listeners: it keeps answering during a
@@ -318,18 +387,96 @@ pub fn run(mut config: Config) -> anyhow::Result<()> {
         crate::metrics::serve(l).context("starting the metrics thread")?;
     }
     tracing::info!("serving with the {} model", config.model.name());
-    let result = match config.model {
-        Model::Iterative => iterative::run(config, listeners, &life),
-        Model::Fork => fork::run(config, listeners, &life),
-        Model::Threads => threads::run(config, listeners, &life),
-        Model::Pool => pool::run(config, listeners, &life),
-        Model::Select => select::run(config, listeners, &life),
-        Model::Epoll => epoll::run(config, listeners, &life),
-        Model::Async => tasks::run(config, listeners, &life),
-        Model::Uring => uring::run(config, listeners, &life),
-    };
+    let result = serve_model(config, listeners, &life);
     life.cleanup();
     result
+}
+
+/// One worker of `--processes`: the model on the supervisor's listeners.
+fn run_worker(
+    mut config: Config,
+    n: usize,
+    inherited: Option<(handoff::Source, Vec<std::os::fd::RawFd>)>,
+) -> anyhow::Result<()> {
+    let life = Lifecycle::install(config.drain_timeout, capacity(&config))
+        .context("installing signal handlers")?;
+    life.set_worker();
+    let Some((_, fds)) = inherited else {
+        anyhow::bail!(
+            "worker {n}: no listeners were handed over ({})",
+            handoff::LISTEN_FDS
+        );
+    };
+    let mut listeners = handoff::adopt(&fds, false).map_err(anyhow::Error::msg)?;
+    if config.listeners_defaulted {
+        config.listeners = shown(&listeners, &config.listeners)?;
+    }
+    life.adopt(&mut listeners)
+        .context("sharing the listeners")?;
+    if config.model != Model::Fork {
+        life.spawn_signal_thread()
+            .context("starting the signal thread")?;
+    }
+    config.tls_listeners = tls_names(&listeners, &config.listeners)?;
+    crate::metrics::init(config.model.name());
+    handoff::signal_ready();
+    let result = serve_model(config, listeners, &life);
+    tracing::info!(
+        "worker {n} (pid {}) accepted {} connection(s)",
+        std::process::id(),
+        crate::metrics::global().accepted_total()
+    );
+    life.cleanup();
+    result
+}
+
+/// The listeners: inherited (from a supervisor or systemd) or bound here.
+fn listeners_for(
+    config: &mut Config,
+    inherited: Option<(handoff::Source, Vec<std::os::fd::RawFd>)>,
+) -> anyhow::Result<(Vec<Listener>, handoff::Source)> {
+    let Some((source, fds)) = inherited else {
+        return Ok((bind_all(config)?, handoff::Source::Bound));
+    };
+    // A restarted supervisor answers for the socket files, as the first
+    // did; systemd's are systemd's.
+    let listeners =
+        handoff::adopt(&fds, source == handoff::Source::Upcase).map_err(anyhow::Error::msg)?;
+    if config.listeners_defaulted && source == handoff::Source::Systemd {
+        // No ADDR: each socket is served as what it is.
+        config.listeners = listeners
+            .iter()
+            .map(|l| l.local_endpoint().context("reading an inherited address"))
+            .collect::<anyhow::Result<_>>()?;
+    } else {
+        handoff::check_matches(&listeners, &config.listeners).map_err(anyhow::Error::msg)?;
+    }
+    tracing::info!(
+        "serving {} listener(s) handed over by {}",
+        listeners.len(),
+        match source {
+            handoff::Source::Systemd => "systemd",
+            _ => "the previous server",
+        }
+    );
+    Ok((listeners, source))
+}
+
+fn serve_model(
+    config: Config,
+    listeners: Vec<Listener>,
+    life: &Arc<Lifecycle>,
+) -> anyhow::Result<()> {
+    match config.model {
+        Model::Iterative => iterative::run(config, listeners, life),
+        Model::Fork => fork::run(config, listeners, life),
+        Model::Threads => threads::run(config, listeners, life),
+        Model::Pool => pool::run(config, listeners, life),
+        Model::Select => select::run(config, listeners, life),
+        Model::Epoll => epoll::run(config, listeners, life),
+        Model::Async => tasks::run(config, listeners, life),
+        Model::Uring => uring::run(config, listeners, life),
+    }
 }
 
 /// What every model does when accept(2) fails.

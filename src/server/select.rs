@@ -63,7 +63,7 @@ pub fn run(config: Config, listeners: Vec<Listener>, life: &Arc<Lifecycle>) -> a
     let mut backoff = AcceptBackoff::default();
     let mut paused_until: Option<Instant> = None;
     let mut next_sweep = config
-        .idle_timeout
+        .sweep_timeout()
         .map(|d| Instant::now() + super::sweep_every(d));
 
     loop {
@@ -165,7 +165,7 @@ pub fn run(config: Config, listeners: Vec<Listener>, life: &Arc<Lifecycle>) -> a
             }
         }
         // Last, once this round's input is taken: the idle sweep.
-        if let Some(idle) = config.idle_timeout
+        if let Some(idle) = config.sweep_timeout()
             && next_sweep.is_some_and(|t| Instant::now() >= t)
         {
             close_idle(&mut clients);

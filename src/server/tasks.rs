@@ -191,7 +191,9 @@ async fn drive<S: AsyncRead + AsyncWrite + AsFd + Unpin>(
     conn: &mut Conn,
     block: usize,
 ) -> Result<(), Stop> {
-    let idle = conn.limits().idle;
+    // Writes wait at most --idle-timeout; reads wait what the core says
+    // (shorter while the PROXY header is awaited).
+    let conn_idle = conn.limits().idle;
     let mut buf = BlockBuf::new(block);
     while !conn.is_finished() {
         if conn.wants_shutdown() {
@@ -200,8 +202,9 @@ async fn drive<S: AsyncRead + AsyncWrite + AsFd + Unpin>(
             break;
         }
         let n = loop {
+            let limit = conn.wait_limit(Instant::now());
             let read = s.read(buf.space(conn.read_budget()));
-            match within(idle, read).await {
+            match within(limit, read).await {
                 Some(r) => break r?,
                 None if could_progress(s.as_fd(), conn) => conn.touch(Instant::now()),
                 None => return Err(Stop::Idle),
@@ -215,7 +218,7 @@ async fn drive<S: AsyncRead + AsyncWrite + AsFd + Unpin>(
         };
         let len = reply.len();
         while !reply.is_empty() {
-            let k = match within(idle, s.write(reply)).await {
+            let k = match within(conn_idle, s.write(reply)).await {
                 Some(r) => r?,
                 None if poll_now(s.as_fd(), libc::POLLOUT) => continue,
                 None => return Err(Stop::Idle),

@@ -263,7 +263,7 @@ impl Loop<'_> {
     fn run(&mut self) -> io::Result<()> {
         let tick = self
             .config
-            .idle_timeout
+            .sweep_timeout()
             .map_or(Duration::from_secs(1), super::sweep_every);
         let mut next_sweep = Instant::now() + tick;
         // Kept across rounds, so that a round allocates nothing.
@@ -722,7 +722,7 @@ impl Loop<'_> {
     /// socket is not idle, however long the loop was away (stopped, or
     /// starved of CPU): its completion is on the way.
     fn sweep(&mut self) {
-        if self.config.idle_timeout.is_none() {
+        if self.config.sweep_timeout().is_none() {
             return;
         }
         let now = self.now;
