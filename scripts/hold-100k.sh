@@ -19,7 +19,7 @@ for k in fs.nr_open fs.file-max net.ipv4.ip_local_port_range net.core.somaxconn;
   echo "$k = $(sysctl -n $k | tr '\t' ' ')"
 done
 pidfile=/tmp/hold-100k.pid
-$U serve -q --model "$model" --processes 6 --pid-file $pidfile \
+$U serve -q --model "$model" --processes 6 --idle-timeout 0 --pid-file $pidfile \
   $(for i in 1 2 3 4 5 6; do echo tcp://127.0.0.$i:$port; done) > /dev/null 2> /tmp/hold-100k.log &
 for _ in $(seq 50); do [ -s $pidfile ] && break; sleep 0.1; done
 sup=$(cat $pidfile)

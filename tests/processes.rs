@@ -557,6 +557,16 @@ fn socket_activation_and_readiness() {
         .spawn()
         .expect("systemd-socket-activate");
     let errs = lines_of(child.stderr.take().expect("stderr"));
+    // Whatever happens below, the server and its workers do not outlive the
+    // test (SIGTERM drains the workers too).
+    struct Stop(i32);
+    impl Drop for Stop {
+        fn drop(&mut self) {
+            // SAFETY: kill(2) on our own child's pid (harmless once reaped).
+            unsafe { libc::kill(self.0, libc::SIGTERM) };
+        }
+    }
+    let _stop = Stop(child.id() as i32);
     // systemd-socket-activate starts the server at the first connection.
     let deadline = Instant::now() + SECS(10);
     let mut s = loop {
