@@ -615,7 +615,7 @@ fn ports_per_source() -> usize {
             Some((it.next()??, it.next()??))
         });
     match range {
-        Some((lo, hi)) if hi > lo => ((hi - lo + 1) / 2).saturating_sub(500).max(1000),
+        Some((lo, hi)) if hi > lo => (hi - lo).div_ceil(2).saturating_sub(500).max(1000),
         _ => 10_000,
     }
 }
