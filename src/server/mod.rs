@@ -359,13 +359,7 @@ pub fn run(mut config: Config) -> anyhow::Result<()> {
     if source == handoff::Source::Systemd {
         life.set_listeners_shared();
     }
-    life.adopt(&mut listeners)
-        .context("sharing the listeners")?;
-    if config.model != Model::Fork {
-        // fork() and threads do not mix: that model hosts the signals itself.
-        life.spawn_signal_thread()
-            .context("starting the signal thread")?;
-    }
+    take_charge(&life, &config, &mut listeners)?;
     announce(&listeners, &config.listeners)?;
     config.tls_listeners = tls_names(&listeners, &config.listeners)?;
     let _pid_file = match &config.pid_file {
@@ -411,12 +405,7 @@ fn run_worker(
     if config.listeners_defaulted {
         config.listeners = shown(&listeners, &config.listeners)?;
     }
-    life.adopt(&mut listeners)
-        .context("sharing the listeners")?;
-    if config.model != Model::Fork {
-        life.spawn_signal_thread()
-            .context("starting the signal thread")?;
-    }
+    take_charge(&life, &config, &mut listeners)?;
     config.tls_listeners = tls_names(&listeners, &config.listeners)?;
     crate::metrics::init(config.model.name());
     handoff::signal_ready();
@@ -428,6 +417,22 @@ fn run_worker(
     );
     life.cleanup();
     result
+}
+
+/// Hands the listeners' end to the lifecycle and starts its signal thread
+/// (the same for a single server and a worker).
+fn take_charge(
+    life: &Arc<Lifecycle>,
+    config: &Config,
+    listeners: &mut [Listener],
+) -> anyhow::Result<()> {
+    life.adopt(listeners).context("sharing the listeners")?;
+    if config.model != Model::Fork {
+        // fork() and threads do not mix: that model hosts the signals itself.
+        life.spawn_signal_thread()
+            .context("starting the signal thread")?;
+    }
+    Ok(())
 }
 
 /// The listeners: inherited (from a supervisor or systemd) or bound here.
