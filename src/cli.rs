@@ -158,6 +158,13 @@ pub struct ServeArgs {
     /// --udp-allow 10.0.0.0/8 --udp-allow ::1/128) [default: any].
     #[arg(long, value_name = "CIDR")]
     pub udp_allow: Vec<ipnet::IpNet>,
+    /// UDP: after a datagram, keep asking for the next one for this long
+    /// before sleeping (e.g. 50us). A lone client then no longer waits for
+    /// the server to be woken on every round trip, at the price of CPU
+    /// spent polling (at most a core, only while datagrams keep coming)
+    /// [default: 0, off]. Models epoll, uring, threads, pool, iterative.
+    #[arg(long, allow_negative_numbers = true, value_name = "DURATION", default_value = "0s", value_parser = parse_busy_poll)]
+    pub busy_poll: Duration,
     /// How messages are found on a stream: stream (the request ends with
     /// the client's half-close), fixed:N (N-byte messages), line[:MAX]
     /// (up to \n, at most MAX bytes before it; default 64K), length[:MAX]
@@ -219,6 +226,17 @@ pub struct ListenOpts {
     /// connect) [default: what the umask leaves].
     #[arg(long, value_name = "OCTAL", value_parser = parse_unix_mode)]
     pub unix_mode: Option<u32>,
+}
+
+/// At most a second: longer is a core burnt for nothing.
+fn parse_busy_poll(s: &str) -> Result<Duration, String> {
+    let d = units::parse_duration(s)?;
+    if d > Duration::from_secs(1) {
+        return Err(format!(
+            "{s} is too long to busy-poll: at most 1s (a few tens of microseconds is typical)"
+        ));
+    }
+    Ok(d)
 }
 
 fn parse_udp_limit(s: &str) -> Result<(u32, u64), String> {
@@ -561,6 +579,7 @@ impl ServeArgs {
             udp: {
                 let mut p = UdpPolicy {
                     allow: self.udp_allow,
+                    busy_poll: self.busy_poll,
                     ..UdpPolicy::default()
                 };
                 if let Some((datagrams, bytes)) = self.udp_limit {
@@ -714,6 +733,10 @@ pub struct BenchArgs {
     /// hold: connections that run rr while the others are held idle.
     #[arg(long, allow_negative_numbers = true, value_name = "N", default_value_t = 10, value_parser = clap::value_parser!(u32).range(1..))]
     pub active: u32,
+    /// Internal: hold --conns connections from source address FIRST on,
+    /// for a parent `bench --mode hold` (see src/bench/hold.rs).
+    #[arg(long, value_name = "FIRST", hide = true, requires = "mode")]
+    pub hold_shard: Option<u32>,
     /// How long each workload runs.
     #[arg(long, allow_negative_numbers = true, value_name = "DURATION", default_value = "5s", value_parser = units::parse_positive_duration)]
     pub duration: Duration,
@@ -882,6 +905,9 @@ impl BenchArgs {
             engine: self.engine,
             pin: self.pin.clone(),
         };
+        if let Some(first_source) = self.hold_shard {
+            return Ok(BenchCommand::HoldShard(base, first_source as usize));
+        }
         if !self.compare {
             return Ok(BenchCommand::One(base, self.json));
         }
@@ -919,5 +945,7 @@ impl BenchArgs {
 /// What `bench` was asked to do.
 pub enum BenchCommand {
     One(BenchConfig, bool),
+    /// A child of `bench --mode hold`, holding a share (see bench::hold).
+    HoldShard(BenchConfig, usize),
     Compare(CompareConfig, bool),
 }

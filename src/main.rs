@@ -57,6 +57,10 @@ fn main() {
 /// start, 4 when a reply was wrong or a connection got none, else 0.
 fn bench_main(cmd: BenchCommand) -> anyhow::Result<i32> {
     let errors = match cmd {
+        BenchCommand::HoldShard(cfg, first_source) => {
+            bench::hold::shard(&cfg, first_source)?;
+            0
+        }
         BenchCommand::One(cfg, json) => {
             let report = bench::run(&cfg)?;
             if json {

@@ -537,3 +537,103 @@ fn sweep_draws_latency_against_offered_load() {
     assert!(r.out().contains("| epoll | 120 |"), "{}", r.out());
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// Past what one process may hold (its open-file limit, lowered here to
+/// 500), `hold` shards itself: children of its own hold the rest, each
+/// from its own loopback source address, and none outlives the run.
+#[test]
+fn hold_shards_itself_over_processes_and_source_addresses() {
+    let srv = Server::start(&["-q", "--model", "epoll", "tcp://127.0.0.1:0"], 1);
+    let pid = srv.pid().to_string();
+    let port = srv.addr(0).rsplit(':').next().unwrap().to_string();
+    let mut cmd = Command::new("bash");
+    cmd.args([
+        "-c",
+        "ulimit -Sn 500 && ulimit -Hn 500 && exec \"$@\"",
+        "bash",
+        BIN,
+    ])
+    .args([
+        "bench",
+        srv.addr(0),
+        "--mode",
+        "hold",
+        "--conns",
+        "1000",
+        "--active",
+        "2",
+    ])
+    .args([
+        "--duration",
+        "2s",
+        "--json",
+        "--no-intervals",
+        "--server-pid",
+        &pid,
+    ])
+    .stdout(Stdio::piped())
+    .stderr(Stdio::piped());
+    let child = cmd.spawn().expect("spawn bench");
+    let bench_pid = child.id() as i32;
+    // While the rr part runs, the held connections are all up: look at
+    // who holds them and where they come from.
+    let (mut pids, mut sources) = (
+        std::collections::BTreeSet::new(),
+        std::collections::BTreeSet::new(),
+    );
+    let mut established = 0;
+    let deadline = std::time::Instant::now() + SECS(30);
+    while std::time::Instant::now() < deadline {
+        let out = Command::new("ss")
+            .args([
+                "-Htnp",
+                "state",
+                "established",
+                &format!("( dport = :{port} )"),
+            ])
+            .output()
+            .expect("ss");
+        let text = String::from_utf8_lossy(&out.stdout);
+        established = text.lines().count();
+        if established >= 1000 {
+            for l in text.lines() {
+                let cols: Vec<&str> = l.split_whitespace().collect();
+                if let Some((ip, _)) = cols.get(2).and_then(|a| a.rsplit_once(':')) {
+                    sources.insert(ip.to_string());
+                }
+                if let Some(p) = l.split("pid=").nth(1).and_then(|s| s.split(',').next()) {
+                    pids.insert(p.to_string());
+                }
+            }
+            break;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+    let out = child.wait_with_output().expect("bench");
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout)
+        .unwrap_or_else(|e| panic!("{e}: {}", String::from_utf8_lossy(&out.stderr)));
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(established >= 1000, "only {established} connections seen");
+    assert_eq!(v["held"], 1000, "{v}");
+    assert!(v["messages"].as_u64().unwrap() > 0, "{v}");
+    // 500 descriptors, less a margin of 200: 300 a process, so four
+    // processes, each from its own source address.
+    assert_eq!(pids.len(), 4, "client processes {pids:?}");
+    assert_eq!(sources.len(), 4, "source addresses {sources:?}");
+    assert!(
+        pids.contains(&bench_pid.to_string()),
+        "{pids:?} without the bench itself ({bench_pid})"
+    );
+    let left: Vec<_> = std::fs::read_dir("/proc")
+        .expect("/proc")
+        .flatten()
+        .filter_map(|e| std::fs::read(e.path().join("cmdline")).ok())
+        .filter(|c| c.split(|&b| b == 0).any(|a| a == b"--hold-shard"))
+        .collect();
+    assert!(left.is_empty(), "{} shard(s) left behind", left.len());
+}

@@ -9,6 +9,7 @@
 //! against every server model side by side.
 
 pub mod compare;
+pub mod hold;
 pub mod load;
 pub mod proc;
 pub mod sweep;
@@ -237,7 +238,7 @@ pub fn run(cfg: &BenchConfig) -> anyhow::Result<Report> {
         }
     }
     if cfg.workload == Workload::Hold {
-        return hold(cfg);
+        return hold::run(cfg);
     }
     run_load(cfg)
 }
@@ -501,34 +502,6 @@ fn probe(cfg: &BenchConfig) -> anyhow::Result<()> {
     }
 }
 
-/// Holds `conns` idle connections open, then runs rr on `active` others.
-fn hold(cfg: &BenchConfig) -> anyhow::Result<Report> {
-    let before = cfg.server_pid.and_then(proc::rss_bytes);
-    let held = open_idle(&cfg.endpoint, &cfg.sockopts, cfg.conns)?;
-    // Let the server accept them all before measuring its memory.
-    std::thread::sleep(Duration::from_millis(500));
-    let after = cfg.server_pid.and_then(proc::rss_bytes);
-    if cfg.intervals {
-        eprintln!("holding {} idle connections", held.len());
-    }
-    let rr = BenchConfig {
-        workload: Workload::Rr,
-        conns: cfg.active,
-        ..cfg.clone()
-    };
-    let mut report = run_load(&rr)?;
-    report.workload = Workload::Hold;
-    report.held = Some(held.len());
-    report.server_bytes_per_held_conn = match (before, after) {
-        (Some(b), Some(a)) if !held.is_empty() => {
-            Some(a.saturating_sub(b) as f64 / held.len() as f64)
-        }
-        _ => None,
-    };
-    drop(held);
-    Ok(report)
-}
-
 impl Report {
     /// The final table on stdout.
     /// Connections that never got a reply (a hold run's idle ones aside).
@@ -600,79 +573,4 @@ impl Report {
             println!("first error: {e}");
         }
     }
-}
-
-/// Connections per source address toward one destination before moving to
-/// the next loopback address. connect(2) picks ephemeral ports of one
-/// parity only (Linux 4.6+ leaves the other half to bind), so half of
-/// `ip_local_port_range`, less a margin for other programs, measured: the
-/// default range 32768-60999 gave 14,118 per pair, then EADDRNOTAVAIL.
-fn ports_per_source() -> usize {
-    let range = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
-        .ok()
-        .and_then(|s| {
-            let mut it = s.split_whitespace().map(|n| n.parse::<usize>().ok());
-            Some((it.next()??, it.next()??))
-        });
-    match range {
-        Some((lo, hi)) if hi > lo => (hi - lo).div_ceil(2).saturating_sub(500).max(1000),
-        _ => 10_000,
-    }
-}
-
-/// Opens `n` idle connections. Past [`ports_per_source`] connections to an
-/// IPv4 loopback server, each further batch comes from the next loopback
-/// source address (127.0.0.2, 127.0.0.3, ...), so ephemeral ports never
-/// run out.
-pub fn open_idle(
-    endpoint: &Endpoint,
-    opts: &SockOpts,
-    n: usize,
-) -> anyhow::Result<Vec<std::net::TcpStream>> {
-    let Endpoint::Tcp(hp) = endpoint else {
-        anyhow::bail!("hold needs a TCP address");
-    };
-    let addr = hp.resolve()?[0];
-    let per_source = ports_per_source();
-    let mut held = Vec::with_capacity(n);
-    let mut last_shown = std::time::Instant::now();
-    for i in 0..n {
-        // Thousands of connects take a while: a line a second says how far.
-        if last_shown.elapsed() >= Duration::from_secs(1) {
-            eprintln!("connecting: {i} of {n} held");
-            last_shown = std::time::Instant::now();
-        }
-        let sock = socket2::Socket::new(
-            socket2::Domain::for_address(addr),
-            socket2::Type::STREAM,
-            None,
-        )
-        .context("socket (is the open-file limit high enough? ulimit -n)")?;
-        if let std::net::IpAddr::V4(ip) = addr.ip()
-            && ip.is_loopback()
-            && i >= per_source
-        {
-            let k = (i / per_source).min(250) as u8;
-            let src = std::net::SocketAddr::from(([127, 0, 0, 1 + k], 0));
-            sock.bind(&src.into())
-                .with_context(|| format!("binding source address {src}"))?;
-        }
-        if let Some(b) = opts.rcvbuf {
-            let _ = sock.set_recv_buffer_size(b);
-        }
-        // A server that stops accepting (the iterative model, a full
-        // backlog) ends the ramp instead of hanging it.
-        if let Err(e) = sock.connect_timeout(&addr.into(), Duration::from_secs(2)) {
-            if i == 0 {
-                return Err(e).with_context(|| format!("connecting to {endpoint}"));
-            }
-            eprintln!(
-                "holding {i} of {n} connections: connection {} failed: {e}",
-                i + 1
-            );
-            break;
-        }
-        held.push(sock.into());
-    }
-    Ok(held)
 }

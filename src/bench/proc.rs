@@ -33,8 +33,14 @@ fn children(pid: i32) -> Vec<i32> {
         .collect()
 }
 
-/// A process's resident memory, in bytes.
+/// A process's resident memory with its descendants' (a supervisor's
+/// workers, fork's children), in bytes.
 pub fn rss_bytes(pid: i32) -> Option<u64> {
+    let own = own_rss_bytes(pid)?;
+    Some(own + children(pid).into_iter().filter_map(rss_bytes).sum::<u64>())
+}
+
+fn own_rss_bytes(pid: i32) -> Option<u64> {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
     let kb: u64 = status
         .lines()

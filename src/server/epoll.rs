@@ -32,7 +32,7 @@ use slab::Slab;
 use socket2::SockRef;
 
 use super::readiness::{ReadyConn, Step, could_progress};
-use super::udp::{UdpService, answer_ready};
+use super::udp::{UdpService, answer_all};
 use super::{AcceptBackoff, Config};
 use crate::addr::HostPort;
 use crate::conn::Conn;
@@ -284,7 +284,7 @@ impl<'a> EventLoop<'a> {
         if let Source::Udp(u) = &self.sources[i] {
             // Edge-triggered: read until empty, or the next datagram would
             // never be reported.
-            while !answer_ready(u, &mut self.udp, 64) {}
+            answer_all(u, &mut self.udp);
             return;
         }
         self.accept_all(i);

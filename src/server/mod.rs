@@ -12,6 +12,7 @@ pub mod epoll;
 pub mod fork;
 pub mod handoff;
 pub mod iterative;
+mod mmsg;
 pub mod pidfile;
 pub mod pool;
 pub mod readiness;

@@ -21,8 +21,11 @@ use std::io;
 use std::net::{IpAddr, SocketAddr};
 use std::time::{Duration, Instant};
 
+use std::os::fd::AsFd;
+
 use tokio::net::UdpSocket;
 
+use super::mmsg::{self, Batch, Reply};
 use crate::lifecycle::Lifecycle;
 use crate::transform::Mode;
 
@@ -40,6 +43,8 @@ pub struct UdpPolicy {
     pub loopback: bool,
     /// Source networks answered (empty: all).
     pub allow: Vec<ipnet::IpNet>,
+    /// `--busy-poll`: how long to keep asking after the last datagram.
+    pub busy_poll: Duration,
 }
 
 impl Default for UdpPolicy {
@@ -49,6 +54,7 @@ impl Default for UdpPolicy {
             bytes: 1 << 20,
             loopback: false,
             allow: Vec::new(),
+            busy_poll: Duration::ZERO,
         }
     }
 }
@@ -79,6 +85,12 @@ pub struct UdpService {
     /// Allocated at the first datagram (most event loops never get one).
     buf: Vec<u8>,
     scratch: Vec<u8>,
+    /// recvmmsg/sendmmsg buffers, allocated at the first datagram.
+    batch: Option<Box<Batch>>,
+    /// `--busy-poll`: a server woken once per datagram pays a wake-up per
+    /// round trip, which for a lone client is most of its time.
+    spin: Duration,
+    pub received: u64,
     pub answered: u64,
     pub failed: u64,
     pub refused: u64,
@@ -88,6 +100,7 @@ pub struct UdpService {
 
 impl UdpService {
     pub fn new(mode: Mode, policy: UdpPolicy) -> Self {
+        let spin = policy.busy_poll;
         UdpService {
             mode,
             policy,
@@ -95,6 +108,9 @@ impl UdpService {
             last_prune: Instant::now(),
             buf: Vec::new(),
             scratch: Vec::new(),
+            batch: None,
+            spin,
+            received: 0,
             answered: 0,
             failed: 0,
             refused: 0,
@@ -115,8 +131,22 @@ impl UdpService {
     /// The reply to the `n` bytes just received from `peer`, or `None` when
     /// it is not answered (refused, or no valid reply; counted and logged).
     pub fn answer(&mut self, n: usize, peer: SocketAddr) -> Option<&[u8]> {
+        let mut buf = std::mem::take(&mut self.buf);
+        let mut scratch = std::mem::take(&mut self.scratch);
+        let reply = self.answer_in(&mut buf[..n], peer, &mut scratch);
+        (self.buf, self.scratch) = (buf, scratch);
+        match reply? {
+            Reply::InPlace(len) => Some(&self.buf[..len]),
+            Reply::Out => Some(&self.scratch),
+        }
+    }
+
+    /// Transforms `data` from `peer` in place (ASCII) or into `out`, and
+    /// says where the reply is; `None` when it is not answered.
+    fn answer_in(&mut self, data: &mut [u8], peer: SocketAddr, out: &mut Vec<u8>) -> Option<Reply> {
+        self.received += 1;
         crate::metrics::global().datagram("received");
-        if n == 0 {
+        if data.is_empty() {
             tracing::debug!("udp: empty datagram (goodbye) from {peer}");
         }
         let ip = canonical(peer.ip());
@@ -125,13 +155,12 @@ impl UdpService {
             return None;
         }
         let mode = self.mode;
-        let len = match reply(mode, &mut self.buf[..n], &mut self.scratch) {
+        let n = data.len();
+        let len = match reply(mode, data, out) {
             Ok(r) => r.len(),
             Err(e) => {
-                {
-                    self.failed += 1;
-                    crate::metrics::global().datagram("failed");
-                }
+                self.failed += 1;
+                crate::metrics::global().datagram("failed");
                 tracing::warn!("udp: datagram from {peer} not answered: {e}");
                 return None;
             }
@@ -143,8 +172,8 @@ impl UdpService {
             return None;
         }
         Some(match mode {
-            Mode::Ascii => &self.buf[..n],
-            Mode::Utf8 { .. } => &self.scratch,
+            Mode::Ascii => Reply::InPlace(n),
+            Mode::Utf8 { .. } => Reply::Out,
         })
     }
 
@@ -296,28 +325,69 @@ pub async fn serve(sock: UdpSocket, mut svc: UdpService, life: std::sync::Arc<Li
     svc.log_totals();
 }
 
-/// Answers the datagrams waiting on a non-blocking socket, at most `budget`
-/// of them; returns true if it stopped because none were left.
+/// Answers the datagrams waiting on a non-blocking socket, at most about
+/// `budget` of them, received and answered [`mmsg::SLOTS`] at a time;
+/// returns true if it stopped because none were left.
 pub fn answer_ready(sock: &std::net::UdpSocket, svc: &mut UdpService, budget: usize) -> bool {
-    for _ in 0..budget {
-        let (n, peer) = match sock.recv_from(svc.buf()) {
-            Ok(x) => x,
-            Err(e) if e.kind() == io::ErrorKind::WouldBlock => return true,
+    let mut batch = svc.batch.take().unwrap_or_default();
+    let mut rounds = budget.div_ceil(mmsg::SLOTS).max(1);
+    let drained = loop {
+        if rounds == 0 {
+            break false;
+        }
+        rounds -= 1;
+        match batch.recv(sock.as_fd()) {
+            Ok(0) => break true,
+            Ok(_) => {}
             Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
             Err(e) => {
+                // ICMP errors from an earlier send surface here on Linux.
                 svc.failed += 1;
                 tracing::debug!("udp receive: {e}");
                 continue;
             }
-        };
-        if let Some(reply) = svc.answer(n, peer) {
-            let len = reply.len();
-            let result = sock.send_to(reply, peer);
-            svc.sent(peer, result, len);
         }
-    }
-    false
+        for i in 0..batch.len() {
+            let reply = batch
+                .datagram(i)
+                .and_then(|(data, peer, out)| svc.answer_in(data, peer, out));
+            batch.set_reply(i, reply);
+        }
+        batch.send(sock.as_fd(), |peer, result, len| {
+            svc.sent(peer, result, len)
+        });
+    };
+    svc.batch = Some(batch);
+    drained
 }
+
+/// Answers until the socket is empty (an edge-triggered loop must), then,
+/// with `--busy-poll`, keeps asking until a datagram-free `spin` has passed
+/// or about a millisecond has been spent, so that other work on the same
+/// loop waits at most that long.
+pub fn answer_all(sock: &std::net::UdpSocket, svc: &mut UdpService) {
+    while !answer_ready(sock, svc, 64) {}
+    if svc.spin.is_zero() {
+        return;
+    }
+    let start = Instant::now();
+    let mut quiet_until = start + svc.spin;
+    loop {
+        let before = svc.received;
+        while !answer_ready(sock, svc, 64) {}
+        let now = Instant::now();
+        if svc.received != before {
+            quiet_until = now + svc.spin;
+        }
+        if now >= quiet_until || now.duration_since(start) >= SPIN_AT_MOST {
+            return;
+        }
+        std::hint::spin_loop();
+    }
+}
+
+/// The longest one [`answer_all`] busy-polls before it lets its loop go on.
+const SPIN_AT_MOST: Duration = Duration::from_millis(1);
 
 /// A UDP listener on a thread of its own, for the thread-based models:
 /// waits in poll(2) for a datagram or the start of the drain.
@@ -326,14 +396,13 @@ pub fn serve_blocking(
     mut svc: UdpService,
     life: &Lifecycle,
 ) -> io::Result<()> {
-    use std::os::fd::AsFd;
     sock.set_nonblocking(true)?;
     loop {
         let ready = crate::lifecycle::wait_readable(&[sock.as_fd(), life.draining_fd()], None)?;
         if ready[1] {
             break;
         }
-        answer_ready(&sock, &mut svc, 64);
+        answer_all(&sock, &mut svc);
     }
     svc.log_totals();
     Ok(())
