@@ -48,16 +48,17 @@ pub enum Model {
     /// One thread, non-blocking sockets, one poll(2) loop (the select() server).
     Select,
     /// Event loops on epoll (mio), --workers of them sharing the listeners,
-    /// ~200 bytes per idle connection; the default where io_uring is not
+    /// ~460 bytes per idle connection; the default where io_uring is not
     /// allowed.
     Epoll,
     /// A task per connection on tokio's multi-threaded runtime (lecture 3's
     /// event loop, on every core).
     Async,
     /// io_uring loops, --workers of them: multishot receives into a ring of
-    /// shared blocks, sends batched into one system call (Linux 6.0+), ~240
-    /// bytes per idle connection; the default, as it leads request/response
-    /// and streams in docs/BENCHMARKS.md.
+    /// shared blocks, sends batched into one system call (Linux 6.0+), ~480
+    /// bytes per idle connection; the default: never measurably worse than
+    /// the others under two load engines, better under one (three pinned
+    /// runs each, docs/BENCHMARKS.md).
     Uring,
 }
 
