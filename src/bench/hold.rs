@@ -55,14 +55,11 @@ pub fn run(cfg: &BenchConfig) -> anyhow::Result<Report> {
     for c in &mut children {
         total += c.wait_held()?;
     }
-    if shards > 1 && cfg.intervals {
-        eprintln!("holding {total} idle connections from {shards} processes");
-    }
     // Let the server accept them all before measuring its memory.
     std::thread::sleep(Duration::from_millis(500));
     let after = cfg.server_pid.and_then(proc::rss_bytes);
     if cfg.intervals {
-        eprintln!("holding {total} idle connections");
+        eprintln!("holding {total} idle connections from {shards} process(es)");
     }
     let rr = BenchConfig {
         workload: Workload::Rr,
@@ -94,9 +91,9 @@ pub fn shard(cfg: &BenchConfig, first_source: usize) -> anyhow::Result<()> {
 }
 
 /// Connections one process may hold: its open-file limit (raised to the
-/// hard limit by `main`), less a margin.
+/// hard limit), less a margin.
 fn shard_size() -> usize {
-    (crate::server::default_max_conns() + 64)
+    (crate::server::raise_fd_limit() as usize)
         .saturating_sub(MARGIN)
         .max(100)
 }
