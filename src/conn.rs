@@ -164,35 +164,51 @@ impl End {
 enum Shape {
     /// A stream: every block transformed as it comes (in place when it can).
     Stream(Transformer),
-    /// Messages: each one found, transformed whole and encoded; the reply
-    /// to one read is built in `out`.
-    Framed {
-        decoder: Decoder,
-        mode: Mode,
-        out: Vec<u8>,
-    },
+    /// Messages: each one found, transformed whole and encoded. Boxed, so
+    /// that a stream connection does not carry a decoder's room.
+    Framed(Box<Framed>),
+}
+
+struct Framed {
+    decoder: Decoder,
+    mode: Mode,
+    /// The reply to one read is built here.
+    out: Vec<u8>,
+}
+
+/// How a connection ended early, and why (for the log). Boxed: most
+/// connections never have one.
+type Stop = Option<Box<(End, String)>>;
+
+fn stop(end: End, why: String) -> Stop {
+    Some(Box::new((end, why)))
 }
 
 /// The state of one connection.
 pub struct Conn {
     shape: Shape,
-    limits: Limits,
+    /// Shared by the connections of a loop (one pointer each).
+    limits: Arc<Limits>,
     /// Reply bytes handed to the driver and not yet reported written.
     unsent: usize,
     input_ended: bool,
     write_shut: bool,
     /// Set once the connection is over for a reason other than `Done`.
-    failed: Option<(End, String)>,
+    failed: Stop,
     /// Why it must end once the reply so far is sent (a framing error: the
     /// messages before the bad one are still answered).
-    end_after_reply: Option<(End, String)>,
+    end_after_reply: Stop,
     last_progress: Instant,
     started: Instant,
-    last_report: Instant,
+    /// `-v`: the connection's age, in whole seconds, at its last "so far"
+    /// line (one a second).
+    reported_at: u32,
     verbose: bool,
     /// `-vv`: each read's size and first bytes (the lesson of framing).
     trace: bool,
-    peer: String,
+    /// Boxed, not a `String`: its spare capacity would be paid per
+    /// connection.
+    peer: Box<str>,
     pub bytes_in: u64,
     pub bytes_out: u64,
     metrics: crate::metrics::ConnMetrics,
@@ -252,12 +268,12 @@ impl Drop for Conn {
 /// A stream transform's output; or the end of the connection, when strict
 /// UTF-8 found an invalid byte.
 fn checked<'a>(
-    failed: &mut Option<(End, String)>,
+    failed: &mut Stop,
     out: Result<&'a [u8], transform::InvalidUtf8>,
 ) -> io::Result<&'a [u8]> {
     out.map_err(|e| {
         let e = io::Error::from(e);
-        *failed = Some((End::Invalid, e.to_string()));
+        *failed = stop(End::Invalid, e.to_string());
         e
     })
 }
@@ -291,9 +307,9 @@ fn tls_flush(tls: &mut TlsLayer) -> io::Result<()> {
 /// What ends a connection once the reply so far is sent, and what ends it
 /// at once: the parts of [`Conn`] the transform may set.
 struct Ending<'a> {
-    failed: &'a mut Option<(End, String)>,
+    failed: &'a mut Stop,
     input_ended: &'a mut bool,
-    after_reply: &'a mut Option<(End, String)>,
+    after_reply: &'a mut Stop,
 }
 
 impl Shape {
@@ -301,7 +317,8 @@ impl Shape {
     fn reply<'a>(&'a mut self, buf: &'a mut [u8], end: Ending<'_>) -> io::Result<&'a [u8]> {
         match self {
             Shape::Stream(t) => checked(end.failed, t.push(buf)),
-            Shape::Framed { decoder, mode, out } => {
+            Shape::Framed(framed) => {
+                let Framed { decoder, mode, out } = &mut **framed;
                 out.clear();
                 let framing = decoder.framing();
                 let mut invalid = None;
@@ -311,8 +328,8 @@ impl Shape {
                     }
                 });
                 let stop = match (decoded, invalid) {
-                    (_, Some(e)) => Some((End::Invalid, e.to_string())),
-                    (Err(e), None) => Some((End::Framing, e.to_string())),
+                    (_, Some(e)) => stop(End::Invalid, e.to_string()),
+                    (Err(e), None) => stop(End::Framing, e.to_string()),
                     (Ok(()), None) => None,
                 };
                 if stop.is_some() {
@@ -329,17 +346,18 @@ impl Shape {
     fn finish(&mut self, end: Ending<'_>) -> io::Result<&[u8]> {
         match self {
             Shape::Stream(t) => checked(end.failed, t.finish()),
-            Shape::Framed { decoder, mode, out } => {
+            Shape::Framed(framed) => {
+                let Framed { decoder, mode, out } = &mut **framed;
                 out.clear();
                 let framing = decoder.framing();
                 match decoder.finish() {
                     Ok(Some(mut tail)) => {
                         if let Err(e) = reply_to(framing, *mode, &mut tail, out) {
-                            *end.after_reply = Some((End::Invalid, e.to_string()));
+                            *end.after_reply = stop(End::Invalid, e.to_string());
                         }
                     }
                     Ok(None) => {}
-                    Err(e) => *end.after_reply = Some((End::Framing, e.to_string())),
+                    Err(e) => *end.after_reply = stop(End::Framing, e.to_string()),
                 }
                 Ok(out)
             }
@@ -365,12 +383,14 @@ fn reply_to(
     Ok(())
 }
 
-/// How often `-v` logs a connection's bytes-processed-so-far line.
-const REPORT_EVERY: Duration = Duration::from_secs(1);
-
 impl Conn {
     /// A new connection from `peer` (a name for the logs), accepted at `now`.
-    pub fn new(origin: Origin, protocol: Protocol, limits: Limits, now: Instant) -> Conn {
+    pub fn new(
+        origin: Origin,
+        protocol: Protocol,
+        limits: impl Into<Arc<Limits>>,
+        now: Instant,
+    ) -> Conn {
         let Origin {
             peer,
             listener,
@@ -392,15 +412,15 @@ impl Conn {
         let metrics = crate::metrics::global().conn_started(&listener);
         let shape = match protocol.framing {
             Framing::Stream => Shape::Stream(Transformer::new(protocol.mode)),
-            f => Shape::Framed {
+            f => Shape::Framed(Box::new(Framed {
                 decoder: Decoder::new(f),
                 mode: protocol.mode,
                 out: Vec::new(),
-            },
+            })),
         };
         Conn {
             shape,
-            limits,
+            limits: limits.into(),
             unsent: 0,
             input_ended: false,
             write_shut: false,
@@ -408,10 +428,10 @@ impl Conn {
             end_after_reply: None,
             last_progress: now,
             started: now,
-            last_report: now,
+            reported_at: 0,
             verbose: tracing::enabled!(tracing::Level::DEBUG),
             trace: tracing::enabled!(tracing::Level::TRACE),
-            peer,
+            peer: peer.into_boxed_str(),
             bytes_in: 0,
             bytes_out: 0,
             metrics,
@@ -500,9 +520,12 @@ impl Conn {
         if n > 0 {
             self.last_progress = now;
         }
-        if self.verbose && now.duration_since(self.last_report) >= REPORT_EVERY {
-            self.last_report = now;
-            tracing::debug!("{}: {} bytes processed so far", self.peer, self.bytes_in);
+        if self.verbose {
+            let age = now.saturating_duration_since(self.started).as_secs();
+            if age > u64::from(self.reported_at) {
+                self.reported_at = u32::try_from(age).unwrap_or(u32::MAX);
+                tracing::debug!("{}: {} bytes processed so far", self.peer, self.bytes_in);
+            }
         }
         if self.trace {
             let shown = &buf[..n.min(32)];
@@ -545,13 +568,13 @@ impl Conn {
                 if let Some(client) = source {
                     let client = format!("tcp://{}", crate::addr::HostPort::from(client));
                     tracing::info!("{client} via {} (PROXY v{version})", self.peer);
-                    self.peer = client;
+                    self.peer = client.into_boxed_str();
                 }
                 Ok(consumed)
             }
             crate::proxy::Parsed::Bad(why) => {
                 self.proxy = None;
-                self.failed = Some((End::Proxy, why.clone()));
+                self.failed = stop(End::Proxy, why.clone());
                 Err(io::Error::new(io::ErrorKind::InvalidData, why))
             }
         }
@@ -583,7 +606,7 @@ impl Conn {
     pub fn on_input_end(&mut self, now: Instant) -> io::Result<&[u8]> {
         if let Some(wait) = self.proxy.take() {
             self.input_ended = true;
-            self.failed = Some((End::Proxy, wait.header.at_end()));
+            self.failed = stop(End::Proxy, wait.header.at_end());
             return Ok(&[]);
         }
         self.input_ended = true;
@@ -615,7 +638,7 @@ impl Conn {
                 }
                 if let Err(e) = tls.session.process_new_packets() {
                     conn.input_ended = true;
-                    conn.end_after_reply = Some((End::Error, format!("TLS: {e}")));
+                    conn.end_after_reply = stop(End::Error, format!("TLS: {e}"));
                     return Ok(());
                 }
                 closed = conn.tls_decrypt(tls)?;
@@ -703,12 +726,12 @@ impl Conn {
         if n > 0 {
             self.last_progress = now;
         }
-        if let Shape::Framed { out, .. } = &mut self.shape
+        if let Shape::Framed(framed) = &mut self.shape
             && self.unsent == 0
-            && out.capacity() > 64 * 1024
+            && framed.out.capacity() > 64 * 1024
         {
             // A large reply is sent: give its memory back.
-            *out = Vec::new();
+            framed.out = Vec::new();
         }
     }
 
@@ -724,7 +747,7 @@ impl Conn {
     /// The socket failed (a reset, a write error): the connection is over.
     pub fn on_error(&mut self, e: &io::Error) {
         if self.failed.is_none() {
-            self.failed = Some((End::Error, e.to_string()));
+            self.failed = stop(End::Error, e.to_string());
         }
     }
 
@@ -733,7 +756,7 @@ impl Conn {
         if self.is_finished() {
             return None;
         }
-        let idle = self.limits.idle.map(|d| self.last_progress + d);
+        let idle = (self.limits.idle).and_then(|d| self.last_progress.checked_add(d));
         let header = self.proxy.as_ref().map(|w| w.deadline);
         match (idle, header) {
             (Some(i), Some(h)) => Some(i.min(h)),
@@ -757,31 +780,31 @@ impl Conn {
     /// Ends the connection as idle.
     pub fn close_idle(&mut self) {
         if let Some(wait) = self.proxy.take() {
-            self.failed.get_or_insert((
-                End::Proxy,
-                format!(
-                    "no complete PROXY header within {} (--proxy-timeout)",
-                    humantime::format_duration(wait.timeout)
-                ),
-            ));
+            let why = format!(
+                "no complete PROXY header within {} (--proxy-timeout)",
+                humantime::format_duration(wait.timeout)
+            );
+            if self.failed.is_none() {
+                self.failed = stop(End::Proxy, why);
+            }
             return;
         }
         if self.failed.is_none() {
             let idle = self.limits.idle.unwrap_or_default();
-            self.failed = Some((
+            self.failed = stop(
                 End::Idle,
                 format!(
                     "idle for {}: closed (--idle-timeout)",
                     humantime::format_duration(idle)
                 ),
-            ));
+            );
         }
     }
 
     /// How it ended: `Done` unless it failed, was idle or was cut.
     pub fn end(&self) -> End {
         match &self.failed {
-            Some((end, _)) => *end,
+            Some(stopped) => stopped.0,
             None if self.write_shut => End::Done,
             None => End::Cut,
         }
@@ -803,11 +826,12 @@ impl Conn {
                 self.bytes_in,
                 secs
             ),
-            (Some((end, why)), _) => tracing::warn!(
-                "connection {} ended ({}) after {} bytes: {why}",
+            (Some(stopped), _) => tracing::warn!(
+                "connection {} ended ({}) after {} bytes: {}",
                 self.peer,
-                end.as_str(),
-                self.bytes_in
+                stopped.0.as_str(),
+                self.bytes_in,
+                stopped.1
             ),
             (None, false) => tracing::warn!(
                 "connection {} cut after {} bytes with {} unsent",
@@ -836,6 +860,17 @@ mod tests {
             mode,
             framing: Framing::Stream,
         }
+    }
+
+    /// A held connection's memory is mostly this struct (#16: 100,000
+    /// held connections at under 256 bytes each, the driver's part
+    /// included): what is rare (framing, UTF-8 state, TLS, PROXY, an early
+    /// end) is boxed, what is common to a loop's connections is shared.
+    #[test]
+    fn a_connection_is_small() {
+        let size = std::mem::size_of::<Conn>();
+        println!("Conn: {size} bytes");
+        assert!(size <= 144, "Conn grew to {size} bytes");
     }
 
     fn limits(block: usize, read_ahead: usize) -> Limits {
@@ -886,7 +921,7 @@ mod tests {
             }
             assert_eq!(reply, b"HELLO, PROXY", "cut {cut}");
             assert_eq!(c.bytes_in, 12, "cut {cut}");
-            assert_eq!(c.peer, "tcp://10.1.2.3:4444");
+            assert_eq!(&*c.peer, "tcp://10.1.2.3:4444");
         }
     }
 

@@ -55,6 +55,8 @@ pub struct Metrics {
     /// Connections accepted on every listener, for the log line a worker of
     /// `--processes` ends with (how evenly the kernel spread them).
     accepted_all: std::sync::atomic::AtomicU64,
+    /// The handles of each listener, made at its first connection.
+    listeners: std::sync::Mutex<std::collections::HashMap<String, ConnMetrics>>,
 }
 
 static METRICS: OnceLock<Metrics> = OnceLock::new();
@@ -69,13 +71,17 @@ pub fn global() -> &'static Metrics {
     init("none")
 }
 
-/// What one connection counts with: handles, so that counting its bytes
-/// takes no lock.
-pub struct ConnMetrics {
+/// What the connections of one listener count with: handles, so that
+/// counting bytes takes no lock. Shared by all of them, so that a held
+/// connection carries one pointer, not a label and two counters.
+pub struct ListenerCounters {
     listener: String,
     pub bytes_in: Counter,
     pub bytes_out: Counter,
 }
+
+/// What one connection counts with.
+pub type ConnMetrics = std::sync::Arc<ListenerCounters>;
 
 impl Metrics {
     fn new(model: &str) -> Metrics {
@@ -98,6 +104,7 @@ impl Metrics {
             max_conns_reached: Counter::default(),
             draining: Gauge::default(),
             accepted_all: Default::default(),
+            listeners: Default::default(),
         };
         registry.register(
             "connections_accepted",
@@ -151,11 +158,20 @@ impl Metrics {
         self.accepted_all
             .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         self.open.get_or_create(&key).inc();
-        ConnMetrics {
-            bytes_in: self.bytes_in.get_or_create(&key).clone(),
-            bytes_out: self.bytes_out.get_or_create(&key).clone(),
-            listener: key.listener,
-        }
+        let mut known = self.listeners.lock().unwrap_or_else(|e| e.into_inner());
+        known
+            .entry(key.listener)
+            .or_insert_with_key(|listener| {
+                let key = Listener {
+                    listener: listener.clone(),
+                };
+                std::sync::Arc::new(ListenerCounters {
+                    bytes_in: self.bytes_in.get_or_create(&key).clone(),
+                    bytes_out: self.bytes_out.get_or_create(&key).clone(),
+                    listener: key.listener,
+                })
+            })
+            .clone()
     }
 
     /// Connections accepted so far, on every listener.

@@ -127,6 +127,8 @@ struct EventLoop<'a> {
     scratch: Vec<u8>,
     udp: UdpService,
     config: &'a Config,
+    /// Every connection's bounds, shared.
+    limits: Arc<crate::conn::Limits>,
     life: &'a Lifecycle,
     draining: bool,
     /// Stopped accepting at --max-conns.
@@ -168,6 +170,7 @@ impl<'a> EventLoop<'a> {
             scratch: vec![0u8; config.block],
             udp: config.udp_service(),
             config,
+            limits: Arc::new(config.limits(0)),
             life,
             draining: false,
             paused: false,
@@ -343,7 +346,7 @@ impl<'a> EventLoop<'a> {
             let conn = Conn::new(
                 origin,
                 self.config.protocol,
-                self.config.limits(0),
+                self.limits.clone(),
                 Instant::now(),
             );
             entry.insert(Client {

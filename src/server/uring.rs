@@ -201,6 +201,10 @@ fn run_loop(config: &Config, listeners: &[Listener], shared: &Shared) -> anyhow:
         polled: vec![false; listeners.len()],
         starved: Vec::new(),
         config,
+        limits: Arc::new(crate::conn::Limits {
+            block,
+            ..config.limits((MAX_QUEUED - 1) * block)
+        }),
         shared,
         paused_until: None,
         draining: false,
@@ -233,6 +237,8 @@ struct Loop<'a> {
     /// Connections whose receive stopped for want of buffers.
     starved: Vec<usize>,
     config: &'a Config,
+    /// Every connection's bounds, shared.
+    limits: Arc<crate::conn::Limits>,
     shared: &'a Shared,
     paused_until: Option<Instant>,
     draining: bool,
@@ -343,7 +349,6 @@ impl Loop<'_> {
     }
 
     fn accept(&mut self, i: usize) {
-        let read_ahead = (MAX_QUEUED - 1) * self.ring.block_size();
         while !self.draining && !self.shared.life.is_draining() {
             let Some(l) = self.listeners.get(i) else {
                 return;
@@ -357,14 +362,15 @@ impl Loop<'_> {
                     self.backoff().succeeded();
                     sock.tune(&self.config.sockopts);
                     let origin = self.config.origin(peer, sock.as_fd());
-                    let limits = crate::conn::Limits {
-                        block: self.ring.block_size(),
-                        ..self.config.limits(read_ahead)
-                    };
                     let key = self.conns.insert(Conn {
                         _slot: slot,
                         sock,
-                        core: Core::new(origin, self.config.protocol, limits, self.now),
+                        core: Core::new(
+                            origin,
+                            self.config.protocol,
+                            self.limits.clone(),
+                            self.now,
+                        ),
                         queue: VecDeque::new(),
                         sent: 0,
                         vectored: None,

@@ -30,14 +30,16 @@ pub enum Mode {
 #[derive(Debug, Clone)]
 pub enum Transformer {
     Ascii,
-    Utf8(utf8::Utf8Upper),
+    /// Boxed: its state is five times the size of a whole ASCII
+    /// connection's, and most connections are ASCII.
+    Utf8(Box<utf8::Utf8Upper>),
 }
 
 impl Transformer {
     pub fn new(mode: Mode) -> Self {
         match mode {
             Mode::Ascii => Transformer::Ascii,
-            Mode::Utf8 { strict } => Transformer::Utf8(utf8::Utf8Upper::new(strict)),
+            Mode::Utf8 { strict } => Transformer::Utf8(Box::new(utf8::Utf8Upper::new(strict))),
         }
     }
 
