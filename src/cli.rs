@@ -576,6 +576,7 @@ impl ServeArgs {
             proxy: self.proxy_protocol.map(|v| (v, self.proxy_timeout)),
             listeners_defaulted,
             buffered: crate::conn::Buffered::new(self.max_buffered),
+            udp_sources: crate::server::udp::Sources::shared(),
             udp: {
                 let mut p = UdpPolicy {
                     allow: self.udp_allow,

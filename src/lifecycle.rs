@@ -77,9 +77,25 @@ struct State {
     /// accepting here without shutting them.
     shared: bool,
     unix_files: Vec<UnixPathGuard>,
+    /// Threads that end by themselves at the drain (the UDP threads of the
+    /// blocking models), joined before the server says it is done.
+    helpers: Vec<std::thread::JoinHandle<()>>,
 }
 
 impl Lifecycle {
+    /// A thread that stops by itself once the drain starts: joined by
+    /// [`Lifecycle::join_helpers`], so that its last log line is written.
+    pub fn keep_helper(&self, helper: std::thread::JoinHandle<()>) {
+        self.state().helpers.push(helper);
+    }
+
+    pub fn join_helpers(&self) {
+        let helpers = std::mem::take(&mut self.state().helpers);
+        for h in helpers {
+            let _ = h.join();
+        }
+    }
+
     /// Installs the signal handlers. Call before binding anything.
     pub fn install(drain_timeout: Duration, max_conns: usize) -> io::Result<Arc<Lifecycle>> {
         let signals = SignalPipe::for_signals(&STOP_SIGNALS)?;

@@ -709,9 +709,29 @@ fn threads_holds_what_the_machine_allows_and_never_aborts() {
 /// counted and logged, and --udp-allow answers only the networks listed.
 #[test]
 fn udp_replies_are_limited_per_source_and_allowed_networks() {
-    for model in runnable(&["threads", "select", "epoll", "async", "uring", "fork"]) {
+    // With two workers, both answer the one socket: the limit is still the
+    // source's, not each worker's.
+    let cases = runnable(&["threads", "select", "epoll", "async", "uring", "fork"])
+        .into_iter()
+        .map(|m| (m, "1"))
+        .chain(
+            runnable(&["threads", "epoll", "uring"])
+                .into_iter()
+                .map(|m| (m, "2")),
+        );
+    for (model, workers) in cases {
         let srv = Server::start(
-            &["--model", model, "--udp-limit", "5,1M", "udp://127.0.0.1:0"],
+            &[
+                "--model",
+                model,
+                "--workers",
+                workers,
+                "--udp-limit",
+                "5,1M",
+            ]
+            .into_iter()
+            .chain(["udp://127.0.0.1:0"])
+            .collect::<Vec<_>>(),
             1,
         );
         let sock = UdpSocket::bind("127.0.0.1:0").unwrap();
@@ -727,7 +747,7 @@ fn udp_replies_are_limited_per_source_and_allowed_networks() {
         }
         assert!(
             (5..=7).contains(&answered),
-            "{model}: {answered} of 20 answered"
+            "{model} with {workers} worker(s): {answered} of 20 answered"
         );
         let deadline = Instant::now() + SECS(5);
         let mut log = String::new();

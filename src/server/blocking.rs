@@ -31,14 +31,18 @@ pub fn start(
     for l in listeners {
         match l {
             Listener::Udp(u) => {
-                let (svc, life) = (config.udp_service(), life.clone());
-                std::thread::Builder::new()
+                // One thread a socket: threads waiting on the same socket
+                // all wake for each datagram, and on this machine two of
+                // them answered 43 % fewer than one (docs/BENCHMARKS.md).
+                let (svc, thread_life) = (config.udp_service(), life.clone());
+                let helper = std::thread::Builder::new()
                     .name("upcase-udp".into())
                     .spawn(move || {
-                        if let Err(e) = super::udp::serve_blocking(u, svc, &life) {
+                        if let Err(e) = super::udp::serve_blocking(u, svc, &thread_life) {
                             tracing::error!("udp listener failed: {e}");
                         }
                     })?;
+                life.keep_helper(helper);
             }
             l => {
                 l.set_nonblocking(true)?;

@@ -126,6 +126,8 @@ pub struct Config {
     pub buffered: std::sync::Arc<crate::conn::Buffered>,
     /// `--udp-limit`, `--udp-allow`: who gets UDP replies, and how many.
     pub udp: udp::UdpPolicy,
+    /// Every UDP source's tokens, shared by the services of this process.
+    pub udp_sources: std::sync::Arc<std::sync::Mutex<udp::Sources>>,
     /// `--metrics`: where Prometheus scrapes `/metrics`.
     pub metrics: Option<crate::addr::HostPort>,
     /// `--cert`/`--key`: what tls:// listeners present.
@@ -179,7 +181,11 @@ impl Config {
 
     /// The UDP service of one socket.
     pub fn udp_service(&self) -> udp::UdpService {
-        udp::UdpService::new(self.protocol.mode, self.udp.clone())
+        udp::UdpService::new(
+            self.protocol.mode,
+            self.udp.clone(),
+            self.udp_sources.clone(),
+        )
     }
 
     /// The bounds of each connection, for a driver that reads `read_ahead`
@@ -474,7 +480,7 @@ fn serve_model(
     listeners: Vec<Listener>,
     life: &Arc<Lifecycle>,
 ) -> anyhow::Result<()> {
-    match config.model {
+    let served = match config.model {
         Model::Iterative => iterative::run(config, listeners, life),
         Model::Fork => fork::run(config, listeners, life),
         Model::Threads => threads::run(config, listeners, life),
@@ -483,7 +489,9 @@ fn serve_model(
         Model::Epoll => epoll::run(config, listeners, life),
         Model::Async => tasks::run(config, listeners, life),
         Model::Uring => uring::run(config, listeners, life),
-    }
+    };
+    life.join_helpers();
+    served
 }
 
 /// What every model does when accept(2) fails.

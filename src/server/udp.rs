@@ -19,6 +19,7 @@
 use std::collections::HashMap;
 use std::io;
 use std::net::{IpAddr, SocketAddr};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use std::os::fd::AsFd;
@@ -74,14 +75,31 @@ struct Bucket {
     last: Instant,
 }
 
+/// Every source's tokens. One table per server, shared by every loop and
+/// thread that answers on its UDP sockets: a source gets its share from
+/// the server, not from each loop that happens to wake for it.
+#[derive(Debug)]
+pub struct Sources {
+    buckets: HashMap<IpAddr, Bucket>,
+    last_prune: Instant,
+}
+
+impl Sources {
+    pub fn shared() -> Arc<Mutex<Sources>> {
+        Arc::new(Mutex::new(Sources {
+            buckets: HashMap::new(),
+            last_prune: Instant::now(),
+        }))
+    }
+}
+
 /// The UDP service of one socket: the transform, the policy and the
 /// counters, whatever loop waits on the socket.
 #[derive(Debug)]
 pub struct UdpService {
     mode: Mode,
     policy: UdpPolicy,
-    buckets: HashMap<IpAddr, Bucket>,
-    last_prune: Instant,
+    sources: Arc<Mutex<Sources>>,
     /// Allocated at the first datagram (most event loops never get one).
     buf: Vec<u8>,
     scratch: Vec<u8>,
@@ -99,13 +117,12 @@ pub struct UdpService {
 }
 
 impl UdpService {
-    pub fn new(mode: Mode, policy: UdpPolicy) -> Self {
+    pub fn new(mode: Mode, policy: UdpPolicy, sources: Arc<Mutex<Sources>>) -> Self {
         let spin = policy.busy_poll;
         UdpService {
             mode,
             policy,
-            buckets: HashMap::new(),
-            last_prune: Instant::now(),
+            sources,
             buf: Vec::new(),
             scratch: Vec::new(),
             batch: None,
@@ -183,16 +200,20 @@ impl UdpService {
             return true;
         }
         let now = Instant::now();
-        if now.duration_since(self.last_prune) >= FORGET_AFTER {
-            self.last_prune = now;
-            self.buckets
-                .retain(|_, b| now.duration_since(b.last) < FORGET_AFTER);
+        let mut sources = self.sources.lock().unwrap_or_else(|e| e.into_inner());
+        let Sources {
+            buckets,
+            last_prune,
+        } = &mut *sources;
+        if now.duration_since(*last_prune) >= FORGET_AFTER {
+            *last_prune = now;
+            buckets.retain(|_, b| now.duration_since(b.last) < FORGET_AFTER);
         }
         let (dg, by) = (p.datagrams as f64, p.bytes as f64);
-        if !self.buckets.contains_key(&ip) && self.buckets.len() >= MAX_SOURCES {
+        if !buckets.contains_key(&ip) && buckets.len() >= MAX_SOURCES {
             return false;
         }
-        let b = self.buckets.entry(ip).or_insert(Bucket {
+        let b = buckets.entry(ip).or_insert(Bucket {
             datagrams: dg,
             bytes: by,
             last: now,
@@ -413,7 +434,7 @@ mod tests {
     use super::*;
 
     fn svc(policy: UdpPolicy, mode: Mode) -> UdpService {
-        UdpService::new(mode, policy)
+        UdpService::new(mode, policy, Sources::shared())
     }
 
     fn ask(s: &mut UdpService, data: &[u8], peer: &str) -> Option<Vec<u8>> {
