@@ -112,6 +112,23 @@ impl Buffered {
         over
     }
 
+    /// Charges `n` bytes of a buffer that grows (a driver's read buffer),
+    /// if the budget has room for them: buffers a connection keeps count
+    /// as much as unsent bytes, or thousands of clients would each grow
+    /// one to `--block` while their replies still leave.
+    pub fn try_charge(&self, n: usize) -> bool {
+        self.held
+            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |held| {
+                held.checked_add(n).filter(|&after| after <= self.max)
+            })
+            .is_ok()
+    }
+
+    /// Gives back what [`Buffered::try_charge`] took.
+    pub fn release(&self, n: usize) {
+        self.sub(n);
+    }
+
     #[inline]
     fn add(&self, n: usize) {
         if n > 0 {

@@ -112,7 +112,7 @@ pub fn serve(mut sock: Stream, peer: String, config: &Config) {
     if let Err(e) = sock.set_io_timeout(conn.wait_limit(Instant::now())) {
         tracing::warn!("setting the idle timeout: {e}");
     }
-    let mut buf = BlockBuf::new(config.block);
+    let mut buf = BlockBuf::new(config.block, conn.limits().buffered.clone());
     if let Err(e) = drive(&mut sock, &mut conn, &mut buf, config) {
         // SO_RCVTIMEO / SO_SNDTIMEO expired: no progress for --idle-timeout
         // (or no PROXY header within --proxy-timeout).
@@ -175,16 +175,25 @@ fn drive(
 pub struct BlockBuf {
     buf: Vec<u8>,
     max: usize,
+    /// `--max-buffered`: what the buffer grew beyond its first block is
+    /// charged to it, and it grows only while there is room.
+    budget: Arc<crate::conn::Buffered>,
 }
 
 const FIRST_BLOCK: usize = 4096;
 
 impl BlockBuf {
-    pub fn new(max: usize) -> Self {
+    pub fn new(max: usize, budget: Arc<crate::conn::Buffered>) -> Self {
         BlockBuf {
             buf: vec![0u8; FIRST_BLOCK.min(max)],
             max,
+            budget,
         }
+    }
+
+    /// The bytes charged to the budget.
+    fn charged(&self) -> usize {
+        self.buf.len().saturating_sub(FIRST_BLOCK.min(self.max))
     }
 
     /// Where the next read goes: at most `budget` bytes (at least one, so
@@ -194,19 +203,62 @@ impl BlockBuf {
     #[inline]
     pub fn space(&mut self, budget: usize) -> &mut [u8] {
         if budget < self.buf.len() / 8 && self.buf.len() > FIRST_BLOCK {
+            self.budget.release(self.charged());
             self.buf = vec![0u8; FIRST_BLOCK.min(self.max)];
         }
         let n = budget.clamp(1, self.buf.len());
         &mut self.buf[..n]
     }
 
-    /// The first `n` bytes just read; grows the buffer if they filled it.
+    /// The first `n` bytes just read; grows the buffer if they filled it
+    /// and the budget has room.
     #[inline]
     pub fn filled(&mut self, n: usize) -> &mut [u8] {
         if n == self.buf.len() && n < self.max {
-            // Grow after use: the bytes are still at the front.
-            self.buf.resize((n * 2).min(self.max), 0);
+            let to = (n * 2).min(self.max);
+            if self.budget.try_charge(to - n) {
+                // Grow after use: the bytes are still at the front.
+                self.buf.resize(to, 0);
+            }
         }
         &mut self.buf[..n]
+    }
+}
+
+impl Drop for BlockBuf {
+    fn drop(&mut self) {
+        self.budget.release(self.charged());
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::conn::Buffered;
+
+    /// A read buffer grows only while `--max-buffered` has room for its
+    /// growth, and gives what it took back when it shrinks or is dropped.
+    #[test]
+    fn a_read_buffer_grows_within_the_budget() {
+        let budget = Buffered::new(10_000);
+        let mut buf = BlockBuf::new(256 * 1024, budget.clone());
+        let n = buf.space(usize::MAX).len();
+        assert_eq!(n, 4096);
+        buf.filled(n); // 4K to 8K: 4,096 charged
+        assert_eq!(budget.held(), 4096);
+        let n = buf.space(usize::MAX).len();
+        assert_eq!(n, 8192);
+        buf.filled(n); // 8K to 16K would charge 12,288 in all: refused
+        assert_eq!(budget.held(), 4096);
+        assert_eq!(buf.space(usize::MAX).len(), 8192);
+        // Over the budget a connection reads little, and the buffer shrinks.
+        assert_eq!(buf.space(512).len(), 512);
+        assert_eq!(budget.held(), 0);
+        buf.filled(512);
+        let n = buf.space(usize::MAX).len();
+        buf.filled(n);
+        assert_eq!(budget.held(), 4096);
+        drop(buf);
+        assert_eq!(budget.held(), 0);
     }
 }

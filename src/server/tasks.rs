@@ -194,7 +194,7 @@ async fn drive<S: AsyncRead + AsyncWrite + AsFd + Unpin>(
     // Writes wait at most --idle-timeout; reads wait what the core says
     // (shorter while the PROXY header is awaited).
     let conn_idle = conn.limits().idle;
-    let mut buf = BlockBuf::new(block);
+    let mut buf = BlockBuf::new(block, conn.limits().buffered.clone());
     while !conn.is_finished() {
         if conn.wants_shutdown() {
             s.shutdown().await?;
