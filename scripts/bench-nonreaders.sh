@@ -27,7 +27,9 @@ python3 "$(dirname "$0")/nonreaders.py" "$port" "$n" 120 > "/tmp/nonreaders-$mod
 NR=$!
 for _ in $(seq 240); do grep -q holding "/tmp/nonreaders-$model.out" 2>/dev/null && break; sleep 0.5; done
 cat "/tmp/nonreaders-$model.out"
-echo "server: $(ls /proc/$SP/fd | wc -l) fds, RSS $(awk '/VmRSS/ {print $2}' /proc/$SP/status) KiB (at start $base KiB)"
+# PSS of the server and its children (fork's): their shared pages counted once.
+pss() { for p in $1 $(pgrep -P $1); do awk '/^Pss:/ {print $2}' /proc/$p/smaps_rollup 2>/dev/null; done | awk '{s+=$1} END {print s}'; }
+echo "server: $(ls /proc/$SP/fd | wc -l) fds, RSS $(awk '/VmRSS/ {print $2}' /proc/$SP/status) KiB (at start $base KiB), PSS with children $(pss $SP) KiB, $(pgrep -P $SP | wc -l) children"
 grep TCP: /proc/net/sockstat
 # Whose half the kernel memory is: the server's sockets (local port PORT)
 # against the clients', from ss -m (receive, send queued, bytes).

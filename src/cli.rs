@@ -141,7 +141,8 @@ pub struct ServeArgs {
     /// --utf8=strict reset the connection with a logged error.
     #[arg(long, value_enum, value_name = "STRICTNESS", num_args = 0..=1, require_equals = true, default_missing_value = "lenient")]
     pub utf8: Option<Utf8Arg>,
-    /// Unsent output of all connections together, at most: past it, a
+    /// Unsent output and grown read buffers of all connections together
+    /// (all processes of the fork model too), at most: past it, a
     /// connection that holds unsent bytes reads nothing more and the others
     /// read 2K at a time, so memory stays bounded however many clients
     /// never read.

@@ -71,9 +71,17 @@ pub struct Limits {
 /// non-readers, while honest clients, whose replies leave at once, go on.
 #[derive(Debug)]
 pub struct Buffered {
-    held: AtomicUsize,
+    held: Held,
     max: usize,
     warned: Mutex<Option<Instant>>,
+}
+
+/// The count itself: this process's, or one in memory shared with the
+/// children it forks (the fork model), so that they spend one budget.
+#[derive(Debug)]
+enum Held {
+    Own(AtomicUsize),
+    Shared(&'static AtomicUsize),
 }
 
 /// The largest read of a connection while the server is over its budget.
@@ -82,10 +90,53 @@ pub const PRESSED_READ: usize = 2048;
 impl Buffered {
     pub fn new(max: usize) -> Arc<Buffered> {
         Arc::new(Buffered {
-            held: AtomicUsize::new(0),
+            held: Held::Own(AtomicUsize::new(0)),
             max,
             warned: Mutex::new(None),
         })
+    }
+
+    /// The same budget, counted in memory that the processes this one
+    /// forks share with it: each child of the fork model otherwise gets a
+    /// copy of the count, and with it a whole budget of its own.
+    pub fn new_shared(max: usize) -> io::Result<Arc<Buffered>> {
+        // SAFETY: an anonymous mapping asks nothing of its arguments but a
+        // valid length; failure is MAP_FAILED, checked below.
+        let p = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                std::mem::size_of::<AtomicUsize>(),
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_SHARED | libc::MAP_ANONYMOUS,
+                -1,
+                0,
+            )
+        };
+        if p == libc::MAP_FAILED {
+            return Err(io::Error::last_os_error());
+        }
+        // SAFETY: the mapping is page-aligned (so aligned for an
+        // AtomicUsize), zero-filled (an AtomicUsize of 0), never unmapped
+        // (so it lives for 'static), and only ever accessed through this
+        // atomic, by this process and the children that inherit it.
+        let held: &'static AtomicUsize = unsafe { &*(p as *const AtomicUsize) };
+        Ok(Arc::new(Buffered {
+            held: Held::Shared(held),
+            max,
+            warned: Mutex::new(None),
+        }))
+    }
+
+    /// `--max-buffered`.
+    pub fn max(&self) -> usize {
+        self.max
+    }
+
+    fn count(&self) -> &AtomicUsize {
+        match &self.held {
+            Held::Own(a) => a,
+            Held::Shared(a) => a,
+        }
     }
 
     /// No budget (for tests and clients).
@@ -94,7 +145,7 @@ impl Buffered {
     }
 
     pub fn held(&self) -> usize {
-        self.held.load(Ordering::Relaxed)
+        self.count().load(Ordering::Relaxed)
     }
 
     fn over(&self) -> bool {
@@ -117,7 +168,7 @@ impl Buffered {
     /// as much as unsent bytes, or thousands of clients would each grow
     /// one to `--block` while their replies still leave.
     pub fn try_charge(&self, n: usize) -> bool {
-        self.held
+        self.count()
             .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |held| {
                 held.checked_add(n).filter(|&after| after <= self.max)
             })
@@ -132,14 +183,14 @@ impl Buffered {
     #[inline]
     fn add(&self, n: usize) {
         if n > 0 {
-            self.held.fetch_add(n, Ordering::Relaxed);
+            self.count().fetch_add(n, Ordering::Relaxed);
         }
     }
 
     #[inline]
     fn sub(&self, n: usize) {
         if n > 0 {
-            self.held.fetch_sub(n, Ordering::Relaxed);
+            self.count().fetch_sub(n, Ordering::Relaxed);
         }
     }
 }
@@ -1202,6 +1253,34 @@ mod tests {
         assert!(!none.is_idle(t + 1000 * s));
         none.on_error(&io::ErrorKind::ConnectionReset.into());
         assert_eq!(none.end(), End::Error);
+    }
+
+    /// What a forked child charges, its parent sees (the fork model's
+    /// children spend one budget).
+    #[test]
+    fn a_budget_in_shared_memory_is_one_across_fork() {
+        let buffered = Buffered::new_shared(100).unwrap();
+        assert!(buffered.try_charge(10));
+        // SAFETY: the child only does an atomic add and _exit, both fine
+        // after fork in a multi-threaded process.
+        match unsafe { libc::fork() } {
+            0 => {
+                let ok = buffered.try_charge(30);
+                // SAFETY: ends the child at once, running none of the
+                // harness's state it copied.
+                unsafe { libc::_exit(if ok { 0 } else { 1 }) }
+            }
+            pid => {
+                assert!(pid > 0, "fork: {}", io::Error::last_os_error());
+                let mut status = 0;
+                // SAFETY: waits for our own child.
+                unsafe { libc::waitpid(pid, &mut status, 0) };
+                assert!(libc::WIFEXITED(status) && libc::WEXITSTATUS(status) == 0);
+            }
+        }
+        assert_eq!(buffered.held(), 40, "the child's charge is seen here");
+        assert!(!buffered.try_charge(61), "one budget: 40 + 61 > 100");
+        assert_eq!(Buffered::new(100).held(), 0);
     }
 
     #[test]

@@ -41,7 +41,12 @@ use super::{AcceptBackoff, Config, blocking};
 use crate::lifecycle::{Lifecycle, Next, STOP_SIGNALS, SignalPipe, wait_readable};
 use crate::net::{Listener, Stream};
 
-pub fn run(config: Config, listeners: Vec<Listener>, life: &Lifecycle) -> anyhow::Result<()> {
+pub fn run(mut config: Config, listeners: Vec<Listener>, life: &Lifecycle) -> anyhow::Result<()> {
+    // One --max-buffered for all the children, not a copy each. (A child
+    // killed with bytes unsent leaves them counted: only the drain's
+    // deadline kills children, and the server is ending then.)
+    config.buffered = crate::conn::Buffered::new_shared(config.buffered.max())
+        .context("mapping the shared --max-buffered count")?;
     let stop = life.signal_fd();
     let mut chld =
         SignalPipe::for_signals(&[libc::SIGCHLD]).context("installing SIGCHLD handler")?;
