@@ -133,7 +133,9 @@ pub struct ServeArgs {
     #[arg(long, value_name = "FILE", requires = "cert")]
     pub key: Option<std::path::PathBuf>,
     /// Serve Prometheus metrics at http://HOST:PORT/metrics (prints
-    /// `listening http://HOST:PORT/metrics` after the other listeners).
+    /// `listening http://HOST:PORT/metrics` after the other listeners; with
+    /// --processes, the supervisor answers for every worker, each sample
+    /// labelled worker="N").
     #[arg(long, value_name = "HOST:PORT")]
     pub metrics: Option<crate::addr::HostPort>,
     /// Uppercase UTF-8 text fully, as Python's str.upper() (ß to SS, é to É),
@@ -536,9 +538,6 @@ impl ServeArgs {
             return Err(
                 "--proxy-protocol applies to TCP, TLS and Unix listeners; only UDP is given".into(),
             );
-        }
-        if self.processes.is_some() && self.metrics.is_some() {
-            return Err("--metrics cannot go with --processes yet: each worker counts its own connections and one port cannot serve them all; scrape single-process servers".into());
         }
         if model == Model::Fork && self.metrics.is_some() {
             return Err("--metrics cannot count the fork model: its connections are served in child processes whose counters the parent never sees; use another model".into());

@@ -144,25 +144,6 @@ fn bad_input_is_refused_with_a_clear_error() {
     assert_eq!(r.code(), 2, "{}", r.stderr);
     assert!(r.stderr.contains("--processes"), "{}", r.stderr);
 
-    let r = upcase_run(
-        &[
-            "serve",
-            "tcp://127.0.0.1:0",
-            "--processes",
-            "2",
-            "--metrics",
-            "127.0.0.1:0",
-        ],
-        b"",
-        SECS(10),
-    );
-    assert_eq!(r.code(), 2, "{}", r.stderr);
-    assert!(
-        r.stderr.contains("--metrics cannot go with --processes"),
-        "{}",
-        r.stderr
-    );
-
     for procs in [&["--processes", "2"][..], &[]] {
         let mut args = vec![
             "serve",
@@ -628,4 +609,171 @@ fn contrib_units_verify() {
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(out.status.success() && err.trim().is_empty(), "{err}");
     let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// GET /metrics at `at` (HOST:PORT): the body of a 200 answer.
+fn scrape(at: &str) -> String {
+    let mut c = TcpStream::connect(at).expect("connect to /metrics");
+    c.set_read_timeout(Some(SECS(10))).unwrap();
+    c.write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n")
+        .unwrap();
+    let mut text = String::new();
+    c.read_to_string(&mut text).unwrap();
+    let (head, body) = text.split_once("\r\n\r\n").expect("an HTTP response");
+    assert!(head.starts_with("HTTP/1.1 200"), "{head}");
+    body.to_string()
+}
+
+/// Per worker label, the sum of the samples of `name`.
+fn by_worker(text: &str, name: &str) -> std::collections::BTreeMap<String, u64> {
+    let mut out = std::collections::BTreeMap::new();
+    for l in text.lines().filter(|l| l.starts_with(&format!("{name}{{"))) {
+        let worker = l
+            .split("worker=\"")
+            .nth(1)
+            .and_then(|w| w.split('"').next())
+            .unwrap_or_else(|| panic!("no worker label: {l}"))
+            .to_string();
+        let v: u64 = l.rsplit(' ').next().unwrap().parse().unwrap();
+        *out.entry(worker).or_default() += v;
+    }
+    out
+}
+
+/// `--metrics` with `--processes`: the supervisor answers for every
+/// worker, each sample labelled with its worker; the counts add up to what
+/// the clients did; a killed worker comes back (at zero); after a restart
+/// (SIGUSR2) the same port answers for the new workers; promtool accepts
+/// the text.
+#[test]
+fn metrics_answer_for_every_worker() {
+    let pidfile = sock_path("metrics").with_extension("pid");
+    let pidfile_s = pidfile.to_str().expect("utf-8").to_string();
+    let mut server = Server::start(
+        &[
+            "tcp://127.0.0.1:0",
+            "--processes",
+            "2",
+            "--model",
+            "epoll",
+            "--metrics",
+            "127.0.0.1:0",
+            "--pid-file",
+            &pidfile_s,
+        ],
+        2,
+    );
+    let mut log = Log::new();
+    log.wait_for(&server, "all 2 workers ready", SECS(10));
+    let at = server.endpoints[1]
+        .trim_start_matches("http://")
+        .trim_end_matches("/metrics")
+        .to_string();
+    let port = server.port(0);
+    for i in 0..20u8 {
+        let mut c = TcpStream::connect(("127.0.0.1", port)).unwrap();
+        c.set_read_timeout(Some(SECS(10))).unwrap();
+        c.write_all(&[b'a' + i; 1000]).unwrap();
+        c.shutdown(std::net::Shutdown::Write).unwrap();
+        let mut back = Vec::new();
+        c.read_to_end(&mut back).unwrap();
+        assert_eq!(back, vec![b'A' + i; 1000]);
+    }
+    let accepted = "upcase_connections_accepted_total";
+    let deadline = Instant::now() + SECS(10);
+    let text = loop {
+        let text = scrape(&at);
+        if by_worker(&text, accepted).values().sum::<u64>() == 20 || Instant::now() > deadline {
+            break text;
+        }
+        thread::sleep(Duration::from_millis(50));
+    };
+    assert_eq!(
+        by_worker(&text, accepted).values().sum::<u64>(),
+        20,
+        "{text}"
+    );
+    assert_eq!(
+        by_worker(&text, "upcase_received_bytes_total")
+            .values()
+            .sum::<u64>(),
+        20_000,
+        "{text}"
+    );
+    let draining = by_worker(&text, "upcase_draining");
+    assert_eq!(draining.keys().collect::<Vec<_>>(), ["1", "2"], "{text}");
+    assert_eq!(
+        text.matches("# TYPE upcase_connections_accepted_total ")
+            .count(),
+        1,
+        "{text}"
+    );
+    if Command::new("promtool")
+        .arg("--version")
+        .output()
+        .is_ok_and(|o| o.status.success())
+    {
+        let mut check = Command::new("promtool");
+        check.args(["check", "metrics"]);
+        let out = run(check, scrape(&at).as_bytes(), SECS(20));
+        assert!(
+            out.status.success(),
+            "promtool: {}{}",
+            out.out(),
+            out.stderr
+        );
+    } else {
+        skip(
+            "promtool is not installed (Debian's prometheus package; scripts/test.sh installs it)",
+        );
+    }
+
+    // A killed worker is replaced; the scrape answers for both again, the
+    // new one from zero.
+    let sup = server.pid();
+    let before = by_worker(&text, accepted);
+    let victim = *child_pids(sup).first().expect("a worker");
+    // SAFETY: kill(2) on a child of our child.
+    unsafe { libc::kill(victim, libc::SIGKILL) };
+    log.wait_for(&server, "started worker", SECS(10));
+    let deadline = Instant::now() + SECS(10);
+    loop {
+        let now = by_worker(&scrape(&at), "upcase_draining");
+        if now.len() == 2 && child_pids(sup).len() == 2 {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the scrape lost a worker: {now:?}"
+        );
+        thread::sleep(Duration::from_millis(50));
+    }
+    let after = by_worker(&scrape(&at), accepted);
+    assert!(
+        after.values().sum::<u64>() < before.values().sum::<u64>()
+            || before.values().any(|&v| v == 0),
+        "the killed worker's count should be gone: {before:?} then {after:?}"
+    );
+
+    // A restart hands the port to the next supervisor.
+    // SAFETY: kill(2) on our own child.
+    unsafe { libc::kill(sup, libc::SIGUSR2) };
+    let status = wait_deadline(&mut server.child, SECS(30)).expect("the old supervisor exits");
+    assert!(status.success(), "{status:?}");
+    let next: i32 = std::fs::read_to_string(&pidfile)
+        .expect("pid file")
+        .trim()
+        .parse()
+        .expect("pid");
+    assert_ne!(next, sup);
+    let text = scrape(&at);
+    assert_eq!(by_worker(&text, "upcase_draining").len(), 2, "{text}");
+    assert_eq!(
+        by_worker(&text, accepted).values().sum::<u64>(),
+        0,
+        "{text}"
+    );
+    // SAFETY: kill(2) on the supervisor that replaced our child.
+    unsafe { libc::kill(next, libc::SIGTERM) };
+    assert!(wait_gone(next, SECS(20)), "the new supervisor did not stop");
 }

@@ -33,6 +33,12 @@ pub const LISTEN_FDS: &str = "UPCASE_LISTEN_FDS";
 pub const READY_FD: &str = "UPCASE_READY_FD";
 /// Set in a worker: its number, from 1.
 pub const WORKER: &str = "UPCASE_WORKER";
+/// A worker's end of its channel to the supervisor's metrics port
+/// (`--metrics` with `--processes`; see `metrics::workers`).
+pub const METRICS_FD: &str = "UPCASE_METRICS_FD";
+/// The metrics port's listener, handed to the next supervisor at a
+/// restart, as the service's listeners are.
+pub const METRICS_LISTENER_FD: &str = "UPCASE_METRICS_LISTENER_FD";
 
 /// Where a process's listeners come from.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -197,6 +203,26 @@ pub fn fd_list(listeners: &[Listener]) -> (String, Vec<RawFd>) {
         .collect::<Vec<_>>()
         .join(" ");
     (text, fds)
+}
+
+/// The descriptor the process that started this one handed over in `var`
+/// (see [`METRICS_FD`], [`METRICS_LISTENER_FD`]), if it is there and open.
+/// Only the first call for a variable gets it.
+pub fn take_fd(var: &str) -> Option<OwnedFd> {
+    static TAKEN: std::sync::Mutex<Vec<String>> = std::sync::Mutex::new(Vec::new());
+    let mut taken = TAKEN.lock().unwrap_or_else(|e| e.into_inner());
+    if taken.iter().any(|v| v == var) {
+        return None;
+    }
+    let fd = std::env::var(var).ok()?.parse::<RawFd>().ok()?;
+    // SAFETY: fcntl(F_GETFD) only asks whether the descriptor is open.
+    if fd < 3 || unsafe { libc::fcntl(fd, libc::F_GETFD) } < 0 {
+        return None;
+    }
+    taken.push(var.to_string());
+    // SAFETY: the parent handed this descriptor over for this use alone,
+    // and the check above makes sure that it is taken once.
+    Some(unsafe { OwnedFd::from_raw_fd(fd) })
 }
 
 /// Says "ready" to whoever started this process with [`READY_FD`] (the

@@ -376,22 +376,43 @@ pub fn run(mut config: Config) -> anyhow::Result<()> {
     };
     handoff::notify_systemd_ready();
     crate::metrics::init(config.model.name());
-    if let Some(hp) = &config.metrics {
-        // Not one of the service's listeners: it keeps answering during a
-        // drain, so that the drain can be watched.
-        let endpoint = Endpoint::Tcp(hp.clone());
-        let Listener::Tcp(l) = crate::net::bind(&endpoint, &config.sockopts)? else {
-            unreachable!("a TCP endpoint binds a TCP listener");
-        };
-        let at = crate::addr::HostPort::from(l.local_addr().context("reading the bound address")?);
-        println!("listening http://{at}/metrics");
-        tracing::info!("metrics at http://{at}/metrics");
-        crate::metrics::serve(l).context("starting the metrics thread")?;
-    }
+    start_metrics(&config, crate::metrics::own())?;
     tracing::info!("serving with the {} model", config.model.name());
     let result = serve_model(config, listeners, &life);
     life.cleanup();
     result
+}
+
+/// `--metrics`: binds its port (or takes the one the previous supervisor
+/// handed over at a restart, which was announced already) and serves
+/// `source` there. Returns a handle of the listener, for a supervisor to
+/// hand to its successor. Not one of the service's listeners: it keeps
+/// answering during a drain, so that the drain can be watched.
+pub fn start_metrics(
+    config: &Config,
+    source: crate::metrics::Source,
+) -> anyhow::Result<Option<std::net::TcpListener>> {
+    let Some(hp) = &config.metrics else {
+        return Ok(None);
+    };
+    let l = match handoff::take_fd(handoff::METRICS_LISTENER_FD) {
+        Some(fd) => std::net::TcpListener::from(fd),
+        None => {
+            let endpoint = Endpoint::Tcp(hp.clone());
+            let Listener::Tcp(l) = crate::net::bind(&endpoint, &config.sockopts)? else {
+                unreachable!("a TCP endpoint binds a TCP listener");
+            };
+            let at =
+                crate::addr::HostPort::from(l.local_addr().context("reading the bound address")?);
+            println!("listening http://{at}/metrics");
+            l
+        }
+    };
+    let at = crate::addr::HostPort::from(l.local_addr().context("reading the bound address")?);
+    tracing::info!("metrics at http://{at}/metrics");
+    let kept = l.try_clone().context("keeping the metrics listener")?;
+    crate::metrics::serve(l, source).context("starting the metrics thread")?;
+    Ok(Some(kept))
 }
 
 /// One worker of `--processes`: the model on the supervisor's listeners.
@@ -416,6 +437,10 @@ fn run_worker(
     take_charge(&life, &config, &mut listeners)?;
     config.tls_listeners = tls_names(&listeners, &config.listeners)?;
     crate::metrics::init(config.model.name());
+    if let Some(fd) = handoff::take_fd(handoff::METRICS_FD) {
+        crate::metrics::workers::answer(std::os::unix::net::UnixStream::from(fd))
+            .context("starting the metrics thread")?;
+    }
     handoff::signal_ready();
     let result = serve_model(config, listeners, &life);
     tracing::info!(

@@ -99,6 +99,9 @@ struct Supervisor {
     /// At a stop the listeners are shut, unless systemd holds them (the
     /// connections then wait for its next start).
     shut_at_stop: bool,
+    /// `--metrics`: the port's listener (handed to a successor), and each
+    /// worker's channel for scrapes.
+    metrics: Option<(std::net::TcpListener, crate::metrics::workers::Channels)>,
 }
 
 /// Runs the supervisor on bound (or inherited) listeners until stopped or
@@ -125,6 +128,8 @@ pub fn run(
         _ => None,
     };
     let fds = handoff::fd_list(&listeners);
+    let channels = crate::metrics::workers::Channels::default();
+    let metrics = super::start_metrics(&config, channels.source())?.map(|l| (l, channels));
     let mut sup = Supervisor {
         exe,
         args: std::env::args_os().skip(1).collect(),
@@ -149,6 +154,7 @@ pub fn run(
         pid_file,
         restarted,
         shut_at_stop: source != handoff::Source::Systemd,
+        metrics,
         config,
     };
     tracing::info!(
@@ -266,6 +272,25 @@ impl Supervisor {
         let mut keep = self.fds.1.clone();
         keep.push(tx.as_raw_fd());
         let mut cmd = std::process::Command::new(&self.exe);
+        cmd.env_remove(handoff::METRICS_FD)
+            .env_remove(handoff::METRICS_LISTENER_FD);
+        // A worker answers scrapes on a channel of its own; the next
+        // supervisor takes over the metrics port.
+        let mut scrapes = None;
+        if let Some((listener, _)) = &self.metrics {
+            if worker.is_some() {
+                let (ours, theirs) = UnixStream::pair()?;
+                keep.push(theirs.as_raw_fd());
+                cmd.env(handoff::METRICS_FD, theirs.as_raw_fd().to_string());
+                scrapes = Some((ours, theirs));
+            } else {
+                keep.push(listener.as_raw_fd());
+                cmd.env(
+                    handoff::METRICS_LISTENER_FD,
+                    listener.as_raw_fd().to_string(),
+                );
+            }
+        }
         cmd.args(&self.args)
             .env(handoff::LISTEN_FDS, &self.fds.0)
             .env(handoff::READY_FD, tx.as_raw_fd().to_string())
@@ -301,6 +326,12 @@ impl Supervisor {
         // Our copy of the write end must go, so that a child that dies
         // before it is ready shows as end of file.
         drop(tx);
+        if let (Some((ours, theirs)), Some(n), Some((_, channels))) =
+            (scrapes, worker, &self.metrics)
+        {
+            drop(theirs);
+            channels.set(n, ours);
+        }
         Ok((child.id() as libc::pid_t, rx))
     }
 

@@ -25,6 +25,17 @@ use prometheus_client::registry::Registry;
 
 use crate::conn::End;
 
+pub mod workers;
+
+/// What a scrape is answered with: the OpenMetrics text of this process,
+/// or (a supervisor of `--processes`) of all its workers.
+pub type Source = std::sync::Arc<dyn Fn() -> String + Send + Sync>;
+
+/// This process's own metrics, as a [`Source`].
+pub fn own() -> Source {
+    std::sync::Arc::new(|| global().encode())
+}
+
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct Listener {
     listener: String,
@@ -246,16 +257,16 @@ pub fn prometheus_text(openmetrics: &str) -> String {
     out
 }
 
-/// Serves `GET /metrics` on `listener`, one request per connection, on a
-/// thread of its own, until the process exits.
-pub fn serve(listener: TcpListener) -> io::Result<()> {
+/// Serves `GET /metrics` on `listener` from `source`, one request per
+/// connection, on a thread of its own, until the process exits.
+pub fn serve(listener: TcpListener, source: Source) -> io::Result<()> {
     std::thread::Builder::new()
         .name("upcase-metrics".into())
         .spawn(move || {
             for conn in listener.incoming() {
                 match conn {
                     Ok(c) => {
-                        if let Err(e) = answer(c) {
+                        if let Err(e) = answer(c, &source) {
                             tracing::debug!("metrics: {e}");
                         }
                     }
@@ -272,7 +283,7 @@ pub fn serve(listener: TcpListener) -> io::Result<()> {
 /// The most of a request we read: a scraper's request head is far smaller.
 const MAX_REQUEST: usize = 8192;
 
-fn answer(mut c: std::net::TcpStream) -> io::Result<()> {
+fn answer(mut c: std::net::TcpStream, source: &Source) -> io::Result<()> {
     // A client that sends nothing cannot hold the thread for long.
     c.set_read_timeout(Some(Duration::from_secs(2)))?;
     c.set_write_timeout(Some(Duration::from_secs(2)))?;
@@ -299,12 +310,12 @@ fn answer(mut c: std::net::TcpStream) -> io::Result<()> {
         (b"GET", b"/metrics") if openmetrics => (
             "200 OK",
             "application/openmetrics-text; version=1.0.0; charset=utf-8",
-            global().encode(),
+            source(),
         ),
         (b"GET", b"/metrics") => (
             "200 OK",
             "text/plain; version=0.0.4; charset=utf-8",
-            prometheus_text(&global().encode()),
+            prometheus_text(&source()),
         ),
         (b"GET", _) => (
             "404 Not Found",
