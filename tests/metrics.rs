@@ -16,18 +16,6 @@ fn models() -> Vec<&'static str> {
     runnable(&countable)
 }
 
-fn scrape(at: &str) -> String {
-    let mut c = TcpStream::connect(at).expect("connect to /metrics");
-    c.set_read_timeout(Some(SECS(5))).unwrap();
-    c.write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n")
-        .unwrap();
-    let mut text = String::new();
-    c.read_to_string(&mut text).unwrap();
-    let (head, body) = text.split_once("\r\n\r\n").expect("an HTTP response");
-    assert!(head.starts_with("HTTP/1.1 200"), "{head}");
-    body.to_string()
-}
-
 /// The value of the sample `name` whose labels contain every one of `labels`
 /// (0 when there is none yet).
 fn value(text: &str, name: &str, labels: &[&str]) -> u64 {

@@ -611,19 +611,6 @@ fn contrib_units_verify() {
     let _ = std::fs::remove_dir_all(&dir);
 }
 
-/// GET /metrics at `at` (HOST:PORT): the body of a 200 answer.
-fn scrape(at: &str) -> String {
-    let mut c = TcpStream::connect(at).expect("connect to /metrics");
-    c.set_read_timeout(Some(SECS(10))).unwrap();
-    c.write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n")
-        .unwrap();
-    let mut text = String::new();
-    c.read_to_string(&mut text).unwrap();
-    let (head, body) = text.split_once("\r\n\r\n").expect("an HTTP response");
-    assert!(head.starts_with("HTTP/1.1 200"), "{head}");
-    body.to_string()
-}
-
 /// Per worker label, the sum of the samples of `name`.
 fn by_worker(text: &str, name: &str) -> std::collections::BTreeMap<String, u64> {
     let mut out = std::collections::BTreeMap::new();

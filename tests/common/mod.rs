@@ -429,3 +429,16 @@ pub fn runnable<'a>(list: &[&'a str]) -> Vec<&'a str> {
         .filter(|m| model_available(m))
         .collect()
 }
+
+/// GET /metrics at `at` (HOST:PORT): the body of a 200 answer.
+pub fn scrape(at: &str) -> String {
+    let mut c = std::net::TcpStream::connect(at).expect("connect to /metrics");
+    c.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    c.write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n")
+        .unwrap();
+    let mut text = String::new();
+    c.read_to_string(&mut text).unwrap();
+    let (head, body) = text.split_once("\r\n\r\n").expect("an HTTP response");
+    assert!(head.starts_with("HTTP/1.1 200"), "{head}");
+    body.to_string()
+}
