@@ -597,6 +597,16 @@ impl Loop<'_> {
             if !c.listed && c.queue.iter().any(Out::is_block) {
                 c.listed = true;
                 self.spillable.push(key);
+                if self.spillable.len() > 2 * self.conns.len() + 64 {
+                    // Entries of connections closed since the last reclaim
+                    // (a slab key may even be taken again): drop them, so
+                    // that the list stays bounded if the ring never runs
+                    // short. A key listed twice is harmless: `reclaim`
+                    // acts only while `listed` is set, and clears it.
+                    let conns = &self.conns;
+                    self.spillable
+                        .retain(|&k| conns.get(k).is_some_and(|c| c.listed));
+                }
             }
             let fd = self.fd(key);
             self.push(
@@ -655,7 +665,7 @@ impl Loop<'_> {
     /// and starve the others; they hold only their own bounded memory.
     fn reclaim(&mut self) {
         for key in std::mem::take(&mut self.spillable) {
-            let Some(c) = self.conns.get_mut(key) else {
+            let Some(c) = self.conns.get_mut(key).filter(|c| c.listed) else {
                 continue;
             };
             c.listed = false;
