@@ -329,7 +329,7 @@ impl Drop for Conn {
     fn drop(&mut self) {
         // What was never sent leaves the budget with the connection.
         self.limits.buffered.sub(self.unsent);
-        crate::metrics::global().conn_ended(&self.metrics, self.end());
+        crate::metrics::global().conn_ended(&self.metrics, self.end().as_str());
     }
 }
 

@@ -23,8 +23,6 @@ use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::registry::Registry;
 
-use crate::conn::End;
-
 pub mod workers;
 
 /// What a scrape is answered with: the OpenMetrics text of this process,
@@ -190,8 +188,9 @@ impl Metrics {
         self.accepted_all.load(std::sync::atomic::Ordering::Relaxed)
     }
 
-    /// A connection ended, for `end`.
-    pub fn conn_ended(&self, conn: &ConnMetrics, end: End) {
+    /// A connection ended, for `reason` (`conn::End::as_str`: the core
+    /// names its reasons, the metrics only count them).
+    pub fn conn_ended(&self, conn: &ConnMetrics, reason: &str) {
         let key = Listener {
             listener: conn.listener.clone(),
         };
@@ -199,7 +198,7 @@ impl Metrics {
         self.closed
             .get_or_create(&Closed {
                 listener: key.listener,
-                reason: end.as_str().to_string(),
+                reason: reason.to_string(),
             })
             .inc();
     }

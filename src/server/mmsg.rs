@@ -13,7 +13,8 @@ use std::io;
 use std::net::SocketAddr;
 use std::os::fd::{AsRawFd, BorrowedFd};
 
-use super::udp::MAX_DATAGRAM;
+/// Largest UDP payload over IPv4 (65,535 − 8 UDP − 20 IP header bytes).
+pub const MAX_DATAGRAM: usize = 65_507;
 
 /// Datagrams per system call.
 pub const SLOTS: usize = 16;

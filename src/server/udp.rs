@@ -30,8 +30,7 @@ use super::mmsg::{self, Batch, Reply};
 use crate::lifecycle::Lifecycle;
 use crate::transform::Mode;
 
-/// Largest UDP payload over IPv4 (65,535 − 8 UDP − 20 IP header bytes).
-pub const MAX_DATAGRAM: usize = 65_507;
+pub use super::mmsg::MAX_DATAGRAM;
 
 /// Who gets replies, and how many.
 #[derive(Debug, Clone)]
