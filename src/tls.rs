@@ -135,6 +135,16 @@ impl ServerCertVerifier for AnyCertificate {
     }
 }
 
+/// Set once a client's TLS session failed (an untrusted certificate, an
+/// alert): its application end then only sees the end of its pipe, which
+/// alone would look like a reply that ended normally.
+static FAILED: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+/// Whether a client TLS session of this process failed.
+pub fn failed() -> bool {
+    FAILED.load(std::sync::atomic::Ordering::SeqCst)
+}
+
 /// Starts TLS on `tcp` to `hp` and returns the plaintext end of a socket
 /// pair; a thread moves bytes between the two until both sides are done.
 pub fn client(tcp: TcpStream, config: Arc<ClientConfig>, hp: &HostPort) -> io::Result<Stream> {
@@ -158,9 +168,11 @@ pub fn client(tcp: TcpStream, config: Arc<ClientConfig>, hp: &HostPort) -> io::R
                 tcp,
                 app: theirs,
             };
-            // Said before the application's end closes, so that the reason
-            // is on stderr before the application reports the closed pipe.
+            // Said before the application's end closes (when `pump` is
+            // dropped), so that the reason is on stderr, and the failure
+            // recorded, before the application sees the end of its pipe.
             if let Err(e) = pump.run() {
+                FAILED.store(true, std::sync::atomic::Ordering::SeqCst);
                 eprintln!("upcase: TLS: {e}");
             }
         })?;

@@ -42,6 +42,10 @@ pub enum Outcome {
 
 impl Outcome {
     pub fn exit_code(self) -> i32 {
+        if crate::tls::failed() {
+            // Whatever the pipe showed, the session failed (said on stderr).
+            return exit::ERROR;
+        }
         match self {
             Outcome::Ok => exit::OK,
             Outcome::Stalled => exit::STALLED,
