@@ -331,6 +331,23 @@ pub fn accepted_on(port: u16) -> usize {
         .count()
 }
 
+/// Times the threads of `pid` went to sleep (voluntary context switches,
+/// summed over its live threads). Unlike all switches, these do not grow
+/// when other work on the machine preempts the process.
+pub fn sleeps(pid: i32) -> u64 {
+    std::fs::read_dir(format!("/proc/{pid}/task"))
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter_map(|t| std::fs::read_to_string(t.path().join("status")).ok())
+        .filter_map(|s| {
+            s.lines()
+                .find_map(|l| l.strip_prefix("voluntary_ctxt_switches:"))
+                .and_then(|v| v.trim().parse::<u64>().ok())
+        })
+        .sum()
+}
+
 /// Resident memory of a process, in KiB.
 pub fn rss_kib(pid: i32) -> u64 {
     std::fs::read_to_string(format!("/proc/{pid}/status"))
