@@ -481,19 +481,25 @@ impl Gauge {
         }
     }
 
-    /// Waits for a free slot, or gives up when the drain starts. Returns
-    /// whether a slot was taken.
-    pub fn acquire(&self, life: &Lifecycle) -> bool {
-        if self.try_acquire() {
-            return true;
-        }
+    /// Waits until a slot is free, or gives up when the drain starts.
+    /// Returns whether one is free. Takes nothing: a loop that waits here
+    /// before accepting, and is the only one taking slots, takes its slot
+    /// with [`Gauge::take`] once it holds a connection. (Taking it before
+    /// accepting would count a connection that does not exist yet, and the
+    /// drain would report one more than it waits for.)
+    pub fn wait_for_room(&self, life: &Lifecycle) -> bool {
         let mut n = self.active.lock().unwrap_or_else(|e| e.into_inner());
+        if *n >= self.max {
+            drop(n);
+            crate::metrics::global().max_conns_reached();
+            self.warn_full();
+            n = self.active.lock().unwrap_or_else(|e| e.into_inner());
+        }
         loop {
             if life.is_draining() {
                 return false;
             }
             if *n < self.max {
-                *n += 1;
                 return true;
             }
             n = self
@@ -502,6 +508,12 @@ impl Gauge {
                 .unwrap_or_else(|e| e.into_inner())
                 .0;
         }
+    }
+
+    /// Takes a slot whatever the count, for the one taker that waited
+    /// with [`Gauge::wait_for_room`]: nobody else can have filled it.
+    pub fn take(&self) {
+        *self.active.lock().unwrap_or_else(|e| e.into_inner()) += 1;
     }
 
     /// Logs that the gauge is full, at most once per [`FULL_LOG_EVERY`]:

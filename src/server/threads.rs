@@ -9,8 +9,8 @@
 //!
 //! The seeds warn that a thread per client invites malicious behaviour: a
 //! client can make the server create threads without end. Here a slot of
-//! `--max-conns` is taken *before* accepting, so past the limit new clients
-//! wait in the kernel's backlog and the thread count stays bounded; each
+//! `--max-conns` must be free *before* accepting, so past the limit new
+//! clients wait in the kernel's backlog and the thread count stays bounded; each
 //! thread has a small stack, since it only runs the blocking driver.
 
 use std::sync::Arc;
@@ -26,11 +26,12 @@ const STACK: usize = 256 * 1024;
 pub fn run(config: Config, listeners: Vec<Listener>, life: &Arc<Lifecycle>) -> anyhow::Result<()> {
     let mut acceptor = blocking::Acceptor::new(blocking::start(listeners, &config, life)?);
     let config = Arc::new(config);
-    while life.conns.acquire(life) {
-        let slot = Slot(life.conns.clone());
+    while life.conns.wait_for_room(life) {
         let Some((conn, peer)) = acceptor.next_client(life) else {
             break;
         };
+        life.conns.take();
+        let slot = Slot(life.conns.clone());
         let cfg = config.clone();
         let spawned = std::thread::Builder::new()
             .name("upcase-conn".into())
