@@ -313,22 +313,17 @@ pub fn fd_count(pid: i32) -> usize {
     std::fs::read_dir(format!("/proc/{pid}/fd")).map_or(0, |d| d.count())
 }
 
-/// Connections to local `port` that a process has accepted: established
-/// sockets on that port with an inode (one still in the accept queue has
-/// none). Counts every process, so a `fork` child's copy counts too.
-pub fn accepted_on(port: u16) -> usize {
-    ["/proc/net/tcp", "/proc/net/tcp6"]
-        .iter()
-        .filter_map(|f| std::fs::read_to_string(f).ok())
-        .flat_map(|t| t.lines().skip(1).map(str::to_owned).collect::<Vec<_>>())
-        .filter(|l| {
-            let f: Vec<&str> = l.split_whitespace().collect();
-            let local = f.get(1).and_then(|a| a.rsplit(':').next());
-            local.and_then(|p| u16::from_str_radix(p, 16).ok()) == Some(port)
-                && f.get(3) == Some(&"01")
-                && f.get(9).is_some_and(|i| *i != "0")
+/// Bytes a process has read so far, from files and sockets alike
+/// (`rchar` in /proc/PID/io).
+pub fn bytes_read(pid: u32) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/io"))
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find_map(|l| l.strip_prefix("rchar:"))
+                .and_then(|v| v.trim().parse().ok())
         })
-        .count()
+        .unwrap_or(0)
 }
 
 /// Times the threads of `pid` went to sleep (voluntary context switches,
