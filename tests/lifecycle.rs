@@ -66,6 +66,8 @@ fn a_signal_right_after_the_listening_line_drains() {
 /// A verified stream that pauses when told to, so the test can look at the
 /// server in the middle of it.
 struct PausedStream {
+    /// Says () once the first reply came back: the server has accepted.
+    served: mpsc::Receiver<()>,
     /// Send () to let the writer go on.
     go: mpsc::Sender<()>,
     /// Bytes read and verified, when the reader is done.
@@ -95,6 +97,7 @@ fn paused_stream(hostport: &str, first: usize, total: usize) -> PausedStream {
         }
         let _ = w.shutdown(std::net::Shutdown::Write);
     });
+    let (tell, served) = mpsc::channel::<()>();
     let done = thread::spawn(move || {
         r.set_read_timeout(Some(SECS(30)))?;
         let expect = b"CAPITALIZE THIS!";
@@ -113,10 +116,13 @@ fn paused_stream(hostport: &str, first: usize, total: usize) -> PausedStream {
                     )));
                 }
             }
+            if got == 0 {
+                let _ = tell.send(());
+            }
             got += n as u64;
         }
     });
-    PausedStream { go, done }
+    PausedStream { served, go, done }
 }
 
 #[test]
@@ -127,7 +133,13 @@ fn a_drain_refuses_new_connects_and_finishes_the_stream_in_progress() {
         let mut srv = Server::start(&["--model", model, "tcp://127.0.0.1:0", &unix], 2);
         let total = 64 << 20;
         let stream = paused_stream(srv.hostport(0), 4 << 20, total);
-        thread::sleep(Duration::from_millis(200));
+        // Signal once the server serves it, not after a pause that a slow
+        // machine may outlast (a connection still in the backlog is reset
+        // by the drain, by design).
+        stream
+            .served
+            .recv_timeout(SECS(10))
+            .expect("the stream is served");
         kill(srv.pid(), libc::SIGTERM);
         let mut log = String::new();
         wait_log(&srv, &mut log, "no new connections", SECS(5));
@@ -201,7 +213,10 @@ fn a_second_signal_stops_at_once_and_removes_the_socket_file() {
         let mut srv = Server::start(&["--model", model, "--drain-timeout", "60s", &unix], 1);
         let mut s = UnixStream::connect(&path).unwrap();
         s.write_all(b"a client that never finishes").unwrap();
-        thread::sleep(Duration::from_millis(100));
+        let mut back = [0u8; 28];
+        s.set_read_timeout(Some(SECS(10))).unwrap();
+        s.read_exact(&mut back).unwrap(); // served: accepted, not in the backlog
+        assert_eq!(&back, b"A CLIENT THAT NEVER FINISHES");
         kill(srv.pid(), libc::SIGTERM);
         let mut log = String::new();
         wait_log(&srv, &mut log, "no new connections", SECS(5));
