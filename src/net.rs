@@ -432,7 +432,9 @@ pub fn connect(endpoint: &Endpoint, opts: &SockOpts) -> Result<Stream, NetError>
                     io::Error::new(io::ErrorKind::InvalidInput, "no TLS client settings"),
                 )
             })?;
-            crate::tls::client(tcp, config, hp).map_err(|e| NetError::io(endpoint, "TLS", e))
+            crate::tls::client(tcp, config, hp)
+                .map(Stream::Unix)
+                .map_err(|e| NetError::io(endpoint, "TLS", e))
         }
         Endpoint::Tcp(hp) => {
             let mut last = None;

@@ -23,7 +23,6 @@ use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName, UnixTime};
 use rustls::{ClientConfig, DigitallySignedStruct, ServerConfig, SignatureScheme};
 
 use crate::addr::{Host, HostPort};
-use crate::net::Stream;
 
 fn provider() -> Arc<rustls::crypto::CryptoProvider> {
     Arc::new(rustls::crypto::ring::default_provider())
@@ -147,7 +146,9 @@ pub fn failed() -> bool {
 
 /// Starts TLS on `tcp` to `hp` and returns the plaintext end of a socket
 /// pair; a thread moves bytes between the two until both sides are done.
-pub fn client(tcp: TcpStream, config: Arc<ClientConfig>, hp: &HostPort) -> io::Result<Stream> {
+/// (A socket pair, not a TLS stream type: the clients then treat a TLS
+/// connection as any other Unix stream, half-close included.)
+pub fn client(tcp: TcpStream, config: Arc<ClientConfig>, hp: &HostPort) -> io::Result<UnixStream> {
     let name = match &hp.host {
         Host::Ip(ip) => ServerName::IpAddress((*ip).into()),
         Host::Name(n) => ServerName::try_from(n.clone())
@@ -176,7 +177,7 @@ pub fn client(tcp: TcpStream, config: Arc<ClientConfig>, hp: &HostPort) -> io::R
                 eprintln!("upcase: TLS: {e}");
             }
         })?;
-    Ok(Stream::Unix(ours))
+    Ok(ours)
 }
 
 struct Pump {
