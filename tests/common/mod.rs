@@ -313,19 +313,6 @@ pub fn fd_count(pid: i32) -> usize {
     std::fs::read_dir(format!("/proc/{pid}/fd")).map_or(0, |d| d.count())
 }
 
-/// Bytes a process has read so far, from files and sockets alike
-/// (`rchar` in /proc/PID/io).
-pub fn bytes_read(pid: u32) -> u64 {
-    std::fs::read_to_string(format!("/proc/{pid}/io"))
-        .ok()
-        .and_then(|s| {
-            s.lines()
-                .find_map(|l| l.strip_prefix("rchar:"))
-                .and_then(|v| v.trim().parse().ok())
-        })
-        .unwrap_or(0)
-}
-
 /// Times the threads of `pid` went to sleep (voluntary context switches,
 /// summed over its live threads). Unlike all switches, these do not grow
 /// when other work on the machine preempts the process.
@@ -334,25 +321,22 @@ pub fn sleeps(pid: i32) -> u64 {
         .into_iter()
         .flatten()
         .flatten()
-        .filter_map(|t| std::fs::read_to_string(t.path().join("status")).ok())
-        .filter_map(|s| {
-            s.lines()
-                .find_map(|l| l.strip_prefix("voluntary_ctxt_switches:"))
-                .and_then(|v| v.trim().parse::<u64>().ok())
-        })
+        .filter_map(|t| status_field(&t.path().join("status"), "voluntary_ctxt_switches:"))
         .sum()
+}
+
+/// The first number after `key` in a /proc `status` file.
+fn status_field(path: &std::path::Path, key: &str) -> Option<u64> {
+    std::fs::read_to_string(path).ok().and_then(|s| {
+        s.lines()
+            .find_map(|l| l.strip_prefix(key))
+            .and_then(|v| v.split_whitespace().next()?.parse().ok())
+    })
 }
 
 /// Resident memory of a process, in KiB.
 pub fn rss_kib(pid: i32) -> u64 {
-    std::fs::read_to_string(format!("/proc/{pid}/status"))
-        .ok()
-        .and_then(|s| {
-            s.lines()
-                .find_map(|l| l.strip_prefix("VmRSS:"))
-                .and_then(|v| v.split_whitespace().next()?.parse().ok())
-        })
-        .unwrap_or(0)
+    status_field(format!("/proc/{pid}/status").as_ref(), "VmRSS:").unwrap_or(0)
 }
 
 /// A client that writes (up to 256 MiB) and never reads. Returns once its
@@ -420,14 +404,7 @@ impl Rng {
 
 /// Threads of a process.
 pub fn thread_count(pid: i32) -> usize {
-    std::fs::read_to_string(format!("/proc/{pid}/status"))
-        .ok()
-        .and_then(|s| {
-            s.lines()
-                .find_map(|l| l.strip_prefix("Threads:"))
-                .and_then(|v| v.trim().parse().ok())
-        })
-        .unwrap_or(0)
+    status_field(format!("/proc/{pid}/status").as_ref(), "Threads:").unwrap_or(0) as usize
 }
 
 /// The pids of a process's children.
