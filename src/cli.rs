@@ -91,7 +91,8 @@ pub enum Command {
 #[derive(Debug, Args)]
 #[command(
     long_about = "Run the uppercase server.\n\n\
-For each listener, once it is bound, prints one line to stdout: \
+Once every listener is bound, the --metrics port too, and the --pid-file \
+written, prints one line per listener to stdout: \
 `listening tcp://127.0.0.1:40123` (the real port when 0 was asked; \
 `listening unix:/path` for Unix sockets). Logs go to stderr. \
 SIGINT or SIGTERM drains: new connects are refused at once (the listeners \

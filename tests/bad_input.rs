@@ -23,6 +23,20 @@ fn port_in_use() {
     let r = upcase_run(&["serve", "tcp://127.0.0.1:0", &ep], b"", SECS(10));
     assert_eq!(r.code(), 1);
     assert_eq!(r.out(), "", "no listening line when a listener fails");
+    // Nor when the metrics port is taken, with or without workers.
+    let metrics = taken.local_addr().unwrap().to_string();
+    for procs in [&[][..], &["--processes", "2"]] {
+        let mut args = vec!["serve", "tcp://127.0.0.1:0", "--metrics", &metrics];
+        args.extend_from_slice(procs);
+        let r = upcase_run(&args, b"", SECS(10));
+        assert_eq!(r.code(), 1, "{args:?}: {}", r.stderr);
+        assert!(
+            r.stderr.contains("--metrics: ") && r.stderr.contains("address already in use"),
+            "{args:?}: {}",
+            r.stderr
+        );
+        assert_eq!(r.out(), "", "{args:?}: announced, then failed");
+    }
 }
 
 #[test]

@@ -160,6 +160,7 @@ fn bad_input_is_refused_with_a_clear_error() {
             "{}",
             r.stderr
         );
+        assert_eq!(r.out(), "", "{args:?}: announced, then failed");
     }
 
     // Inherited descriptors that are not listeners.

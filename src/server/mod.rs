@@ -356,9 +356,6 @@ pub fn run(mut config: Config) -> anyhow::Result<()> {
         // Signals are caught from before the first `listening` line.
         let signals = supervisor::install_signals().context("installing signal handlers")?;
         let (listeners, source) = listeners_for(&mut config, inherited)?;
-        if source != handoff::Source::Upcase {
-            announce(&listeners, &config.listeners)?;
-        }
         return supervisor::run(config, listeners, signals, source);
     }
     let life = Lifecycle::install(config.drain_timeout, capacity(&config))
@@ -368,51 +365,76 @@ pub fn run(mut config: Config) -> anyhow::Result<()> {
         life.set_listeners_shared();
     }
     take_charge(&life, &config, &mut listeners)?;
-    announce(&listeners, &config.listeners)?;
     config.tls_listeners = tls_names(&listeners, &config.listeners)?;
+    // What can still fail (the pid file, the metrics port) fails before
+    // the first `listening` line: a script that saw one may rely on it.
     let _pid_file = match &config.pid_file {
         Some(p) => Some(pidfile::PidFile::write(p)?),
         None => None,
     };
+    let metrics = bind_metrics(&config)?;
+    announce(&listeners, &config.listeners)?;
     handoff::notify_systemd_ready();
     crate::metrics::init(config.model.name());
-    start_metrics(&config, crate::metrics::own())?;
+    if let Some(m) = metrics {
+        m.serve(crate::metrics::own())?;
+    }
     tracing::info!("serving with the {} model", config.model.name());
     let result = serve_model(config, listeners, &life);
     life.cleanup();
     result
 }
 
-/// `--metrics`: binds its port (or takes the one the previous supervisor
-/// handed over at a restart, which was announced already) and serves
-/// `source` there. Returns a handle of the listener, for a supervisor to
-/// hand to its successor. Not one of the service's listeners: it keeps
-/// answering during a drain, so that the drain can be watched.
-pub fn start_metrics(
-    config: &Config,
-    source: crate::metrics::Source,
-) -> anyhow::Result<Option<std::net::TcpListener>> {
+/// The `--metrics` listener: bound (or handed over by the previous
+/// supervisor at a restart, and announced then already), not yet served.
+/// Not one of the service's listeners: it keeps answering during a drain,
+/// so that the drain can be watched.
+pub struct MetricsListener {
+    listener: std::net::TcpListener,
+    announce: bool,
+}
+
+/// Binds the `--metrics` port, if asked, before anything is announced, so
+/// that a port in use is an error before the first `listening` line.
+pub fn bind_metrics(config: &Config) -> anyhow::Result<Option<MetricsListener>> {
     let Some(hp) = &config.metrics else {
         return Ok(None);
     };
-    let l = match handoff::take_fd(handoff::METRICS_LISTENER_FD) {
-        Some(fd) => std::net::TcpListener::from(fd),
-        None => {
-            let endpoint = Endpoint::Tcp(hp.clone());
-            let Listener::Tcp(l) = crate::net::bind(&endpoint, &config.sockopts)? else {
-                unreachable!("a TCP endpoint binds a TCP listener");
-            };
-            let at =
-                crate::addr::HostPort::from(l.local_addr().context("reading the bound address")?);
-            println!("listening http://{at}/metrics");
-            l
-        }
+    if let Some(fd) = handoff::take_fd(handoff::METRICS_LISTENER_FD) {
+        return Ok(Some(MetricsListener {
+            listener: std::net::TcpListener::from(fd),
+            announce: false,
+        }));
+    }
+    let endpoint = Endpoint::Tcp(hp.clone());
+    let bound = crate::net::bind(&endpoint, &config.sockopts)
+        .map_err(|e| anyhow::anyhow!("--metrics: {e}"))?;
+    let Listener::Tcp(listener) = bound else {
+        unreachable!("a TCP endpoint binds a TCP listener");
     };
-    let at = crate::addr::HostPort::from(l.local_addr().context("reading the bound address")?);
-    tracing::info!("metrics at http://{at}/metrics");
-    let kept = l.try_clone().context("keeping the metrics listener")?;
-    crate::metrics::serve(l, source).context("starting the metrics thread")?;
-    Ok(Some(kept))
+    Ok(Some(MetricsListener {
+        listener,
+        announce: true,
+    }))
+}
+
+impl MetricsListener {
+    /// Prints its `listening http://.../metrics` line (after the
+    /// service's) and serves `source` there. Returns a handle of the
+    /// listener, for a supervisor to hand to its successor.
+    pub fn serve(self, source: crate::metrics::Source) -> anyhow::Result<std::net::TcpListener> {
+        let l = self.listener;
+        let at = crate::addr::HostPort::from(l.local_addr().context("reading the bound address")?);
+        if self.announce {
+            let mut out = std::io::stdout().lock();
+            writeln!(out, "listening http://{at}/metrics").context("writing to stdout")?;
+            out.flush().context("writing to stdout")?;
+        }
+        tracing::info!("metrics at http://{at}/metrics");
+        let kept = l.try_clone().context("keeping the metrics listener")?;
+        crate::metrics::serve(l, source).context("starting the metrics thread")?;
+        Ok(kept)
+    }
 }
 
 /// One worker of `--processes`: the model on the supervisor's listeners.

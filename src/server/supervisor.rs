@@ -129,7 +129,16 @@ pub fn run(
     };
     let fds = handoff::fd_list(&listeners);
     let channels = crate::metrics::workers::Channels::default();
-    let metrics = super::start_metrics(&config, channels.source())?.map(|l| (l, channels));
+    // What can still fail fails before the first `listening` line.
+    let metrics = super::bind_metrics(&config)?;
+    if !restarted {
+        // (A restarted supervisor's listeners were announced by the first.)
+        super::announce(&listeners, &config.listeners)?;
+    }
+    let metrics = match metrics {
+        Some(m) => Some((m.serve(channels.source())?, channels)),
+        None => None,
+    };
     let mut sup = Supervisor {
         exe,
         args: std::env::args_os().skip(1).collect(),
