@@ -512,8 +512,9 @@ impl Gauge {
 
     /// Takes a slot whatever the count, for the one taker that waited
     /// with [`Gauge::wait_for_room`]: nobody else can have filled it.
-    pub fn take(&self) {
+    pub fn take(self: &Arc<Self>) -> Slot {
         *self.active.lock().unwrap_or_else(|e| e.into_inner()) += 1;
+        Slot(self.clone())
     }
 
     /// Logs that the gauge is full, at most once per [`FULL_LOG_EVERY`]:

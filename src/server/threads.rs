@@ -17,7 +17,7 @@ use std::sync::Arc;
 
 use super::Config;
 use super::blocking;
-use crate::lifecycle::{Lifecycle, Slot};
+use crate::lifecycle::Lifecycle;
 use crate::net::Listener;
 
 /// The blocking driver needs little stack; 8 MiB each would waste address space.
@@ -30,8 +30,7 @@ pub fn run(config: Config, listeners: Vec<Listener>, life: &Arc<Lifecycle>) -> a
         let Some((conn, peer)) = acceptor.next_client(life) else {
             break;
         };
-        life.conns.take();
-        let slot = Slot(life.conns.clone());
+        let slot = life.conns.take();
         let cfg = config.clone();
         let spawned = std::thread::Builder::new()
             .name("upcase-conn".into())
