@@ -691,6 +691,22 @@ fn metrics_answer_for_every_worker() {
     );
     let draining = by_worker(&text, "upcase_draining");
     assert_eq!(draining.keys().collect::<Vec<_>>(), ["1", "2"], "{text}");
+    // The supervisor's own samples: its workers, wanted and ready.
+    assert_eq!(
+        sample(&text, "upcase_workers{state=\"wanted\"}"),
+        Some(2),
+        "{text}"
+    );
+    assert_eq!(
+        sample(&text, "upcase_workers{state=\"ready\"}"),
+        Some(2),
+        "{text}"
+    );
+    assert_eq!(
+        sample(&text, "upcase_worker_restarts_total"),
+        Some(0),
+        "{text}"
+    );
     assert_eq!(
         text.matches("# TYPE upcase_connections_accepted_total ")
             .count(),
@@ -737,7 +753,21 @@ fn metrics_answer_for_every_worker() {
         );
         thread::sleep(Duration::from_millis(50));
     }
-    let after = by_worker(&scrape(&at), accepted);
+    let text = scrape(&at);
+    let after = by_worker(&text, accepted);
+    assert_eq!(
+        sample(&text, "upcase_worker_restarts_total"),
+        Some(1),
+        "{text}"
+    );
+    assert!(
+        eventually(SECS(10), || sample(
+            &scrape(&at),
+            "upcase_workers{state=\"ready\"}"
+        ) == Some(2)),
+        "the new worker is not counted ready: {}",
+        scrape(&at)
+    );
     assert!(
         after.values().sum::<u64>() < before.values().sum::<u64>()
             || before.values().any(|&v| v == 0),
@@ -765,4 +795,10 @@ fn metrics_answer_for_every_worker() {
     // SAFETY: kill(2) on the supervisor that replaced our child.
     unsafe { libc::kill(next, libc::SIGTERM) };
     assert!(wait_gone(next, SECS(20)), "the new supervisor did not stop");
+}
+
+/// The value of the sample named exactly `name` (labels included).
+fn sample(text: &str, name: &str) -> Option<u64> {
+    text.lines()
+        .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.trim().parse().ok())
 }

@@ -30,18 +30,6 @@ fn cpu_ticks(pid: i32) -> u64 {
         .map_or(0, |v| v.iter().filter_map(|x| x.parse::<u64>().ok()).sum())
 }
 
-/// Waits until `cond` holds, polling, for at most `limit`.
-fn eventually(limit: Duration, mut cond: impl FnMut() -> bool) -> bool {
-    let deadline = Instant::now() + limit;
-    while Instant::now() < deadline {
-        if cond() {
-            return true;
-        }
-        thread::sleep(Duration::from_millis(20));
-    }
-    cond()
-}
-
 #[test]
 fn idle_connections_are_closed_in_every_model() {
     for model in runnable(&ALL) {

@@ -17,6 +17,7 @@
 use std::collections::BTreeMap;
 use std::io::{self, Read, Write};
 use std::os::unix::net::UnixStream;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -25,9 +26,21 @@ const MAX_TEXT: usize = 16 << 20;
 /// How long a worker may take to answer a scrape.
 const ANSWER_WITHIN: Duration = Duration::from_secs(2);
 
-/// The supervisor's end of each worker's channel, by worker number.
+/// The supervisor's end of each worker's channel, by worker number, and
+/// what only the supervisor knows: how many workers there should be, how
+/// many are ready, and how many were started again after they died.
 #[derive(Clone, Default)]
-pub struct Channels(Arc<Mutex<BTreeMap<usize, UnixStream>>>);
+pub struct Channels {
+    chans: Arc<Mutex<BTreeMap<usize, UnixStream>>>,
+    workers: Arc<Workers>,
+}
+
+#[derive(Default)]
+struct Workers {
+    wanted: AtomicU64,
+    ready: AtomicU64,
+    restarts: AtomicU64,
+}
 
 impl Channels {
     /// Worker `n` (started again, or for the first time) answers on `chan`.
@@ -36,11 +49,25 @@ impl Channels {
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, BTreeMap<usize, UnixStream>> {
-        self.0.lock().unwrap_or_else(|e| e.into_inner())
+        self.chans.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    /// Every worker's text, merged. A worker that does not answer (it just
-    /// died, or is stuck) is left out of this scrape and logged.
+    /// The supervisor's count of its workers: `wanted` (--processes) and
+    /// `ready` now.
+    pub fn set_workers(&self, wanted: usize, ready: usize) {
+        self.workers.wanted.store(wanted as u64, Ordering::Relaxed);
+        self.workers.ready.store(ready as u64, Ordering::Relaxed);
+    }
+
+    /// A worker died and is started again.
+    pub fn worker_restarted(&self) {
+        self.workers.restarts.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// The supervisor's own families, then every worker's text, merged. A
+    /// worker that does not answer (it just died, or is stuck) is left out
+    /// of this scrape and logged; the supervisor's count of ready workers
+    /// says so even then, and before the first worker has started.
     pub fn scrape(&self) -> String {
         let mut parts = Vec::new();
         for (&n, chan) in self.lock().iter_mut() {
@@ -49,7 +76,20 @@ impl Channels {
                 Err(e) => tracing::debug!("metrics: worker {n} did not answer: {e}"),
             }
         }
-        merge(&parts)
+        let w = &self.workers;
+        format!(
+            "# HELP upcase_workers Worker processes (--processes): wanted, and ready now\n\
+             # TYPE upcase_workers gauge\n\
+             upcase_workers{{state=\"wanted\"}} {}\n\
+             upcase_workers{{state=\"ready\"}} {}\n\
+             # HELP upcase_worker_restarts Workers started again after they died\n\
+             # TYPE upcase_worker_restarts counter\n\
+             upcase_worker_restarts_total {}\n{}",
+            w.wanted.load(Ordering::Relaxed),
+            w.ready.load(Ordering::Relaxed),
+            w.restarts.load(Ordering::Relaxed),
+            merge(&parts)
+        )
     }
 
     /// As a [`super::Source`], for the supervisor's metrics port.

@@ -352,6 +352,7 @@ impl Supervisor {
         if !matches!(r.read(&mut byte), Ok(1)) {
             return; // it died first; reaped and started again
         }
+        self.publish_workers();
         if !self.all_ready
             && self
                 .workers
@@ -510,6 +511,19 @@ impl Supervisor {
         }
     }
 
+    /// Tells the metrics port how many workers there are to be and how
+    /// many are ready (started, and said so).
+    fn publish_workers(&self) {
+        if let Some((_, channels)) = &self.metrics {
+            let ready = self
+                .workers
+                .iter()
+                .filter(|w| w.pid.is_some() && w.ready.is_none())
+                .count();
+            channels.set_workers(self.workers.len(), ready);
+        }
+    }
+
     /// Collects every child that ended; a worker is started again unless
     /// the supervisor is stopping or retiring.
     fn reap(&mut self) {
@@ -518,6 +532,7 @@ impl Supervisor {
             // SAFETY: waitpid writes the status through a valid pointer.
             let pid = unsafe { libc::waitpid(-1, &mut status, libc::WNOHANG) };
             if pid <= 0 {
+                self.publish_workers();
                 return;
             }
             if self.upgrade.as_ref().is_some_and(|u| u.pid == pid) {
@@ -547,6 +562,9 @@ impl Supervisor {
                 w.young_deaths = 0;
                 Duration::ZERO
             };
+            if let Some((_, channels)) = &self.metrics {
+                channels.worker_restarted();
+            }
             tracing::warn!(
                 "worker {} (pid {pid}) {}; starting another{}",
                 w.n,
