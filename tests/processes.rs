@@ -342,29 +342,38 @@ fn sigterm_drains_every_worker() {
     );
 }
 
+/// `serve --processes 2 --model epoll` on one TCP listener with a pid
+/// file (named after `tag`) and `extra` arguments, once both workers are
+/// ready; `announced` is how many `listening` lines that prints.
+fn two_epoll_workers(
+    tag: &str,
+    extra: &[&str],
+    announced: usize,
+) -> (Server, Log, std::path::PathBuf) {
+    let pidfile = sock_path(tag).with_extension("pid");
+    let pidfile_s = pidfile.to_str().expect("utf-8").to_string();
+    let mut args = vec![
+        "tcp://127.0.0.1:0",
+        "--processes",
+        "2",
+        "--model",
+        "epoll",
+        "--pid-file",
+        &pidfile_s,
+    ];
+    args.extend_from_slice(extra);
+    let server = Server::start(&args, announced);
+    let mut log = Log::new();
+    log.wait_for(&server, "all 2 workers ready", SECS(10));
+    (server, log, pidfile)
+}
+
 /// The restart goal: rr on 50 connections for 10 s, a verified 4 GiB
 /// stream and a stream of fresh connections, all through two restarts:
 /// nothing refused, nothing reset, no wrong byte.
 #[test]
 fn sigusr2_restarts_without_refusing_anyone() {
-    let pidfile = sock_path("pid").with_extension("pid");
-    let pidfile_s = pidfile.to_str().expect("utf-8").to_string();
-    let mut server = Server::start(
-        &[
-            "tcp://127.0.0.1:0",
-            "--processes",
-            "2",
-            "--model",
-            "epoll",
-            "--drain-timeout",
-            "120s",
-            "--pid-file",
-            &pidfile_s,
-        ],
-        1,
-    );
-    let mut log = Log::new();
-    log.wait_for(&server, "all 2 workers ready", SECS(10));
+    let (mut server, mut log, pidfile) = two_epoll_workers("pid", &["--drain-timeout", "120s"], 1);
     let port = server.port(0);
     let hostport = server.hostport(0).to_string();
     let first = server.pid();
@@ -636,24 +645,8 @@ fn by_worker(text: &str, name: &str) -> std::collections::BTreeMap<String, u64> 
 /// the text.
 #[test]
 fn metrics_answer_for_every_worker() {
-    let pidfile = sock_path("metrics").with_extension("pid");
-    let pidfile_s = pidfile.to_str().expect("utf-8").to_string();
-    let mut server = Server::start(
-        &[
-            "tcp://127.0.0.1:0",
-            "--processes",
-            "2",
-            "--model",
-            "epoll",
-            "--metrics",
-            "127.0.0.1:0",
-            "--pid-file",
-            &pidfile_s,
-        ],
-        2,
-    );
-    let mut log = Log::new();
-    log.wait_for(&server, "all 2 workers ready", SECS(10));
+    let (mut server, mut log, pidfile) =
+        two_epoll_workers("metrics", &["--metrics", "127.0.0.1:0"], 2);
     let at = server.endpoints[1]
         .trim_start_matches("http://")
         .trim_end_matches("/metrics")
