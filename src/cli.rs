@@ -127,6 +127,10 @@ pub struct ServeArgs {
     /// long (0: never).
     #[arg(long, allow_negative_numbers = true, value_name = "DURATION", default_value = "5m", value_parser = units::parse_duration)]
     pub idle_timeout: Duration,
+    /// tls:// listeners: close a connection whose TLS handshake is not
+    /// complete this long after the accept.
+    #[arg(long, value_name = "DURATION", default_value = "10s", value_parser = units::parse_positive_duration)]
+    pub handshake_timeout: Duration,
     /// tls:// listeners: the certificate chain to present (PEM).
     #[arg(long, value_name = "FILE", requires = "key")]
     pub cert: Option<std::path::PathBuf>,
@@ -569,6 +573,7 @@ impl ServeArgs {
                 .workers
                 .map_or_else(|| default_workers(model), |n| n as usize),
             idle_timeout: (!self.idle_timeout.is_zero()).then_some(self.idle_timeout),
+            handshake_timeout: self.handshake_timeout,
             metrics: self.metrics,
             tls,
             tls_listeners: Vec::new(),

@@ -58,6 +58,9 @@ pub struct Limits {
     pub read_ahead: usize,
     /// `--idle-timeout`: close after this long without progress.
     pub idle: Option<Duration>,
+    /// `--handshake-timeout`: a tls:// connection's handshake must be
+    /// complete this long after the accept.
+    pub handshake: Duration,
     /// `--max-buffered`: unsent output of all connections together.
     pub buffered: Arc<Buffered>,
 }
@@ -74,6 +77,10 @@ pub struct Buffered {
     held: Held,
     max: usize,
     warned: Mutex<Option<Instant>>,
+    /// Connections of this process waiting for room (see
+    /// [`Conn::poll_timeout`]): while there are any, the event loops look
+    /// at their deadlines every [`ROOM_RETRY`].
+    waiting: AtomicUsize,
 }
 
 /// The count itself: this process's, or one in memory shared with the
@@ -93,6 +100,7 @@ impl Buffered {
             held: Held::Own(AtomicUsize::new(0)),
             max,
             warned: Mutex::new(None),
+            waiting: AtomicUsize::new(0),
         })
     }
 
@@ -124,6 +132,7 @@ impl Buffered {
             held: Held::Shared(held),
             max,
             warned: Mutex::new(None),
+            waiting: AtomicUsize::new(0),
         }))
     }
 
@@ -146,6 +155,11 @@ impl Buffered {
 
     pub fn held(&self) -> usize {
         self.count().load(Ordering::Relaxed)
+    }
+
+    /// How many connections of this process wait for room in the budget.
+    pub fn waiting(&self) -> usize {
+        self.waiting.load(Ordering::Relaxed)
     }
 
     fn over(&self) -> bool {
@@ -212,6 +226,13 @@ pub enum End {
     Proxy,
     /// Still open when the drain ran out of time.
     Cut,
+    /// TLS: no complete handshake within `--handshake-timeout`, or a
+    /// session that could not be set up (the connection is closed, never
+    /// served in plaintext).
+    Handshake,
+    /// TLS: the TCP FIN came without the client's close_notify, so the
+    /// request may have been cut by someone on the path.
+    Truncated,
 }
 
 impl End {
@@ -224,6 +245,8 @@ impl End {
             End::Framing => "framing error",
             End::Proxy => "proxy header",
             End::Cut => "drain cut",
+            End::Handshake => "tls handshake",
+            End::Truncated => "tls truncated",
         }
     }
 }
@@ -242,7 +265,17 @@ struct Framed {
     mode: Mode,
     /// The reply to one read is built here.
     out: Vec<u8>,
+    /// What the message being held has charged to `--max-buffered`: its
+    /// bound (all it may grow to, and its reply), once the budget had room
+    /// for it; else only the bytes it holds.
+    charged: usize,
+    /// Waiting for room in the budget before the held message may grow:
+    /// when to ask again. The connection reads nothing meanwhile.
+    room_at: Option<Instant>,
 }
+
+/// How often a connection waiting for room in `--max-buffered` asks again.
+pub const ROOM_RETRY: Duration = Duration::from_millis(10);
 
 /// How a connection ended early, and why (for the log). Boxed: most
 /// connections never have one.
@@ -288,6 +321,28 @@ pub struct Conn {
     proxy: Option<Box<ProxyWait>>,
 }
 
+/// What a connection's clock guards (see [`Conn::poll_timeout`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Deadline {
+    Proxy,
+    Handshake,
+    Idle,
+    /// Not an end: a held message waits for room in `--max-buffered`.
+    Room,
+}
+
+/// What [`Conn::handle_timeout`] found.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Timeout {
+    /// No deadline has passed.
+    Pending,
+    /// Idle by the clock, but its bytes wait in the socket; or room came
+    /// in the budget for the message it holds: drive it.
+    Progress,
+    /// A deadline passed: the connection is over ([`Conn::is_finished`]).
+    Ended,
+}
+
 /// A PROXY header being awaited, and by when.
 struct ProxyWait {
     header: crate::proxy::Header,
@@ -298,11 +353,13 @@ struct ProxyWait {
 /// rustls's server side, as sans-I/O as this core: records in, records out.
 struct TlsLayer {
     session: rustls::ServerConnection,
-    /// Decrypted input, one block at a time.
-    plain: Vec<u8>,
-    /// Records to send: the reply, encrypted, and handshake messages.
+    /// Records to send: the reply, encrypted, and handshake messages;
+    /// given back once they are written.
     out: Vec<u8>,
 }
+
+/// The most plaintext one TLS record carries.
+const TLS_PLAIN: usize = 16 * 1024;
 
 /// Who connected (a name for the logs), on which listener (a label for
 /// the metrics), whether that listener speaks TLS, and whether a PROXY
@@ -327,8 +384,13 @@ impl From<&str> for Origin {
 
 impl Drop for Conn {
     fn drop(&mut self) {
-        // What was never sent leaves the budget with the connection.
+        // What was never sent leaves the budget with the connection, and
+        // so does what its held message was charged.
         self.limits.buffered.sub(self.unsent);
+        if let Shape::Framed(framed) = &mut self.shape {
+            self.limits.buffered.sub(framed.charged);
+            framed.stop_waiting(&self.limits.buffered);
+        }
         crate::metrics::global().conn_ended(&self.metrics, self.end().as_str());
     }
 }
@@ -378,6 +440,9 @@ struct Ending<'a> {
     failed: &'a mut Stop,
     input_ended: &'a mut bool,
     after_reply: &'a mut Stop,
+    /// What a held message is charged to, and when.
+    budget: &'a Buffered,
+    now: Instant,
 }
 
 impl Shape {
@@ -386,7 +451,9 @@ impl Shape {
         match self {
             Shape::Stream(t) => checked(end.failed, t.push(buf)),
             Shape::Framed(framed) => {
-                let Framed { decoder, mode, out } = &mut **framed;
+                let Framed {
+                    decoder, mode, out, ..
+                } = &mut **framed;
                 out.clear();
                 let framing = decoder.framing();
                 let mut invalid = None;
@@ -405,7 +472,8 @@ impl Shape {
                     *end.input_ended = true;
                     *end.after_reply = stop;
                 }
-                Ok(out)
+                framed.charge_held(end.budget, end.now);
+                Ok(&framed.out)
             }
         }
     }
@@ -415,7 +483,9 @@ impl Shape {
         match self {
             Shape::Stream(t) => checked(end.failed, t.finish()),
             Shape::Framed(framed) => {
-                let Framed { decoder, mode, out } = &mut **framed;
+                let Framed {
+                    decoder, mode, out, ..
+                } = &mut **framed;
                 out.clear();
                 let framing = decoder.framing();
                 match decoder.finish() {
@@ -427,8 +497,52 @@ impl Shape {
                     Ok(None) => {}
                     Err(e) => *end.after_reply = stop(End::Framing, e.to_string()),
                 }
-                Ok(out)
+                framed.charge_held(end.budget, end.now);
+                Ok(&framed.out)
             }
+        }
+    }
+}
+
+impl Framed {
+    /// Charges the message being held to the budget: its bound (all it
+    /// may grow to, and as much again per byte for a UTF-8 reply, which
+    /// may be three times longer), so that every message let grow can
+    /// complete and be answered within the budget. When the budget has no
+    /// room for that, only the bytes held are charged (they exist) and the
+    /// connection waits, reading nothing, and asks again every
+    /// [`ROOM_RETRY`]: it keeps its place and goes on when others finish.
+    /// Nothing held: everything is given back.
+    fn charge_held(&mut self, budget: &Buffered, now: Instant) {
+        let held = self.decoder.held();
+        let factor = if matches!(self.mode, Mode::Ascii) {
+            1
+        } else {
+            3
+        };
+        // A message larger than the whole budget is let grow once the
+        // budget is empty, rather than never.
+        let want = (self.decoder.bound() * factor).min(budget.max()).max(held);
+        if want <= self.charged {
+            budget.sub(self.charged - want);
+            self.charged = want;
+            self.stop_waiting(budget);
+        } else if budget.try_charge(want - self.charged) {
+            self.charged = want;
+            self.stop_waiting(budget);
+        } else {
+            budget.add(held.saturating_sub(self.charged));
+            self.charged = self.charged.max(held);
+            if self.room_at.is_none() {
+                budget.waiting.fetch_add(1, Ordering::Relaxed);
+            }
+            self.room_at = Some(now + ROOM_RETRY);
+        }
+    }
+
+    fn stop_waiting(&mut self, budget: &Buffered) {
+        if self.room_at.take().is_some() {
+            budget.waiting.fetch_sub(1, Ordering::Relaxed);
         }
     }
 }
@@ -465,18 +579,25 @@ impl Conn {
             tls,
             proxy,
         } = origin;
+        // The logs name the scheme the client used.
+        let peer = match &tls {
+            Some(_) => peer.replacen("tcp://", "tls://", 1),
+            None => peer,
+        };
         tracing::info!("connection from {peer}");
-        let tls = tls.and_then(|config| match rustls::ServerConnection::new(config) {
-            Ok(session) => Some(Box::new(TlsLayer {
+        let mut failed = None;
+        let tls = match tls.map(rustls::ServerConnection::new) {
+            None => None,
+            Some(Ok(session)) => Some(Box::new(TlsLayer {
                 session,
-                plain: Vec::new(),
                 out: Vec::new(),
             })),
-            Err(e) => {
-                tracing::error!("{peer}: TLS: {e}");
+            // Fail closed: a tls:// client is never answered in plaintext.
+            Some(Err(e)) => {
+                failed = stop(End::Handshake, format!("TLS session not set up: {e}"));
                 None
             }
-        });
+        };
         let metrics = crate::metrics::global().conn_started(&listener);
         let shape = match protocol.framing {
             Framing::Stream => Shape::Stream(Transformer::new(protocol.mode)),
@@ -484,6 +605,8 @@ impl Conn {
                 decoder: Decoder::new(f),
                 mode: protocol.mode,
                 out: Vec::new(),
+                charged: 0,
+                room_at: None,
             })),
         };
         Conn {
@@ -492,7 +615,7 @@ impl Conn {
             unsent: 0,
             input_ended: false,
             write_shut: false,
-            failed: None,
+            failed,
             end_after_reply: None,
             last_progress: now,
             started: now,
@@ -524,6 +647,16 @@ impl Conn {
     pub fn read_budget(&self) -> usize {
         if self.input_ended || self.is_finished() || self.unsent > self.limits.read_ahead {
             0
+        } else if let Shape::Framed(f) = &self.shape
+            && f.charged > 0
+        {
+            // A held message: waiting for room, or charged all it may grow
+            // to (so it reads whole blocks whatever the budget).
+            if f.room_at.is_some() {
+                0
+            } else {
+                self.limits.block
+            }
         } else if self.limits.buffered.over() {
             if self.unsent > 0 {
                 0
@@ -611,6 +744,8 @@ impl Conn {
             failed: &mut self.failed,
             input_ended: &mut self.input_ended,
             after_reply: &mut self.end_after_reply,
+            budget: &self.limits.buffered,
+            now,
         };
         let out = self.shape.reply(buf, ending)?;
         self.unsent += out.len();
@@ -634,7 +769,8 @@ impl Conn {
             } => {
                 self.proxy = None;
                 if let Some(client) = source {
-                    let client = format!("tcp://{}", crate::addr::HostPort::from(client));
+                    let scheme = if self.tls.is_some() { "tls" } else { "tcp" };
+                    let client = format!("{scheme}://{}", crate::addr::HostPort::from(client));
                     tracing::info!("{client} via {} (PROXY v{version})", self.peer);
                     self.peer = client.into_boxed_str();
                 }
@@ -645,27 +781,6 @@ impl Conn {
                 self.failed = stop(End::Proxy, why.clone());
                 Err(io::Error::new(io::ErrorKind::InvalidData, why))
             }
-        }
-    }
-
-    /// Whether the PROXY header is still awaited.
-    pub fn awaiting_proxy(&self) -> bool {
-        self.proxy.is_some()
-    }
-
-    /// How long the next read or write may wait without progress before
-    /// the connection is idle (`--idle-timeout`), or, while the PROXY
-    /// header is awaited, late (`--proxy-timeout`): for the drivers whose
-    /// timers are per operation (blocking, async).
-    pub fn wait_limit(&self, now: Instant) -> Option<Duration> {
-        let header = self.proxy.as_ref().map(|w| {
-            w.deadline
-                .saturating_duration_since(now)
-                .max(Duration::from_millis(1))
-        });
-        match (header, self.limits.idle) {
-            (Some(h), Some(i)) => Some(h.min(i)),
-            (h, i) => h.or(i),
         }
     }
 
@@ -687,6 +802,8 @@ impl Conn {
             failed: &mut self.failed,
             input_ended: &mut self.input_ended,
             after_reply: &mut self.end_after_reply,
+            budget: &self.limits.buffered,
+            now,
         };
         let out = self.shape.finish(ending)?;
         self.unsent += out.len();
@@ -742,9 +859,11 @@ impl Conn {
     /// sent close_notify.
     fn tls_decrypt(&mut self, tls: &mut TlsLayer) -> io::Result<bool> {
         use io::Read;
-        tls.plain.resize(self.limits.block.max(4096), 0);
+        // One record's plaintext at most, on the stack: a TLS connection
+        // holds no buffer of ours between reads.
+        let mut plain = [0u8; TLS_PLAIN];
         loop {
-            let n = match tls.session.reader().read(&mut tls.plain) {
+            let n = match tls.session.reader().read(&mut plain) {
                 Ok(0) => return Ok(true),
                 Ok(n) => n,
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(false),
@@ -754,8 +873,10 @@ impl Conn {
                 failed: &mut self.failed,
                 input_ended: &mut self.input_ended,
                 after_reply: &mut self.end_after_reply,
+                budget: &self.limits.buffered,
+                now: self.last_progress,
             };
-            let reply = self.shape.reply(&mut tls.plain[..n], ending)?;
+            let reply = self.shape.reply(&mut plain[..n], ending)?;
             tls_send(&mut tls.session, &mut tls.out, reply)?;
             if self.input_ended {
                 return Ok(false);
@@ -770,6 +891,8 @@ impl Conn {
             failed: &mut self.failed,
             input_ended: &mut self.input_ended,
             after_reply: &mut self.end_after_reply,
+            budget: &self.limits.buffered,
+            now: self.last_progress,
         };
         let tail = self.shape.finish(ending)?;
         tls_send(&mut tls.session, &mut tls.out, tail)?;
@@ -778,7 +901,27 @@ impl Conn {
     }
 
     /// The TCP FIN arrived.
+    ///
+    /// A client's close_notify ends its input before any FIN can be read
+    /// (reading stops), so a FIN that gets here came without one: during
+    /// the handshake, the client left; after it, the request may have been
+    /// cut on the path. What came is answered (it was authenticated), the
+    /// end is named a truncation, and logged and counted as such.
     fn tls_end(&mut self) -> io::Result<&[u8]> {
+        if self
+            .tls
+            .as_ref()
+            .is_some_and(|t| t.session.is_handshaking())
+        {
+            self.failed = stop(End::Handshake, "closed during the TLS handshake".into());
+            return Ok(&[]);
+        }
+        self.end_after_reply.get_or_insert_with(|| {
+            Box::new((
+                End::Truncated,
+                "TCP FIN without the client's TLS close_notify: the request may be cut".into(),
+            ))
+        });
         self.through_tls(|conn, tls| conn.tls_finish(tls))
     }
 
@@ -801,6 +944,12 @@ impl Conn {
             // A large reply is sent: give its memory back.
             framed.out = Vec::new();
         }
+        if let Some(tls) = &mut self.tls
+            && self.unsent == 0
+        {
+            // No records in flight: a TLS connection holds no buffer.
+            tls.out = Vec::new();
+        }
     }
 
     /// The write side was shut after the whole reply: the contract is kept,
@@ -819,54 +968,123 @@ impl Conn {
         }
     }
 
-    /// When the connection becomes idle, if nothing moves before then.
-    pub fn idle_deadline(&self) -> Option<Instant> {
+    /// The connection's next deadline and what it guards: the PROXY
+    /// header's and the TLS handshake's are fixed, counted from the accept;
+    /// idle moves with every byte. `None` once it is finished.
+    fn deadline(&self) -> Option<(Instant, Deadline)> {
         if self.is_finished() {
             return None;
         }
-        let idle = (self.limits.idle).and_then(|d| self.last_progress.checked_add(d));
-        let header = self.proxy.as_ref().map(|w| w.deadline);
-        match (idle, header) {
-            (Some(i), Some(h)) => Some(i.min(h)),
-            (i, h) => i.or(h),
-        }
+        let proxy = self.proxy.as_ref().map(|w| (w.deadline, Deadline::Proxy));
+        let handshake = (self.tls.as_ref())
+            .filter(|t| t.session.is_handshaking())
+            .map(|_| {
+                let at = self.started.checked_add(self.limits.handshake);
+                (at.unwrap_or(self.started), Deadline::Handshake)
+            });
+        let idle = (self.limits.idle)
+            .and_then(|d| self.last_progress.checked_add(d))
+            .map(|at| (at, Deadline::Idle));
+        let room = match &self.shape {
+            Shape::Framed(f) => f.room_at.map(|at| (at, Deadline::Room)),
+            Shape::Stream(_) => None,
+        };
+        [proxy, handshake, idle, room]
+            .into_iter()
+            .flatten()
+            .min_by_key(|d| d.0)
     }
 
-    /// Whether the connection is past its idle deadline at `now`. The
-    /// driver asks this only after taking whatever the socket already had
-    /// for it (see `server::readiness::could_progress`): a connection whose
-    /// bytes are waiting is not idle, however long the server was away.
-    pub fn is_idle(&self, now: Instant) -> bool {
-        self.idle_deadline().is_some_and(|d| now >= d)
+    /// When the driver must call [`Conn::handle_timeout`] if nothing else
+    /// happens first (quinn-proto's `poll_timeout`). Every deadline of a
+    /// connection is here; a driver keeps no clock of its own.
+    #[inline]
+    pub fn poll_timeout(&self) -> Option<Instant> {
+        self.deadline().map(|d| d.0)
     }
 
-    /// Marks the connection as progressing at `now`: its bytes are waiting.
-    pub fn touch(&mut self, now: Instant) {
-        self.last_progress = now;
+    /// How long the next read or write may wait, for the drivers whose
+    /// timers are per operation (blocking, async): until the deadline.
+    pub fn wait_limit(&self, now: Instant) -> Option<Duration> {
+        self.poll_timeout().map(|at| {
+            at.saturating_duration_since(now)
+                .max(Duration::from_millis(1))
+        })
     }
 
-    /// Ends the connection as idle.
-    pub fn close_idle(&mut self) {
-        if let Some(wait) = self.proxy.take() {
-            let why = format!(
-                "no complete PROXY header within {} (--proxy-timeout)",
-                humantime::format_duration(wait.timeout)
-            );
-            if self.failed.is_none() {
-                self.failed = stop(End::Proxy, why);
+    /// Whether a fixed deadline (the PROXY header, the TLS handshake) is
+    /// running: a driver with per-operation timers sets them again before
+    /// each wait, since they count from the accept, not from the last byte.
+    pub fn in_setup(&self) -> bool {
+        self.proxy.is_some() || (self.tls.as_ref()).is_some_and(|t| t.session.is_handshaking())
+    }
+
+    /// Time is `now`: ends the connection if a deadline has passed. Idle is
+    /// decided last, by `waiting` (the driver's look at its socket): a
+    /// connection whose bytes already wait in its socket is not idle,
+    /// however long the server was away (stopped, or starved of CPU); it
+    /// counts as progress, and the driver drives it. The fixed deadlines do
+    /// not ask: a client that drips its header is late whatever it sends.
+    pub fn handle_timeout(&mut self, now: Instant, waiting: impl FnOnce(&Conn) -> bool) -> Timeout {
+        if let Shape::Framed(f) = &mut self.shape
+            && f.room_at.is_some_and(|at| now >= at)
+        {
+            f.charge_held(&self.limits.buffered, now);
+            if f.room_at.is_none() {
+                return Timeout::Progress; // room: it may read again
             }
-            return;
         }
-        if self.failed.is_none() {
-            let idle = self.limits.idle.unwrap_or_default();
-            self.failed = stop(
+        let Some((at, what)) = self.deadline() else {
+            return Timeout::Pending;
+        };
+        if now < at {
+            return Timeout::Pending;
+        }
+        let why = match what {
+            Deadline::Room => return Timeout::Pending, // asked again above
+            Deadline::Proxy => (
+                End::Proxy,
+                format!(
+                    "no complete PROXY header within {} (--proxy-timeout)",
+                    humantime::format_duration(
+                        self.proxy.as_ref().map_or(Duration::ZERO, |w| w.timeout)
+                    )
+                ),
+            ),
+            Deadline::Handshake => (
+                End::Handshake,
+                format!(
+                    "no complete TLS handshake within {} (--handshake-timeout)",
+                    humantime::format_duration(self.limits.handshake)
+                ),
+            ),
+            Deadline::Idle if waiting(self) => {
+                self.last_progress = now;
+                return Timeout::Progress;
+            }
+            Deadline::Idle => (
                 End::Idle,
                 format!(
                     "idle for {}: closed (--idle-timeout)",
-                    humantime::format_duration(idle)
+                    humantime::format_duration(self.limits.idle.unwrap_or_default())
                 ),
-            );
-        }
+            ),
+        };
+        self.proxy = None;
+        self.failed = stop(why.0, why.1);
+        Timeout::Ended
+    }
+
+    /// A read or write of a per-operation driver waited all of
+    /// [`Conn::wait_limit`] and timed out: the deadline is reached, even if
+    /// the clock read now is a hair before it.
+    pub fn handle_wait_timeout(
+        &mut self,
+        now: Instant,
+        waiting: impl FnOnce(&Conn) -> bool,
+    ) -> Timeout {
+        let at = self.poll_timeout().map_or(now, |at| at.max(now));
+        self.handle_timeout(at, waiting)
     }
 
     /// How it ended: `Done` unless it failed, was idle or was cut.
@@ -946,6 +1164,7 @@ mod tests {
             block,
             read_ahead,
             idle: Some(Duration::from_secs(5)),
+            handshake: Duration::from_secs(10),
             buffered: Buffered::unlimited(),
         }
     }
@@ -1010,11 +1229,15 @@ mod tests {
         assert!(c.is_finished());
         // Late: the deadline is 3 s after the accept, however idle is set.
         let mut c = new();
-        assert_eq!(c.idle_deadline(), Some(now + Duration::from_secs(3)));
-        assert!(!c.is_idle(now + Duration::from_millis(2999)));
-        assert!(c.is_idle(now + Duration::from_secs(3)));
-        c.close_idle();
+        assert_eq!(c.poll_timeout(), Some(now + Duration::from_secs(3)));
+        assert!(c.in_setup());
+        let early = now + Duration::from_millis(2999);
+        assert_eq!(c.handle_timeout(early, |_| false), Timeout::Pending);
+        // A byte waiting in the socket does not save a late header.
+        let late = now + Duration::from_secs(3);
+        assert_eq!(c.handle_timeout(late, |_| true), Timeout::Ended);
         assert_eq!(c.end(), End::Proxy);
+        assert!(c.is_finished() && c.poll_timeout().is_none());
         // Closed halfway through the header.
         let mut c = new();
         let mut start = b"\r\n\r\n\0".to_vec();
@@ -1091,6 +1314,147 @@ mod tests {
             c.on_shutdown();
             assert_eq!(c.end(), End::Done, "cut {cut}");
         }
+    }
+
+    fn tls_origin(server: &Arc<rustls::ServerConfig>) -> Origin {
+        Origin {
+            tls: Some(server.clone()),
+            ..Origin::from("tcp://127.0.0.1:7")
+        }
+    }
+
+    /// The handshake has a deadline of its own, counted from the accept,
+    /// that bytes do not move; once it is complete only idle is left.
+    #[test]
+    fn a_tls_handshake_must_end_within_its_timeout() {
+        let (server, client) = tls_pair();
+        let now = T0();
+        let s = Duration::from_secs(1);
+        let mut c = Conn::new(
+            tls_origin(&server),
+            proto(Mode::Ascii),
+            limits(4096, 0),
+            now,
+        );
+        assert_eq!(&*c.peer, "tls://127.0.0.1:7", "the logs name the scheme");
+        assert!(c.in_setup());
+        assert_eq!(
+            c.poll_timeout(),
+            Some(now + 5 * s),
+            "idle (5 s) comes first"
+        );
+        // A client that drips its hello: each byte moves idle, not the handshake.
+        let name = rustls::pki_types::ServerName::try_from("127.0.0.1").unwrap();
+        let mut peer = rustls::ClientConnection::new(client.clone(), name).unwrap();
+        let mut hello = Vec::new();
+        peer.write_tls(&mut hello).unwrap();
+        for (i, b) in hello.iter().take(9).enumerate() {
+            let at = now + s * (i as u32 + 1);
+            assert!(c.on_input(&mut [*b], at).unwrap().is_empty());
+        }
+        assert_eq!(
+            c.poll_timeout(),
+            Some(now + 10 * s),
+            "the handshake's deadline"
+        );
+        assert_eq!(c.handle_timeout(now + 10 * s, |_| true), Timeout::Ended);
+        assert_eq!(c.end(), End::Handshake);
+
+        // Complete: the deadline is gone, idle is what is left.
+        let mut c = Conn::new(
+            tls_origin(&server),
+            proto(Mode::Ascii),
+            limits(4096, 0),
+            now,
+        );
+        let name = rustls::pki_types::ServerName::try_from("127.0.0.1").unwrap();
+        let mut peer = rustls::ClientConnection::new(client, name).unwrap();
+        for _ in 0..10 {
+            let mut wire = Vec::new();
+            while peer.wants_write() {
+                peer.write_tls(&mut wire).unwrap();
+            }
+            let out = c.on_input(&mut wire, now).unwrap().to_vec();
+            c.on_written(out.len(), now);
+            peer.read_tls(&mut &out[..]).unwrap();
+            peer.process_new_packets().unwrap();
+        }
+        assert!(!peer.is_handshaking() && !c.in_setup());
+        assert_eq!(c.poll_timeout(), Some(now + 5 * s));
+        // A TCP FIN without close_notify: answered, but named a truncation.
+        assert!(!c.on_input_end(now).unwrap().is_empty(), "our close_notify");
+        c.on_shutdown();
+        assert_eq!(c.end(), End::Truncated);
+    }
+
+    /// A message being held is charged all it may grow to before it may
+    /// grow; one that finds no room waits, reading nothing, and asks again
+    /// until the others' replies are taken. Everything goes back at the end.
+    #[test]
+    fn a_held_message_is_charged_and_waits_for_room() {
+        let now = T0();
+        let ms = Duration::from_millis(1);
+        let budget = Buffered::new(100);
+        let lim = Limits {
+            buffered: budget.clone(),
+            ..limits(4096, 0)
+        };
+        let framed = Protocol {
+            mode: Mode::Ascii,
+            framing: Framing::Length(1000),
+        };
+        let new = || Conn::new("t".into(), framed, lim.clone(), now);
+        let (mut a, mut b) = (new(), new());
+        let mut start = [&60u32.to_be_bytes()[..], &[b'a'; 10]].concat();
+        assert!(a.on_input(&mut start.clone(), now).unwrap().is_empty());
+        assert_eq!(budget.held(), 64, "a's whole message, before it grows");
+        assert_eq!(a.read_budget(), 4096);
+        assert!(b.on_input(&mut start, now).unwrap().is_empty());
+        assert_eq!(budget.held(), 78, "b holds 14 bytes and may not grow");
+        assert_eq!((b.read_budget(), budget.waiting()), (0, 1));
+        assert_eq!(b.poll_timeout(), Some(now + 10 * ms));
+        assert_eq!(b.handle_timeout(now + 10 * ms, |_| false), Timeout::Pending);
+        // a completes: its reply is charged as unsent, its hold is released.
+        let reply = a.on_input(&mut [b'a'; 50], now).unwrap().len();
+        assert_eq!((reply, budget.held()), (64, 78));
+        assert_eq!(b.handle_timeout(now + 20 * ms, |_| false), Timeout::Pending);
+        a.on_written(reply, now);
+        assert_eq!(budget.held(), 14);
+        assert_eq!(
+            b.handle_timeout(now + 30 * ms, |_| false),
+            Timeout::Progress
+        );
+        assert_eq!((b.read_budget(), budget.waiting()), (4096, 0));
+        assert_eq!(budget.held(), 64);
+        let mut rest = [b'a'; 50];
+        let reply = b.on_input(&mut rest, now).unwrap();
+        assert_eq!(&reply[4..], &[b'A'; 60][..]);
+        drop((a, b));
+        assert_eq!(budget.held(), 0, "all given back");
+    }
+
+    /// A TLS session that cannot be set up closes the connection: a tls://
+    /// client is never answered in plaintext.
+    #[test]
+    fn tls_fails_closed() {
+        let (server, _) = tls_pair();
+        let mut bad = (*server).clone();
+        bad.max_fragment_size = Some(1); // rustls refuses it per connection
+        let now = T0();
+        let mut c = Conn::new(
+            tls_origin(&Arc::new(bad)),
+            proto(Mode::Ascii),
+            limits(64, 0),
+            now,
+        );
+        assert!(c.is_finished());
+        assert_eq!(c.end(), End::Handshake);
+        assert_eq!(c.read_budget(), 0);
+        assert!(c.on_input(&mut b"hello".to_vec(), now).unwrap().is_empty());
+        // Gone during the handshake: named so, nothing sent.
+        let mut c = Conn::new(tls_origin(&server), proto(Mode::Ascii), limits(64, 0), now);
+        assert!(c.on_input_end(now).unwrap().is_empty());
+        assert_eq!(c.end(), End::Handshake);
     }
 
     /// Runs a connection to its end. `reads[i % len]` bounds the i-th read,
@@ -1229,28 +1593,43 @@ mod tests {
         let t = T0();
         let s = Duration::from_secs(1);
         let mut c = Conn::new("t".into(), proto(Mode::Ascii), limits(8, 0), t);
-        assert!(!c.is_idle(t + 4 * s));
-        assert!(c.is_idle(t + 5 * s));
+        assert_eq!(c.poll_timeout(), Some(t + 5 * s));
+        assert!(!c.in_setup());
+        assert_eq!(c.handle_timeout(t + 4 * s, |_| false), Timeout::Pending);
         let mut buf = *b"a";
         c.on_input(&mut buf, t + 3 * s).unwrap();
-        assert!(!c.is_idle(t + 7 * s), "the read at 3 s moved the deadline");
+        assert_eq!(c.poll_timeout(), Some(t + 8 * s), "the read moved it");
+        assert_eq!(c.handle_timeout(t + 7 * s, |_| false), Timeout::Pending);
         c.on_written(0, t + 7 * s);
-        assert!(c.is_idle(t + 8 * s), "a write of nothing is no progress");
-        c.touch(t + 8 * s);
-        assert!(!c.is_idle(t + 9 * s));
-        c.close_idle();
+        assert_eq!(
+            c.poll_timeout(),
+            Some(t + 8 * s),
+            "a write of nothing is no progress"
+        );
+        // Bytes waiting in the socket at the deadline are progress.
+        assert_eq!(c.handle_timeout(t + 8 * s, |_| true), Timeout::Progress);
+        assert_eq!(c.poll_timeout(), Some(t + 13 * s));
+        assert_eq!(c.wait_limit(t + 10 * s), Some(3 * s));
+        // A per-operation timer that fired a hair early still ends it.
+        let early = t + 13 * s - Duration::from_millis(1);
+        assert_eq!(c.handle_wait_timeout(early, |_| false), Timeout::Ended);
         assert_eq!(c.end(), End::Idle);
-        assert!(c.is_finished() && c.idle_deadline().is_none());
+        assert!(c.is_finished() && c.poll_timeout().is_none());
         let mut none = Conn::new(
             "t".into(),
             proto(Mode::Ascii),
             Limits {
                 idle: None,
+                handshake: Duration::from_secs(10),
                 ..limits(8, 0)
             },
             t,
         );
-        assert!(!none.is_idle(t + 1000 * s));
+        assert_eq!(none.poll_timeout(), None);
+        assert_eq!(
+            none.handle_timeout(t + 1000 * s, |_| false),
+            Timeout::Pending
+        );
         none.on_error(&io::ErrorKind::ConnectionReset.into());
         assert_eq!(none.end(), End::Error);
     }

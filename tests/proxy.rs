@@ -402,3 +402,70 @@ fn behind_haproxy_with_proxy_v2_in_network_namespaces() {
     let _ = std::fs::remove_file(&cfg);
     drop(made);
 }
+
+/// Descriptors of the server and of its children (the fork model serves
+/// each connection in a child).
+fn fds_of_tree(pid: i32) -> usize {
+    fd_count(pid) + child_pids(pid).into_iter().map(fd_count).sum::<usize>()
+}
+
+/// What a plain TCP health check does, 300 times: connect, then close
+/// before sending a PROXY header. Every model ends each one at once (uring
+/// left them all in CLOSE_WAIT, past any timeout, and 20 of them locked
+/// out everyone at `--max-conns 20`), on TCP and Unix listeners alike.
+#[test]
+fn a_connection_closed_before_its_header_is_closed_at_once_on_every_model() {
+    for model in runnable(&ALL_MODELS) {
+        let path = sock_path("proxy-close");
+        let unix = format!("unix:{}", path.display());
+        let server = Server::start(
+            &[
+                "tcp://127.0.0.1:0",
+                &unix,
+                "--model",
+                model,
+                "--proxy-protocol",
+                "any",
+                "--proxy-timeout",
+                "60s",
+                "--max-conns",
+                "20",
+            ],
+            2,
+        );
+        let port = server.port(0);
+        // One whole exchange first: some models open descriptors lazily.
+        let hello = b"PROXY UNKNOWN\r\nwarm";
+        assert_eq!(exchange(port, hello).expect("reply"), b"WARM", "{model}");
+        let base = fds_of_tree(server.pid());
+        let start = Instant::now();
+        for i in 0..300 {
+            if i % 2 == 0 {
+                drop(TcpStream::connect(("127.0.0.1", port)).expect("connect"));
+            } else {
+                drop(std::os::unix::net::UnixStream::connect(&path).expect("connect"));
+            }
+        }
+        // Each one ended, with its reason (the backlog held them, so
+        // counting descriptors alone could pass before any was accepted).
+        let mut ended = 0;
+        let deadline = Instant::now() + SECS(10);
+        while ended < 300 && Instant::now() < deadline {
+            if let Ok(l) = server.stderr.recv_timeout(Duration::from_millis(100)) {
+                ended += usize::from(l.contains("ended (proxy header)"));
+            }
+        }
+        assert_eq!(ended, 300, "{model}: connections ended with a reason");
+        let settled = eventually(SECS(1), || fds_of_tree(server.pid()) <= base);
+        let took = start.elapsed();
+        assert!(
+            settled,
+            "{model}: {} descriptors after 300 closed clients, {base} before",
+            fds_of_tree(server.pid())
+        );
+        eprintln!("{model}: 300 header-less closes settled in {took:?}");
+        // And nobody is locked out.
+        let got = exchange(port, b"PROXY UNKNOWN\r\nserved").expect("reply");
+        assert_eq!(got, b"SERVED", "{model}");
+    }
+}

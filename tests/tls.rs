@@ -338,3 +338,72 @@ fn bench_rr_over_tls() {
     );
     assert_eq!(r.code(), 2, "{}", r.stderr);
 }
+
+/// A client that starts a handshake and never completes it, dripping a
+/// byte of its hello every 300 ms, is closed at `--handshake-timeout` on
+/// every model, though each byte is progress for `--idle-timeout` (5 min).
+/// The log names it with the scheme it used and the reason; the same
+/// listener's other clients are served meanwhile.
+#[test]
+fn an_unfinished_handshake_is_closed_at_its_deadline_on_every_model() {
+    use std::io::{Read, Write};
+    use std::time::{Duration, Instant};
+    let certs = Certs::make();
+    let (cert, key) = (certs.path("cert.pem"), certs.path("key.pem"));
+    // The start of a ClientHello record of 512 bytes, never finished.
+    let hello = [
+        0x16, 0x03, 0x01, 0x02, 0x00, 0x01, 0x00, 0x01, 0xfc, 0x03, 0x03,
+    ];
+    for model in runnable(&ALL_MODELS) {
+        let args = [
+            "--model",
+            model,
+            "--cert",
+            &cert,
+            "--key",
+            &key,
+            "--handshake-timeout",
+            "1s",
+            "tls://127.0.0.1:0",
+        ];
+        let srv = Server::start(&args, 1);
+        let start = Instant::now();
+        let mut s = std::net::TcpStream::connect(srv.hostport(0)).expect("connect");
+        s.set_read_timeout(Some(Duration::from_millis(300)))
+            .unwrap();
+        let mut closed = None;
+        for b in hello.iter().cycle().take(40) {
+            let _ = s.write_all(&[*b]);
+            match s.read(&mut [0u8; 64]) {
+                Ok(0) => closed = Some(start.elapsed()),
+                Ok(n) => panic!("{model}: {n} bytes for half a hello"),
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => continue,
+                Err(_) => closed = Some(start.elapsed()),
+            }
+            break;
+        }
+        let closed = closed.unwrap_or_else(|| panic!("{model}: still open after 12 s"));
+        assert!(
+            closed >= Duration::from_millis(900) && closed < Duration::from_secs(4),
+            "{model}: closed after {closed:?}"
+        );
+        let why = "ended (tls handshake) after";
+        let mut seen = Vec::new();
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while !seen.iter().any(|l: &String| l.contains(why)) && Instant::now() < deadline {
+            if let Ok(l) = srv.stderr.recv_timeout(Duration::from_millis(100)) {
+                seen.push(l);
+            }
+        }
+        let line = seen.iter().find(|l| l.contains(why));
+        let line = line.unwrap_or_else(|| panic!("{model}: {seen:#?}"));
+        assert!(
+            line.contains("connection tls://127.0.0.1:"),
+            "{model}: {line}"
+        );
+        assert!(
+            line.contains("no complete TLS handshake within 1s (--handshake-timeout)"),
+            "{model}: {line}"
+        );
+    }
+}

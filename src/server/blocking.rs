@@ -15,7 +15,7 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use super::{AcceptBackoff, Config};
-use crate::conn::Conn;
+use crate::conn::{Conn, Timeout};
 use crate::lifecycle::{Lifecycle, wait_readable};
 use crate::net::{Listener, Stream};
 
@@ -113,38 +113,39 @@ pub fn serve(mut sock: Stream, peer: String, config: &Config) {
         tracing::warn!("setting the idle timeout: {e}");
     }
     let mut buf = BlockBuf::new(config.block, conn.limits().buffered.clone());
-    if let Err(e) = drive(&mut sock, &mut conn, &mut buf, config) {
-        // SO_RCVTIMEO / SO_SNDTIMEO expired: no progress for --idle-timeout
-        // (or no PROXY header within --proxy-timeout).
-        if e.kind() == io::ErrorKind::WouldBlock && config.sweep_timeout().is_some() {
-            conn.close_idle();
-        } else {
+    if let Err(e) = drive(&mut sock, &mut conn, &mut buf) {
+        // SO_RCVTIMEO / SO_SNDTIMEO expired: the core's deadline is here
+        // (it names which one). A blocked thread cannot look at the socket
+        // while it waits, so there is no "bytes were waiting" to ask.
+        let timed_out = e.kind() == io::ErrorKind::WouldBlock && conn.poll_timeout().is_some();
+        if !timed_out || conn.handle_wait_timeout(Instant::now(), |_| false) != Timeout::Ended {
             conn.on_error(&e);
         }
     }
-    conn.log_end(Instant::now());
-    if conn.resets() {
-        crate::net::reset_on_close(sock.as_fd());
-    }
+    super::end_connection(sock.as_fd(), &conn);
 }
 
 /// The seeds' loop: read a block, write all of the reply, until the peer's
 /// end of input; then shut the write side.
-fn drive(
-    sock: &mut Stream,
-    conn: &mut Conn,
-    buf: &mut BlockBuf,
-    config: &Config,
-) -> io::Result<()> {
+fn drive(sock: &mut Stream, conn: &mut Conn, buf: &mut BlockBuf) -> io::Result<()> {
     while !conn.is_finished() {
         if conn.wants_shutdown() {
             sock.shutdown_write()?;
             conn.on_shutdown();
             break;
         }
-        let awaiting_proxy = conn.awaiting_proxy();
-        if awaiting_proxy {
-            // The header's deadline is counted from the accept, not per read.
+        if conn.read_budget() == 0 {
+            // The message it holds waits for room in --max-buffered: sleep
+            // until the core's next deadline, which asks again.
+            let Some(at) = conn.poll_timeout() else { break };
+            std::thread::sleep(at.saturating_duration_since(Instant::now()));
+            conn.handle_timeout(Instant::now(), |_| false);
+            continue;
+        }
+        let in_setup = conn.in_setup();
+        if in_setup {
+            // The PROXY header's and the handshake's deadlines count from
+            // the accept, not per read.
             sock.set_io_timeout(conn.wait_limit(Instant::now()))?;
         }
         let n = match sock.read(buf.space(conn.read_budget())) {
@@ -161,8 +162,8 @@ fn drive(
         let len = reply.len();
         sock.write_all(reply)?;
         conn.on_written(len, Instant::now());
-        if awaiting_proxy && !conn.awaiting_proxy() {
-            sock.set_io_timeout(config.idle_timeout)?;
+        if in_setup && !conn.in_setup() {
+            sock.set_io_timeout(conn.limits().idle)?;
         }
     }
     Ok(())

@@ -31,7 +31,7 @@ use mio::{Events, Interest, Poll, Token};
 use slab::Slab;
 use socket2::SockRef;
 
-use super::readiness::{ReadyConn, Step, could_progress};
+use super::readiness::{ReadyConn, Step, SweepClock, sweep};
 use super::udp::{UdpService, answer_all};
 use super::{AcceptBackoff, Config};
 use crate::addr::HostPort;
@@ -137,8 +137,8 @@ struct EventLoop<'a> {
     backoff: Arc<Mutex<AcceptBackoff>>,
     /// Accepting failed for want of resources: try again at this time.
     retry_at: Option<Instant>,
-    /// When to look for idle connections next (with --idle-timeout).
-    next_sweep: Option<Instant>,
+    /// When to look at the connections' deadlines next.
+    sweeps: SweepClock,
 }
 
 impl<'a> EventLoop<'a> {
@@ -176,9 +176,7 @@ impl<'a> EventLoop<'a> {
             paused: false,
             backoff: backoff.clone(),
             retry_at: None,
-            next_sweep: config
-                .sweep_timeout()
-                .map(|d| Instant::now() + super::sweep_every(d)),
+            sweeps: SweepClock::new(config),
         })
     }
 
@@ -196,7 +194,7 @@ impl<'a> EventLoop<'a> {
                 Some(Duration::ZERO)
             } else {
                 let sweep = (!self.conns.is_empty())
-                    .then_some(self.next_sweep)
+                    .then(|| self.sweeps.wake_at())
                     .flatten();
                 [self.retry_at, sweep]
                     .into_iter()
@@ -236,11 +234,8 @@ impl<'a> EventLoop<'a> {
             for key in again {
                 self.drive(key, false);
             }
-            if let Some(idle) = self.config.sweep_timeout()
-                && self.next_sweep.is_some_and(|t| Instant::now() >= t)
-            {
+            if self.sweeps.due(Instant::now()) {
                 self.close_idle();
-                self.next_sweep = Some(Instant::now() + super::sweep_every(idle));
             }
             if self.retry_at.is_some_and(|t| Instant::now() >= t) {
                 self.retry_at = None;
@@ -252,27 +247,17 @@ impl<'a> EventLoop<'a> {
         Ok(())
     }
 
-    /// Closes the connections that could have moved bytes for
-    /// --idle-timeout and did not; one whose input is waiting is driven
-    /// instead (its event may still be on the way after a long pause).
+    /// The deadline sweep (shared with select and uring): ends what the
+    /// cores say is over; one whose input is waiting is driven instead (its
+    /// event may still be on the way after a long pause).
     fn close_idle(&mut self) {
-        let now = Instant::now();
-        let idle: Vec<usize> = self
-            .conns
-            .iter()
-            .filter(|(_, c)| c.conn.conn.is_idle(now))
-            .map(|(k, _)| k)
-            .collect();
-        for key in idle {
-            let c = &mut self.conns[key];
-            if could_progress(c.sock.as_fd(), &c.conn.conn) {
-                c.conn.conn.touch(now);
-                self.again.push(key);
-                continue;
-            }
-            let mut c = self.conns.remove(key);
-            c.conn.conn.close_idle();
-            c.conn.conn.log_end(now);
+        let conns = self.conns.iter_mut();
+        let conns = conns.map(|(k, c)| (k, c.sock.as_fd(), &mut c.conn.conn));
+        let swept = sweep(Instant::now(), conns);
+        self.again.extend(swept.again);
+        for key in swept.ended {
+            let c = self.conns.remove(key);
+            super::end_connection(c.sock.as_fd(), &c.conn.conn);
         }
         self.resume_accepting();
     }
@@ -369,14 +354,11 @@ impl<'a> EventLoop<'a> {
                 s.shutdown_write()
             });
         match step {
-            Step::WaitRead | Step::WaitWrite => {}
+            Step::WaitRead | Step::WaitWrite | Step::WaitRoom => {}
             Step::Again => self.again.push(key),
             Step::Done => {
                 let c = self.conns.remove(key);
-                c.conn.conn.log_end(Instant::now());
-                if c.conn.conn.resets() {
-                    net::reset_on_close(c.sock.as_fd());
-                }
+                super::end_connection(c.sock.as_fd(), &c.conn.conn);
                 drop(c); // deregisters, closes and frees the slot
                 self.resume_accepting();
             }

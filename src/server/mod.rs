@@ -122,6 +122,9 @@ pub struct Config {
     pub workers: usize,
     /// Close a connection that moves no bytes either way for this long.
     pub idle_timeout: Option<Duration>,
+    /// `--handshake-timeout`: a tls:// handshake is complete this long
+    /// after the accept, or the connection is closed.
+    pub handshake_timeout: Duration,
     /// `--max-buffered`: the unsent output of all connections together.
     pub buffered: std::sync::Arc<crate::conn::Buffered>,
     /// `--udp-limit`, `--udp-allow`: who gets UDP replies, and how many.
@@ -170,13 +173,15 @@ impl Config {
     }
 
     /// How often the readiness loops must look for connections past their
-    /// deadline: `--idle-timeout`, or `--proxy-timeout` when shorter.
+    /// deadline: the shortest of `--idle-timeout`, `--proxy-timeout` and
+    /// (with tls:// listeners) `--handshake-timeout`.
     pub fn sweep_timeout(&self) -> Option<Duration> {
         let proxy = self.proxy.map(|(_, t)| t);
-        match (self.idle_timeout, proxy) {
-            (Some(i), Some(p)) => Some(i.min(p)),
-            (i, p) => i.or(p),
-        }
+        let handshake = self.tls.as_ref().map(|_| self.handshake_timeout);
+        [self.idle_timeout, proxy, handshake]
+            .into_iter()
+            .flatten()
+            .min()
     }
 
     /// The UDP service of one socket.
@@ -195,8 +200,20 @@ impl Config {
             block: self.block,
             read_ahead,
             idle: self.idle_timeout,
+            handshake: self.handshake_timeout,
             buffered: self.buffered.clone(),
         }
+    }
+}
+
+/// Ends a connection as its core decided: every driver ends connections
+/// here, so that an ending reads the same on every model. The core chose
+/// close or reset and why ([`Conn::resets`](crate::conn::Conn::resets)); this logs it and arms the
+/// reset. The socket closes when the caller drops it, right after.
+pub fn end_connection(fd: std::os::fd::BorrowedFd<'_>, conn: &crate::conn::Conn) {
+    conn.log_end(std::time::Instant::now());
+    if conn.resets() {
+        crate::net::reset_on_close(fd);
     }
 }
 

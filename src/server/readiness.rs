@@ -10,9 +10,10 @@
 
 use std::io::{self, Read, Write};
 use std::os::fd::{AsRawFd, BorrowedFd};
-use std::time::Instant;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
 
-use crate::conn::Conn;
+use crate::conn::{Buffered, Conn, ROOM_RETRY, Timeout};
 
 /// What a non-blocking connection needs next.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -23,6 +24,10 @@ pub enum Step {
     WaitWrite,
     /// Still ready, but this connection used its turn: come back soon.
     Again,
+    /// Its held message waits for room in `--max-buffered`: not polled
+    /// (its bytes would wake the loop for nothing); the sweep brings it
+    /// back once the core says there is room.
+    WaitRoom,
     /// Finished (done, failed or idle): log it and drop the socket.
     Done,
 }
@@ -93,6 +98,10 @@ impl ReadyConn {
                 return Ok(Step::Done);
             }
             let budget = self.conn.read_budget().min(scratch.len());
+            if budget == 0 {
+                // Nothing to write, not finished: waiting for room.
+                return Ok(Step::WaitRoom);
+            }
             let n = match s.read(&mut scratch[..budget]) {
                 Ok(n) => n,
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(Step::WaitRead),
@@ -156,6 +165,69 @@ impl ReadyConn {
         }
         Ok(true)
     }
+}
+
+/// What one sweep of an event loop found: the connections a deadline
+/// ended (to be ended with [`super::end_connection`] and dropped), and those
+/// idle by the clock whose bytes wait in the socket (to be driven now).
+#[derive(Debug, Default)]
+pub struct Swept {
+    pub ended: Vec<usize>,
+    pub again: Vec<usize>,
+}
+
+/// When an event loop looks at its connections' deadlines: every
+/// [`super::sweep_every`] of the shortest timeout, and every [`ROOM_RETRY`]
+/// while a connection waits for room in the budget.
+pub struct SweepClock {
+    every: Option<Duration>,
+    last: Instant,
+    budget: Arc<Buffered>,
+}
+
+impl SweepClock {
+    pub fn new(config: &super::Config) -> SweepClock {
+        SweepClock {
+            every: config.sweep_timeout().map(super::sweep_every),
+            last: Instant::now(),
+            budget: config.buffered.clone(),
+        }
+    }
+
+    /// When the loop must wake for the next sweep (if it has connections).
+    pub fn wake_at(&self) -> Option<Instant> {
+        let room = (self.budget.waiting() > 0).then_some(ROOM_RETRY);
+        let every = [self.every, room].into_iter().flatten().min()?;
+        Some(self.last + every)
+    }
+
+    /// Whether a sweep is due at `now`; if so, it counts as done.
+    pub fn due(&mut self, now: Instant) -> bool {
+        let due = self.wake_at().is_some_and(|t| now >= t);
+        if due {
+            self.last = now;
+        }
+        due
+    }
+}
+
+/// The one deadline sweep of the event loops (select, epoll, uring): each
+/// connection's core is told the time and decides; the loop only removes
+/// what ended and drives what could progress. A loop runs it every
+/// [`super::sweep_every`] of [`super::Config::sweep_timeout`].
+pub fn sweep<'a>(
+    now: Instant,
+    conns: impl Iterator<Item = (usize, BorrowedFd<'a>, &'a mut Conn)>,
+) -> Swept {
+    let mut swept = Swept::default();
+    for (key, fd, conn) in conns {
+        match conn.handle_timeout(now, |c| could_progress(fd, c)) {
+            Timeout::Pending => {}
+            Timeout::Progress => swept.again.push(key),
+            Timeout::Ended => swept.ended.push(key),
+        }
+    }
+    swept
 }
 
 /// Whether a connection the idle clock calls idle could in fact make

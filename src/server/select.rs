@@ -30,7 +30,7 @@ use std::time::Instant;
 
 use anyhow::Context;
 
-use super::readiness::{ReadyConn, Step, could_progress};
+use super::readiness::{ReadyConn, Step, SweepClock, sweep};
 use super::udp::answer_ready;
 use super::{AcceptBackoff, Config};
 use crate::conn::Conn;
@@ -62,9 +62,7 @@ pub fn run(config: Config, listeners: Vec<Listener>, life: &Arc<Lifecycle>) -> a
     let mut udp = config.udp_service();
     let mut backoff = AcceptBackoff::default();
     let mut paused_until: Option<Instant> = None;
-    let mut next_sweep = config
-        .sweep_timeout()
-        .map(|d| Instant::now() + super::sweep_every(d));
+    let mut sweeps = SweepClock::new(&config);
 
     loop {
         let draining = life.is_draining();
@@ -103,13 +101,14 @@ pub fn run(config: Config, listeners: Vec<Listener>, life: &Arc<Lifecycle>) -> a
             match c.step {
                 Step::WaitRead => push(c.sock.as_fd(), libc::POLLIN, Interest::Client(i)),
                 Step::WaitWrite => push(c.sock.as_fd(), libc::POLLOUT, Interest::Client(i)),
+                Step::WaitRoom => {} // the sweep brings it back
                 Step::Again | Step::Done => again = true,
             }
         }
         // Wake for the end of an accept pause and for the idle sweep.
         let wake = [
             paused_until,
-            (!clients.is_empty()).then_some(next_sweep).flatten(),
+            (!clients.is_empty()).then(|| sweeps.wake_at()).flatten(),
         ]
         .into_iter()
         .flatten()
@@ -139,10 +138,7 @@ pub fn run(config: Config, listeners: Vec<Listener>, life: &Arc<Lifecycle>) -> a
                 .drive(&mut c.sock, &mut scratch, true, |s| s.shutdown_write());
             if c.step == Step::Done {
                 let c = clients.swap_remove(i);
-                c.conn.conn.log_end(Instant::now());
-                if c.conn.conn.resets() {
-                    crate::net::reset_on_close(c.sock.as_fd());
-                }
+                super::end_connection(c.sock.as_fd(), &c.conn.conn);
             }
         }
         for (p, s) in pfds.iter().zip(&slots) {
@@ -165,11 +161,8 @@ pub fn run(config: Config, listeners: Vec<Listener>, life: &Arc<Lifecycle>) -> a
             }
         }
         // Last, once this round's input is taken: the idle sweep.
-        if let Some(idle) = config.sweep_timeout()
-            && next_sweep.is_some_and(|t| Instant::now() >= t)
-        {
+        if sweeps.due(Instant::now()) {
             close_idle(&mut clients);
-            next_sweep = Some(Instant::now() + super::sweep_every(idle));
         }
     }
     tracing::info!("all connections finished");
@@ -177,23 +170,19 @@ pub fn run(config: Config, listeners: Vec<Listener>, life: &Arc<Lifecycle>) -> a
     Ok(())
 }
 
-/// Closes the connections that could have moved bytes for --idle-timeout
-/// and did not; one whose input is waiting is driven next round instead.
+/// The deadline sweep (shared with epoll and uring): ends what the cores
+/// say is over; one whose input is waiting is driven next round instead.
 fn close_idle(clients: &mut Vec<Client>) {
-    let now = Instant::now();
-    for i in (0..clients.len()).rev() {
-        let c = &mut clients[i];
-        if !c.conn.conn.is_idle(now) {
-            continue;
-        }
-        if could_progress(c.sock.as_fd(), &c.conn.conn) {
-            c.conn.conn.touch(now);
-            c.step = Step::Again;
-        } else {
-            let mut c = clients.swap_remove(i);
-            c.conn.conn.close_idle();
-            c.conn.conn.log_end(now);
-        }
+    let conns = clients.iter_mut().enumerate();
+    let conns = conns.map(|(i, c)| (i, c.sock.as_fd(), &mut c.conn.conn));
+    let swept = sweep(Instant::now(), conns);
+    for i in swept.again {
+        clients[i].step = Step::Again;
+    }
+    // Highest index first, so that swap_remove moves only kept ones.
+    for i in swept.ended.into_iter().rev() {
+        let c = clients.swap_remove(i);
+        super::end_connection(c.sock.as_fd(), &c.conn.conn);
     }
 }
 

@@ -25,7 +25,7 @@ use std::os::fd::AsFd;
 use super::blocking::BlockBuf;
 use super::readiness::{could_progress, poll_now};
 use super::{AcceptBackoff, Config, udp};
-use crate::conn::Conn;
+use crate::conn::{Conn, Timeout};
 use crate::lifecycle::{Lifecycle, Slot};
 use crate::net::{self, Listener};
 
@@ -148,52 +148,36 @@ async fn handle(sock: Stream, peer: String, config: &Config) {
         Stream::Unix(s) => config.origin(peer, s.as_fd()),
     };
     let mut conn = Conn::new(origin, config.protocol, config.limits(0), Instant::now());
-    let result = match sock {
+    match sock {
         Stream::Tcp(mut s) => {
             if let Err(e) = net::tune_tcp(socket2::SockRef::from(&s), &config.sockopts) {
                 tracing::warn!("setting socket options: {e}");
             }
-            let result = drive(&mut s, &mut conn, config.block).await;
-            if conn.resets() {
-                net::reset_on_close(s.as_fd());
+            if let Err(e) = drive(&mut s, &mut conn, config.block).await {
+                conn.on_error(&e);
             }
-            result
+            super::end_connection(s.as_fd(), &conn);
         }
-        Stream::Unix(mut s) => drive(&mut s, &mut conn, config.block).await,
-    };
-    match result {
-        Ok(()) => {}
-        Err(Stop::Idle) => conn.close_idle(),
-        Err(Stop::Io(e)) => conn.on_error(&e),
-    }
-    conn.log_end(Instant::now());
-}
-
-/// Why the async driver stopped early.
-enum Stop {
-    Idle,
-    Io(io::Error),
-}
-
-impl From<io::Error> for Stop {
-    fn from(e: io::Error) -> Self {
-        Stop::Io(e)
+        Stream::Unix(mut s) => {
+            if let Err(e) = drive(&mut s, &mut conn, config.block).await {
+                conn.on_error(&e);
+            }
+            super::end_connection(s.as_fd(), &conn);
+        }
     }
 }
 
 /// The async driver: the blocking driver's loop, where each read and write
-/// must make progress within `--idle-timeout`. When one does not, the
-/// connection is idle only if its socket has nothing for it either: the
-/// runtime's timer can fire before its reactor has seen the bytes that
-/// arrived while the server was stopped.
+/// waits at most until the core's deadline ([`Conn::wait_limit`]). When
+/// one times out, the core decides ([`Conn::handle_wait_timeout`]): idle
+/// only if the socket has nothing for it either, since the runtime's timer
+/// can fire before its reactor has seen the bytes that arrived while the
+/// server was stopped. An `Ok` return may be a connection the core ended.
 async fn drive<S: AsyncRead + AsyncWrite + AsFd + Unpin>(
     s: &mut S,
     conn: &mut Conn,
     block: usize,
-) -> Result<(), Stop> {
-    // Writes wait at most --idle-timeout; reads wait what the core says
-    // (shorter while the PROXY header is awaited).
-    let conn_idle = conn.limits().idle;
+) -> io::Result<()> {
     let mut buf = BlockBuf::new(block, conn.limits().buffered.clone());
     while !conn.is_finished() {
         if conn.wants_shutdown() {
@@ -201,32 +185,55 @@ async fn drive<S: AsyncRead + AsyncWrite + AsFd + Unpin>(
             conn.on_shutdown();
             break;
         }
+        if conn.read_budget() == 0 {
+            // The message it holds waits for room in --max-buffered.
+            let Some(at) = conn.poll_timeout() else { break };
+            tokio::time::sleep_until(at.into()).await;
+            conn.handle_timeout(Instant::now(), |_| false);
+            continue;
+        }
         let n = loop {
             let limit = conn.wait_limit(Instant::now());
             let read = s.read(buf.space(conn.read_budget()));
             match within(limit, read).await {
                 Some(r) => break r?,
-                None if could_progress(s.as_fd(), conn) => conn.touch(Instant::now()),
-                None => return Err(Stop::Idle),
+                None => {
+                    let fd = s.as_fd();
+                    let waiting = |c: &Conn| could_progress(fd, c);
+                    if conn.handle_wait_timeout(Instant::now(), waiting) == Timeout::Ended {
+                        return Ok(());
+                    }
+                }
             }
         };
         let now = Instant::now();
+        // The reply borrows the core: its deadline is read before.
+        let write_limit = conn.limits().idle;
         let mut reply = if n == 0 {
             conn.on_input_end(now)?
         } else {
             conn.on_input(buf.filled(n), now)?
         };
         let len = reply.len();
+        let mut stuck = false;
         while !reply.is_empty() {
-            let k = match within(conn_idle, s.write(reply)).await {
+            let k = match within(write_limit, s.write(reply)).await {
                 Some(r) => r?,
                 None if poll_now(s.as_fd(), libc::POLLOUT) => continue,
-                None => return Err(Stop::Idle),
+                None => {
+                    stuck = true;
+                    break;
+                }
             };
             if k == 0 {
-                return Err(io::Error::from(io::ErrorKind::WriteZero).into());
+                return Err(io::Error::from(io::ErrorKind::WriteZero));
             }
             reply = &reply[k..];
+        }
+        if stuck {
+            // The client took nothing for the whole wait: the core ends it.
+            conn.handle_wait_timeout(Instant::now(), |_| false);
+            return Ok(());
         }
         conn.on_written(len, Instant::now());
     }

@@ -39,7 +39,7 @@ use std::time::{Duration, Instant};
 use io_uring::{cqueue, opcode, squeue, types};
 use slab::Slab;
 
-use super::readiness::could_progress;
+use super::readiness::{SweepClock, sweep};
 use super::{AcceptBackoff, Config, blocking};
 use crate::conn::Conn as Core;
 use crate::lifecycle::{Lifecycle, Slot};
@@ -275,11 +275,8 @@ impl Loop<'_> {
     }
 
     fn run(&mut self) -> io::Result<()> {
-        let tick = self
-            .config
-            .sweep_timeout()
-            .map_or(Duration::from_secs(1), super::sweep_every);
-        let mut next_sweep = Instant::now() + tick;
+        let mut sweeps = SweepClock::new(self.config);
+        let second = Duration::from_secs(1);
         // Kept across rounds, so that a round allocates nothing.
         let mut done: Vec<Completion> = Vec::with_capacity(1024);
         loop {
@@ -287,6 +284,7 @@ impl Loop<'_> {
                 return Ok(());
             }
             self.flush_backlog();
+            let next_sweep = sweeps.wake_at().unwrap_or(Instant::now() + second);
             let wake = self.paused_until.map_or(next_sweep, |p| p.min(next_sweep));
             // Poll briefly before sleeping, but only while there is work.
             let spin = if done.is_empty() {
@@ -306,9 +304,8 @@ impl Loop<'_> {
                 self.paused_until = None;
                 self.arm_listeners();
             }
-            if now >= next_sweep {
+            if sweeps.due(now) {
                 self.sweep();
-                next_sweep = now + tick;
             }
         }
     }
@@ -390,7 +387,11 @@ impl Loop<'_> {
                         polling_out: false,
                         listed: false,
                     });
-                    self.arm_recv(key);
+                    if self.conns[key].core.is_finished() {
+                        self.close(key); // a TLS session that could not be set up
+                    } else {
+                        self.arm_recv(key);
+                    }
                 }
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => return,
                 Err(e) => {
@@ -540,6 +541,10 @@ impl Loop<'_> {
                     Ok(()) => c.core.on_shutdown(),
                     Err(e) => c.core.on_error(&e),
                 }
+                self.close(key);
+            } else if c.core.is_finished() {
+                // Over with nothing to send: a PROXY header cut short by
+                // the client's close, a TLS client gone mid-handshake.
                 self.close(key);
             }
             return;
@@ -737,38 +742,26 @@ impl Loop<'_> {
                 self.ring.give_back(block);
             }
         }
-        c.core.log_end(self.now);
-        if c.core.resets() {
-            crate::net::reset_on_close(c.sock.as_fd());
-        }
+        super::end_connection(c.sock.as_fd(), &c.core);
         drop(c); // closes the socket and frees the gauge's slot
         self.feed_starved();
         self.arm_listeners();
     }
 
-    /// Closes the connections that could have moved bytes for
-    /// `--idle-timeout` and did not. One whose input already waits in its
-    /// socket is not idle, however long the loop was away (stopped, or
-    /// starved of CPU): its completion is on the way.
+    /// The deadline sweep (shared with select and epoll): closes what the
+    /// cores say is over. One whose input already waits in its socket is
+    /// not idle, however long the loop was away (stopped, or starved of
+    /// CPU): its completion is on the way.
     fn sweep(&mut self) {
-        if self.config.sweep_timeout().is_none() {
-            return;
+        let conns = self.conns.iter_mut().filter(|(_, c)| !c.closing);
+        let conns = conns.map(|(k, c)| (k, c.sock.as_fd(), &mut c.core));
+        let swept = sweep(self.now, conns);
+        for key in swept.again {
+            // Room in the budget (or bytes waiting): receive again.
+            self.resume(key);
         }
-        let now = self.now;
-        let idle: Vec<usize> = self
-            .conns
-            .iter()
-            .filter(|(_, c)| !c.closing && c.core.is_idle(now))
-            .map(|(k, _)| k)
-            .collect();
-        for key in idle {
-            let c = &mut self.conns[key];
-            if could_progress(c.sock.as_fd(), &c.core) {
-                c.core.touch(now);
-                continue;
-            }
-            c.core.close_idle();
-            if c.sending {
+        for key in swept.ended {
+            if self.conns[key].sending {
                 let e = opcode::AsyncCancel::new(ring::user_data(SEND, key))
                     .build()
                     .user_data(ring::user_data(CANCEL, key));
