@@ -157,7 +157,13 @@ pub fn run(cfg: &SendConfig, total: u64) -> anyhow::Result<Outcome> {
     {
         // A reset or an early close: an error (exit 1), after the summary
         // that shows how far it got.
-        return Err(e).with_context(|| format!("sending to {} after {sent} bytes", cfg.endpoint));
+        let received = verifier.received();
+        return Err(e).with_context(|| {
+            format!(
+                "sending to {} (sent {sent} bytes, received {received} bytes before the error)",
+                cfg.endpoint
+            )
+        });
     }
     Ok(report.outcome(total, expect))
 }
