@@ -1173,7 +1173,11 @@ mod tests {
     fn tls_pair() -> (Arc<rustls::ServerConfig>, Arc<rustls::ClientConfig>) {
         let rcgen::CertifiedKey { cert, signing_key } =
             rcgen::generate_simple_self_signed(vec!["127.0.0.1".into()]).unwrap();
-        let dir = std::env::temp_dir().join(format!("upcase-core-tls-{}", std::process::id()));
+        // A directory per call: the tests run in parallel, and each removes
+        // its own.
+        static N: AtomicUsize = AtomicUsize::new(0);
+        let n = N.fetch_add(1, Ordering::Relaxed);
+        let dir = std::env::temp_dir().join(format!("upcase-core-tls-{}-{n}", std::process::id()));
         std::fs::create_dir_all(&dir).unwrap();
         let (c, k) = (dir.join("cert.pem"), dir.join("key.pem"));
         std::fs::write(&c, cert.pem()).unwrap();

@@ -36,15 +36,23 @@ use std::time::{Duration, Instant};
 
 use io_uring::{IoUring, cqueue, squeue, types};
 
+/// The bits of user data below the kind: the index.
+const INDEX_BITS: u32 = 56;
+const INDEX_MASK: u64 = (1 << INDEX_BITS) - 1;
+
 /// An operation's user data: what kind of operation it is (the caller's
-/// numbering) and which connection or listener it is for.
+/// numbering, below 256) and which connection or listener it is for. The
+/// index must fit in [`INDEX_BITS`]; one that does not would name another
+/// connection, so it is refused loudly rather than wrapped.
 pub fn user_data(kind: u64, index: usize) -> u64 {
-    (kind << 56) | index as u64
+    assert!(kind < 1 << (64 - INDEX_BITS), "kind {kind} does not fit");
+    assert!(index as u64 <= INDEX_MASK, "index {index} does not fit");
+    (kind << INDEX_BITS) | index as u64
 }
 
-/// The kind and index that [`user_data`] packed.
+/// The kind and index that [`user_data`] packed: the same mask both ways.
 pub fn split(data: u64) -> (u64, usize) {
-    (data >> 56, (data & 0xFFFF_FFFF) as usize)
+    (data >> INDEX_BITS, (data & INDEX_MASK) as usize)
 }
 
 /// A completion as the loops keep it.
@@ -224,17 +232,25 @@ impl Ring {
 
     /// The first `len` bytes of an owned block.
     pub fn block(&mut self, b: &Block, len: usize) -> &mut [u8] {
-        let size = self.bufs(b).block;
-        let bufs = self.bufs.as_mut().expect("checked above");
-        let start = b.bid as usize * size;
-        &mut bufs.blocks[start..start + len.min(size)]
+        let bufs = self.bufs(b);
+        let len = len.min(bufs.block);
+        // SAFETY: the token says the program owns this block (the kernel
+        // reported it and it was not given back), so the kernel does not
+        // write it; the slice covers that block alone, inside the
+        // allocation, and `&mut self` keeps any other slice of the ring
+        // from living as long as this one.
+        unsafe { std::slice::from_raw_parts_mut(bufs.block_ptr(b.bid), len) }
     }
 
     /// Bytes `from..to` of an owned block (for a send in flight).
     pub fn range(&self, b: &Block, from: usize, to: usize) -> &[u8] {
         let bufs = self.bufs(b);
-        let start = b.bid as usize * bufs.block;
-        &bufs.blocks[start + from..start + to.min(bufs.block)]
+        let to = to.min(bufs.block);
+        let from = from.min(to);
+        // SAFETY: as in `block`: an owned block, which the kernel does not
+        // write; the slice stays inside it, and `&self` keeps `block`'s
+        // `&mut` slices from living at the same time.
+        unsafe { std::slice::from_raw_parts(bufs.block_ptr(b.bid).add(from), to - from) }
     }
 
     /// Returns an owned block to the kernel.
@@ -278,7 +294,11 @@ impl Drop for Ring {
 struct BufRing {
     entries: *mut types::BufRingEntry,
     layout: std::alloc::Layout,
-    blocks: Vec<u8>,
+    /// The blocks' memory, reached only by raw pointer: never through a
+    /// `&`/`&mut` of the whole (which would alias the blocks the kernel
+    /// may be writing), only as the slice of one owned block.
+    blocks: std::ptr::NonNull<u8>,
+    blocks_layout: std::alloc::Layout,
     count: u16,
     block: usize,
     group: u16,
@@ -302,10 +322,25 @@ impl BufRing {
         if entries.is_null() {
             return Err(io::Error::other("out of memory for the buffer ring"));
         }
+        let blocks_layout = std::alloc::Layout::from_size_align(count as usize * block, 4096)
+            .map_err(io::Error::other)?;
+        if blocks_layout.size() == 0 {
+            // SAFETY: allocated just above with this layout, used by nothing.
+            unsafe { std::alloc::dealloc(entries as *mut u8, layout) };
+            return Err(io::Error::other("a buffer ring needs blocks of some size"));
+        }
+        // SAFETY: the layout has a non-zero size (checked above).
+        let blocks = unsafe { std::alloc::alloc_zeroed(blocks_layout) };
+        let Some(blocks) = std::ptr::NonNull::new(blocks) else {
+            // SAFETY: allocated just above with this layout, used by nothing.
+            unsafe { std::alloc::dealloc(entries as *mut u8, layout) };
+            return Err(io::Error::other("out of memory for the buffer ring"));
+        };
         let mut r = BufRing {
             entries,
             layout,
-            blocks: vec![0u8; count as usize * block],
+            blocks,
+            blocks_layout,
             count,
             block,
             group,
@@ -325,6 +360,14 @@ impl BufRing {
         Ok(r)
     }
 
+    /// Where block `bid` starts (`bid` < `count`).
+    fn block_ptr(&self, bid: u16) -> *mut u8 {
+        assert!(bid < self.count, "block {bid} of {}", self.count);
+        // SAFETY: bid < count, so the offset stays inside the allocation
+        // of count * block bytes.
+        unsafe { self.blocks.as_ptr().add(bid as usize * self.block) }
+    }
+
     /// Publishes block `bid` to the kernel (called for each block once at
     /// the start, then only with a consumed [`Block`] token).
     fn give_back(&mut self, bid: u16) {
@@ -335,7 +378,7 @@ impl BufRing {
         // address is inside `blocks`, which outlives the registration.
         unsafe {
             let e = &mut *self.entries.add(i);
-            e.set_addr(self.blocks.as_ptr().add(bid as usize * self.block) as u64);
+            e.set_addr(self.block_ptr(bid) as u64);
             e.set_len(self.block as u32);
             e.set_bid(bid);
             self.tail = self.tail.wrapping_add(1);
@@ -348,13 +391,34 @@ impl BufRing {
 
 impl Drop for BufRing {
     fn drop(&mut self) {
-        // SAFETY: allocated in `new` with this layout; `Ring` drops this
-        // only after the registration is gone.
-        unsafe { std::alloc::dealloc(self.entries as *mut u8, self.layout) };
+        // SAFETY: both allocated in `new` with these layouts; `Ring` drops
+        // this only after the registration is gone and nothing is in
+        // flight (else it forgets it: see its Drop).
+        unsafe {
+            std::alloc::dealloc(self.entries as *mut u8, self.layout);
+            std::alloc::dealloc(self.blocks.as_ptr(), self.blocks_layout);
+        }
     }
 }
 
 /// Whether this kernel has io_uring with provided-buffer rings.
 pub fn available() -> bool {
     Ring::with_buffers(8, 8, 4096, 0).is_ok()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// What is packed is what is unpacked, for every index that fits (it
+    /// was packed whole and unpacked with 32 bits: an index of 2^32 came
+    /// back as 0, another connection).
+    #[test]
+    fn user_data_round_trips() {
+        for (kind, index) in [(0, 0), (1, 7), (5, 1 << 32), (255, INDEX_MASK as usize)] {
+            assert_eq!(split(user_data(kind, index)), (kind, index));
+        }
+        assert!(std::panic::catch_unwind(|| user_data(1, 1 << 56)).is_err());
+        assert!(std::panic::catch_unwind(|| user_data(256, 0)).is_err());
+    }
 }

@@ -98,6 +98,12 @@ pub fn inherited_fds() -> Result<Option<(Source, Vec<RawFd>)>, String> {
 /// process removes their Unix socket files at its end (a restarted
 /// supervisor does; a worker, or a server systemd started, does not).
 pub fn adopt(fds: &[RawFd], owns_files: bool) -> Result<Vec<Listener>, String> {
+    // Each descriptor is owned once: a name given twice would be closed
+    // twice (and the second close could hit a descriptor opened since).
+    let mut seen = std::collections::HashSet::new();
+    if let Some(fd) = fds.iter().find(|fd| !seen.insert(**fd)) {
+        return Err(format!("inherited descriptor {fd} is named twice"));
+    }
     fds.iter()
         .map(|&fd| {
             // SAFETY: fcntl(F_GETFD) only asks whether `fd` is open.
@@ -275,5 +281,27 @@ pub fn notify_systemd_ready() {
     match sent {
         Ok(()) => tracing::debug!("told systemd: ready, main pid {}", std::process::id()),
         Err(e) => tracing::warn!("telling systemd we are ready (NOTIFY_SOCKET): {e}"),
+    }
+}
+
+#[cfg(test)]
+mod adopt_tests {
+    use super::*;
+    use std::os::fd::IntoRawFd;
+
+    /// A descriptor named twice is refused before either is taken: two
+    /// owners would close it twice.
+    #[test]
+    fn a_descriptor_is_adopted_once() {
+        let fd = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .into_raw_fd();
+        let Err(e) = adopt(&[fd, fd], false) else {
+            panic!("a descriptor named twice was adopted")
+        };
+        assert!(e.contains("named twice"), "{e}");
+        // Still open, still ours: adopted once, it is a listener.
+        let listeners = adopt(&[fd], false).expect("adopted");
+        assert_eq!(listeners.len(), 1);
     }
 }
