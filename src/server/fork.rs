@@ -173,8 +173,9 @@ fn child(
     unsafe {
         // Still blocked since before fork: ignore them, then unblock, so a
         // signal meant for the group never runs the parent's handler here.
-        libc::signal(libc::SIGINT, libc::SIG_IGN);
-        libc::signal(libc::SIGTERM, libc::SIG_IGN);
+        for sig in STOP_SIGNALS {
+            libc::signal(sig, libc::SIG_IGN);
+        }
         libc::signal(libc::SIGCHLD, libc::SIG_DFL);
         libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL);
         // Close the child's copies of the listeners without running their
@@ -184,10 +185,15 @@ fn child(
         }
     }
     drop(mask);
-    blocking::serve(conn, peer, config);
+    // A panic must not unwind out of here: it would run, in this child, the
+    // destructors of the parent's state up the stack (the listeners, the
+    // lifecycle). The hook has printed it; the child ends as _exit does.
+    let served = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+        blocking::serve(conn, peer, config)
+    }));
     // SAFETY: _exit skips destructors and atexit handlers that belong to the
     // parent's state (the listeners, the signal pipes).
-    unsafe { libc::_exit(0) }
+    unsafe { libc::_exit(if served.is_ok() { 0 } else { 70 }) }
 }
 
 /// Collects every child that has exited, so none stays a zombie.
