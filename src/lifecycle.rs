@@ -37,8 +37,12 @@ use std::time::{Duration, Instant};
 
 use crate::net::{Listener, UnixPathGuard};
 
-/// The signals that stop the server.
-pub const STOP_SIGNALS: [libc::c_int; 2] = [libc::SIGINT, libc::SIGTERM];
+/// The signals that stop the server: SIGINT (Ctrl-C), SIGTERM, and SIGHUP
+/// (the terminal went away, or a process manager's "stop"): each drains, as
+/// the first of them does; none kills by its default action. SIGHUP does
+/// not reload (nginx's meaning): upcase has no configuration file to read
+/// again, and a restart is SIGUSR2's.
+pub const STOP_SIGNALS: [libc::c_int; 3] = [libc::SIGINT, libc::SIGTERM, libc::SIGHUP];
 
 /// What the host of the signal pipe must do next.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -15,7 +15,7 @@
 //!   shares of the connections differ (each worker logs its count at exit).
 //! - **A worker that dies is started again** (at once, or after a growing
 //!   pause if it keeps dying young); the others never notice.
-//! - **SIGTERM/SIGINT** stops: the listeners are shut (new connects are
+//! - **SIGTERM/SIGINT/SIGHUP** stops: the listeners are shut (new connects are
 //!   refused), every worker drains as a single server does, and the
 //!   supervisor exits 0 when the last one has.
 //! - **SIGUSR2** restarts without refusing anyone: the supervisor starts
@@ -315,6 +315,15 @@ impl Supervisor {
             None => cmd.env_remove(handoff::WORKER),
         };
         let is_worker = worker.is_some();
+        if is_worker {
+            // A process group of its own: what a terminal sends to the
+            // foreground group (Ctrl-C, the hangup), or a script with
+            // `kill -INT -PGID`, reaches the supervisor alone, which relays
+            // it once. In the supervisor's group, a worker got one Ctrl-C
+            // twice (from the terminal and relayed) and cut its streams as
+            // at a second signal.
+            cmd.process_group(0);
+        }
         // SAFETY: the closure runs between fork and exec and makes only
         // async-signal-safe calls (prctl, fcntl); `keep` was allocated
         // before the fork and is only read.

@@ -1,0 +1,237 @@
+//! Signals as a terminal sends them: the server runs in a pseudo-terminal
+//! of its own (tests/peers/pty_run.py), so a ^C reaches its whole
+//! foreground process group from the kernel, as Ctrl-C does, and closing
+//! the terminal sends SIGHUP. One Ctrl-C is one drain, whichever processes
+//! receive it; a hangup drains too, and removes what the server created.
+
+mod common;
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::TcpStream;
+use std::process::{Child, ChildStdin, Command, Stdio};
+use std::sync::mpsc;
+use std::time::{Duration, Instant};
+
+use common::*;
+
+/// A server in a terminal: its merged output a line at a time, and the
+/// keys to press.
+struct InTerminal {
+    child: Child,
+    keys: ChildStdin,
+    lines: mpsc::Receiver<String>,
+    seen: Vec<String>,
+}
+
+impl InTerminal {
+    fn start(args: &[&str]) -> InTerminal {
+        require("python3", "python3");
+        let mut child = Command::new("python3")
+            .arg(peer("pty_run.py"))
+            .arg(BIN)
+            .args(args)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .expect("python3 pty_run.py");
+        let keys = child.stdin.take().expect("stdin");
+        let out = BufReader::new(child.stdout.take().expect("stdout"));
+        let (tx, lines) = mpsc::channel();
+        std::thread::spawn(move || {
+            for l in out.lines().map_while(Result::ok) {
+                if tx.send(l).is_err() {
+                    break;
+                }
+            }
+        });
+        InTerminal {
+            child,
+            keys,
+            lines,
+            seen: Vec::new(),
+        }
+    }
+
+    /// The first line containing `needle` not matched yet (within `within`).
+    fn wait_for(&mut self, needle: &str, within: Duration) -> String {
+        let deadline = Instant::now() + within;
+        let mut from = 0;
+        loop {
+            if let Some(i) = self.seen[from..].iter().position(|l| l.contains(needle)) {
+                let l = self.seen.remove(from + i);
+                return l;
+            }
+            from = self.seen.len();
+            let left = deadline.saturating_duration_since(Instant::now());
+            match self
+                .lines
+                .recv_timeout(left.min(Duration::from_millis(100)))
+            {
+                Ok(l) => self.seen.push(l),
+                Err(_) if left.is_zero() => panic!(
+                    "no line with {needle:?} within {within:?}:\n{}",
+                    self.seen.join("\n")
+                ),
+                Err(_) => {}
+            }
+        }
+    }
+
+    fn press(&mut self, key: &str) {
+        writeln!(self.keys, "{key}").expect("press a key");
+        self.keys.flush().expect("flush");
+    }
+
+    /// Everything printed up to the end, and how the server ended.
+    fn finish(&mut self, within: Duration) -> (String, Vec<String>) {
+        let exit = self.wait_for("EXIT ", within);
+        let _ = self.child.wait();
+        self.seen.extend(self.lines.try_iter());
+        (exit, std::mem::take(&mut self.seen))
+    }
+}
+
+impl Drop for InTerminal {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// A client in the middle of a request: it was answered once, and its
+/// connection stays open until `finish`.
+fn open_client(hostport: &str) -> TcpStream {
+    let mut s = TcpStream::connect(hostport).expect("connect");
+    s.set_read_timeout(Some(SECS(20))).unwrap();
+    s.write_all(b"hello ").unwrap();
+    let mut got = [0u8; 6];
+    s.read_exact(&mut got).expect("served before the signal");
+    assert_eq!(&got, b"HELLO ");
+    s
+}
+
+/// The rest of the request, after the signal: the drain lets it finish.
+fn finish_client(mut s: TcpStream) -> Result<Vec<u8>, String> {
+    s.write_all(b"world").map_err(|e| e.to_string())?;
+    s.shutdown(std::net::Shutdown::Write)
+        .map_err(|e| e.to_string())?;
+    let mut got = Vec::new();
+    s.read_to_end(&mut got).map_err(|e| e.to_string())?;
+    Ok(got)
+}
+
+/// One Ctrl-C at the terminal of `serve --processes 2`, with a client in
+/// the middle of its request: every worker drains once, the client
+/// finishes, and nothing says "second signal" (each worker got one Ctrl-C
+/// twice, from the terminal and from the supervisor, and cut the client).
+/// A single server, the same. A second Ctrl-C, later, still cuts.
+#[test]
+fn one_ctrl_c_in_a_terminal_is_one_drain() {
+    for processes in [Some("2"), None] {
+        let mut args = vec!["serve", "tcp://127.0.0.1:0", "--drain-timeout", "30s"];
+        if let Some(n) = processes {
+            args.extend(["--processes", n]);
+        }
+        let mut term = InTerminal::start(&args);
+        let listening = term.wait_for("listening tcp://", SECS(10));
+        let hostport = listening
+            .trim_start_matches("listening tcp://")
+            .trim()
+            .to_string();
+        if processes.is_some() {
+            term.wait_for("workers ready", SECS(10));
+        }
+        let client = open_client(&hostport);
+        term.press("ctrl-c");
+        term.wait_for("no new connections", SECS(5));
+        let got = finish_client(client);
+        assert_eq!(got.as_deref(), Ok(&b"WORLD"[..]), "{processes:?}");
+        let (exit, lines) = term.finish(SECS(20));
+        assert_eq!(exit, "EXIT 0", "{processes:?}:\n{}", lines.join("\n"));
+        assert!(
+            !lines.iter().any(|l| l.contains("second signal")),
+            "{processes:?}: one Ctrl-C was taken for two:\n{}",
+            lines.join("\n")
+        );
+
+        // A second Ctrl-C, after the first was taken, stops at once.
+        let mut term = InTerminal::start(&args);
+        let listening = term.wait_for("listening tcp://", SECS(10));
+        let hostport = listening
+            .trim_start_matches("listening tcp://")
+            .trim()
+            .to_string();
+        if processes.is_some() {
+            term.wait_for("workers ready", SECS(10));
+        }
+        let client = open_client(&hostport);
+        term.press("ctrl-c");
+        term.wait_for("no new connections", SECS(5));
+        if processes.is_some() {
+            // Both workers took the first one.
+            term.wait_for("no new connections", SECS(5));
+        }
+        term.press("ctrl-c");
+        let (exit, lines) = term.finish(SECS(10));
+        assert_eq!(exit, "EXIT 0", "{processes:?}:\n{}", lines.join("\n"));
+        assert!(
+            lines.iter().any(|l| l.contains("second signal")),
+            "{processes:?}:\n{}",
+            lines.join("\n")
+        );
+        assert!(finish_client(client).map_or(true, |got| got != b"WORLD"));
+    }
+}
+
+/// Closing the terminal (SIGHUP) drains the server as a stop signal does:
+/// the client in the middle of its request finishes, the server exits 0,
+/// and the pid file and the Unix socket file it made are gone (it died by
+/// SIGHUP's default action, leaving both, and the port refused connects).
+#[test]
+fn a_hangup_drains_and_removes_the_files() {
+    for processes in [Some("2"), None] {
+        let dir = std::env::temp_dir().join(format!(
+            "upcase-hup-{}-{}",
+            std::process::id(),
+            processes.is_some()
+        ));
+        std::fs::create_dir_all(&dir).unwrap();
+        let (pid_file, sock) = (dir.join("upcase.pid"), dir.join("upcase.sock"));
+        let unix = format!("unix:{}", sock.display());
+        let pid_arg = pid_file.display().to_string();
+        let mut args = vec![
+            "serve",
+            "tcp://127.0.0.1:0",
+            &unix,
+            "--pid-file",
+            &pid_arg,
+            "--drain-timeout",
+            "30s",
+        ];
+        if let Some(n) = processes {
+            args.extend(["--processes", n]);
+        }
+        let mut term = InTerminal::start(&args);
+        let listening = term.wait_for("listening tcp://", SECS(10));
+        let hostport = listening
+            .trim_start_matches("listening tcp://")
+            .trim()
+            .to_string();
+        if processes.is_some() {
+            term.wait_for("workers ready", SECS(10));
+        }
+        assert!(pid_file.exists() && sock.exists());
+        let client = open_client(&hostport);
+        term.press("hangup");
+        // The terminal is gone: what the server says is no longer seen;
+        // the client and the files tell.
+        let got = finish_client(client);
+        assert_eq!(got.as_deref(), Ok(&b"WORLD"[..]), "{processes:?}");
+        let (exit, _) = term.finish(SECS(20));
+        assert_eq!(exit, "EXIT 0", "{processes:?}");
+        assert!(!pid_file.exists(), "{processes:?}: pid file left behind");
+        assert!(!sock.exists(), "{processes:?}: socket file left behind");
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+}
