@@ -231,7 +231,8 @@ pub struct ListenOpts {
     #[arg(long, allow_negative_numbers = true, value_name = "N", default_value_t = 1024, value_parser = clap::value_parser!(i32).range(1..))]
     pub backlog: i32,
     /// Permissions of Unix socket files, in octal (600: only this user may
-    /// connect) [default: what the umask leaves].
+    /// connect), set before the socket listens, whatever the umask
+    /// [default: 666].
     #[arg(long, value_name = "OCTAL", value_parser = parse_unix_mode)]
     pub unix_mode: Option<u32>,
 }

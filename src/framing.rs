@@ -295,11 +295,10 @@ impl Decoder {
         buf.extend_from_slice(input);
         let at = self.frames(&mut buf, &mut each)?;
         buf.drain(..at);
-        if buf.is_empty() {
+        if buf.capacity() > 64 * 1024 && buf.capacity() > 2 * buf.len() {
             // A connection idle after a large message costs what one idle
-            // from connect costs.
-            buf = Vec::new();
-        } else if buf.capacity() > 64 * 1024 && buf.capacity() > 2 * buf.len() {
+            // from connect costs (a small buffer is kept: pipelined
+            // messages cut by reads would allocate it again and again).
             buf.shrink_to(buf.len());
         }
         self.partial = buf;

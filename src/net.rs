@@ -10,7 +10,7 @@
 
 use std::io;
 use std::net::{SocketAddr, TcpListener, TcpStream, UdpSocket};
-use std::os::fd::AsRawFd;
+use std::os::fd::{AsRawFd, FromRawFd};
 use std::os::unix::fs::{FileTypeExt, MetadataExt};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
@@ -246,6 +246,48 @@ fn bind_addr(sock: &Socket, addr: SocketAddr, endpoint: &Endpoint) -> Result<(),
     })
 }
 
+/// A Unix socket's mode without `--unix-mode`: any local user may connect,
+/// as to a TCP port on loopback, whatever the umask (it gave 0777 under
+/// `umask 000`, 0755 under 022).
+pub const UNIX_MODE: u32 = 0o666;
+
+/// Sets the mode of the socket file just bound at `path`, without following
+/// a link: in a directory others can write, the name could be swapped for
+/// a link to a file of root's between bind and chmod. The file is opened
+/// O_PATH|O_NOFOLLOW (a link fails), checked to be a socket, and changed
+/// through its descriptor.
+fn set_socket_mode(path: &Path, mode: u32) -> io::Result<()> {
+    use std::os::unix::ffi::OsStrExt;
+    let c = std::ffi::CString::new(path.as_os_str().as_bytes())
+        .map_err(|_| io::Error::other("a NUL in the path"))?;
+    // SAFETY: open(2) with a valid NUL-terminated path; the descriptor is
+    // owned at once below.
+    let fd = unsafe {
+        libc::open(
+            c.as_ptr(),
+            libc::O_PATH | libc::O_NOFOLLOW | libc::O_CLOEXEC,
+        )
+    };
+    if fd < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: a descriptor just opened, owned by nothing else.
+    let fd = unsafe { std::os::fd::OwnedFd::from_raw_fd(fd) };
+    let meta = std::fs::metadata(format!("/proc/self/fd/{}", fd.as_raw_fd()))?;
+    if !meta.file_type().is_socket() {
+        return Err(io::Error::other(
+            "the path is no longer the socket we bound",
+        ));
+    }
+    use std::os::unix::fs::PermissionsExt;
+    // chmod through /proc/self/fd acts on the file the O_PATH descriptor
+    // holds (how glibc does fchmodat with AT_SYMLINK_NOFOLLOW).
+    std::fs::set_permissions(
+        format!("/proc/self/fd/{}", fd.as_raw_fd()),
+        std::fs::Permissions::from_mode(mode),
+    )
+}
+
 /// Longest path that fits in `sockaddr_un.sun_path` with its NUL.
 const UNIX_PATH_MAX: usize = 107;
 
@@ -305,11 +347,9 @@ fn bind_unix(endpoint: &Endpoint, path: &Path, opts: &SockOpts) -> Result<Listen
         _ => NetError::io(endpoint, "bind", e),
     })?;
     let guard = UnixPathGuard::new(path.to_path_buf());
-    if let Some(mode) = opts.unix_mode {
-        use std::os::unix::fs::PermissionsExt;
-        std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode))
-            .map_err(|e| NetError::io(endpoint, "setting --unix-mode", e))?;
-    }
+    set_socket_mode(path, opts.unix_mode.unwrap_or(UNIX_MODE))
+        .map_err(|e| NetError::io(endpoint, "setting --unix-mode", e))?;
+    // Only now can anyone connect: the mode is set before it is listening.
     sock.listen(opts.backlog)
         .map_err(|e| NetError::io(endpoint, "listen", e))?;
     Ok(Listener::Unix(sock.into(), guard))
