@@ -228,7 +228,7 @@ impl Lifecycle {
         if self.draining.swap(true, Ordering::SeqCst) {
             return;
         }
-        crate::metrics::global().set_draining();
+        crate::metrics::set_draining();
         let mut st = self.state();
         st.deadline = Instant::now().checked_add(self.drain_timeout);
         let shared = if st.shared { 0 } else { st.listeners.len() };

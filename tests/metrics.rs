@@ -224,3 +224,106 @@ fn metrics_refuse_what_they_cannot_count() {
         r.stderr
     );
 }
+
+/// One GET on a connection of its own; the status line and the body.
+fn get(at: &str, path: &str) -> (String, String) {
+    let mut c = std::net::TcpStream::connect(at).expect("connect to the metrics port");
+    c.set_read_timeout(Some(SECS(10))).unwrap();
+    write!(
+        c,
+        "GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
+    )
+    .unwrap();
+    let mut text = String::new();
+    c.read_to_string(&mut text).unwrap();
+    let (head, body) = text.split_once("\r\n\r\n").expect("an HTTP response");
+    (
+        head.lines().next().unwrap_or_default().to_string(),
+        body.to_string(),
+    )
+}
+
+/// Ten silent connections and one that drips a header byte every 300 ms
+/// hold the metrics port, and every scrape still answers at once (the
+/// hand-written reader served one connection at a time with a 2 s timeout
+/// per read: 10 silent ones delayed a scrape by 19 s, the dripper by 15).
+/// `/healthz` says 200 while serving and 503 once draining, for HAProxy's
+/// `option httpchk` and Kubernetes probes.
+#[test]
+fn no_client_stalls_a_scrape_and_healthz_tells_a_drain() {
+    let mut server = Server::start(
+        &[
+            "tcp://127.0.0.1:0",
+            "--metrics",
+            "127.0.0.1:0",
+            "--drain-timeout",
+            "30s",
+        ],
+        2,
+    );
+    let at = server.hostport(1).trim_end_matches("/metrics").to_string();
+    let silent: Vec<std::net::TcpStream> = (0..10)
+        .map(|_| std::net::TcpStream::connect(&at).unwrap())
+        .collect();
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let dripper = {
+        let (at, stop) = (at.clone(), stop.clone());
+        std::thread::spawn(move || {
+            let mut c = std::net::TcpStream::connect(&at).unwrap();
+            for b in b"GET /metrics HTTP/1.1\r\nHost: x\r\n"
+                .iter()
+                .cycle()
+                .take(100)
+            {
+                if stop.load(std::sync::atomic::Ordering::Relaxed) || c.write_all(&[*b]).is_err() {
+                    break;
+                }
+                std::thread::sleep(Duration::from_millis(300));
+            }
+        })
+    };
+    let mut slowest = Duration::ZERO;
+    for _ in 0..5 {
+        let start = std::time::Instant::now();
+        let (status, body) = get(&at, "/metrics");
+        slowest = slowest.max(start.elapsed());
+        assert!(status.starts_with("HTTP/1.1 200"), "{status}");
+        assert!(body.contains("upcase_draining"), "{body}");
+    }
+    eprintln!("slowest of 5 scrapes beside 11 stalling clients: {slowest:?}");
+    assert!(
+        slowest < Duration::from_millis(500),
+        "a scrape took {slowest:?}"
+    );
+    assert_eq!(
+        get(&at, "/healthz"),
+        ("HTTP/1.1 200 OK".into(), "ok\n".into())
+    );
+    assert!(get(&at, "/nothing").0.starts_with("HTTP/1.1 404"));
+
+    // A client in the middle of its request keeps the drain going.
+    let mut client = std::net::TcpStream::connect(server.hostport(0)).unwrap();
+    client.write_all(b"abc").unwrap();
+    let mut back = [0u8; 3];
+    client.set_read_timeout(Some(SECS(10))).unwrap();
+    client.read_exact(&mut back).unwrap();
+    // SAFETY: kill(2) on our own child.
+    unsafe { libc::kill(server.pid(), libc::SIGTERM) };
+    let draining = eventually(SECS(5), || {
+        get(&at, "/healthz").0.starts_with("HTTP/1.1 503")
+    });
+    assert!(
+        draining,
+        "/healthz still says {:?} while draining",
+        get(&at, "/healthz")
+    );
+    assert_eq!(get(&at, "/healthz").1, "draining\n");
+    client.shutdown(std::net::Shutdown::Write).unwrap();
+    let mut rest = Vec::new();
+    client.read_to_end(&mut rest).unwrap();
+    let status = server.signal_and_wait(0, SECS(10));
+    assert!(status.success());
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let _ = dripper.join();
+    drop(silent);
+}

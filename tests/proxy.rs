@@ -189,7 +189,8 @@ impl Drop for Killed {
     }
 }
 
-/// haproxy (TCP mode, health checks, PROXY v2) in a namespace of its own,
+/// haproxy (TCP mode, PROXY v2, `option httpchk GET /healthz` on each
+/// instance's --metrics port) in a namespace of its own,
 /// linked by veth pairs to two upcase namespaces and a client namespace:
 ///
 /// ```text
@@ -239,7 +240,7 @@ fn behind_haproxy_with_proxy_v2_in_network_namespaces() {
         ]));
         assert!(ip(&["-n", peer, "link", "set", &pv, "up"]));
     }
-    let start_upcase = |ns: &str, addr: &str| {
+    let start_upcase = |ns: &str, addr: &str, metrics: &str| {
         let mut child = in_ns(ns, BIN)
             .args([
                 "serve",
@@ -248,6 +249,8 @@ fn behind_haproxy_with_proxy_v2_in_network_namespaces() {
                 "v2",
                 "--drain-timeout",
                 "1s",
+                "--metrics",
+                metrics,
             ])
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
@@ -258,8 +261,8 @@ fn behind_haproxy_with_proxy_v2_in_network_namespaces() {
         let logs = lines_of(child.stderr.take().expect("stderr"));
         (Killed(child), logs)
     };
-    let (up_a, logs_a) = start_upcase(&a, "10.201.1.2:1060");
-    let (up_b, logs_b) = start_upcase(&b, "10.201.2.2:1060");
+    let (up_a, logs_a) = start_upcase(&a, "10.201.1.2:1060", "10.201.1.2:9100");
+    let (up_b, logs_b) = start_upcase(&b, "10.201.2.2:1060", "10.201.2.2:9100");
 
     let cfg = std::env::temp_dir().join(format!("upcase-haproxy-{tag}.cfg"));
     std::fs::write(
@@ -267,9 +270,9 @@ fn behind_haproxy_with_proxy_v2_in_network_namespaces() {
         "global\n  maxconn 1000\n\
          defaults\n  mode tcp\n  timeout connect 2s\n  timeout client 30s\n  timeout server 30s\n  retries 3\n  option redispatch\n\
          frontend front\n  bind 10.201.3.1:1060\n  default_backend upcase\n\
-         backend upcase\n  balance roundrobin\n\
-         \x20 server a 10.201.1.2:1060 send-proxy-v2 check check-send-proxy inter 200ms fall 2 rise 1\n\
-         \x20 server b 10.201.2.2:1060 send-proxy-v2 check check-send-proxy inter 200ms fall 2 rise 1\n",
+         backend upcase\n  balance roundrobin\n  option httpchk GET /healthz\n  http-check expect status 200\n\
+         \x20 server a 10.201.1.2:1060 send-proxy-v2 check port 9100 inter 200ms fall 2 rise 1\n\
+         \x20 server b 10.201.2.2:1060 send-proxy-v2 check port 9100 inter 200ms fall 2 rise 1\n",
     )
     .expect("haproxy config");
     let mut haproxy = in_ns(&h, "haproxy")

@@ -8,12 +8,14 @@
 //! taken once per connection, never per read.
 //!
 //! The encoding is prometheus-client's (the Prometheus project's Rust
-//! client); the HTTP side is the least that a scraper needs: one thread,
-//! `GET /metrics`, one response per connection.
+//! client); the HTTP side is hyper's, with a deadline on every request and
+//! a task per connection (see [`serve`]), and `/healthz` beside
+//! `/metrics` for load balancers and probes.
 
-use std::io::{self, Read, Write};
+use std::io;
 use std::net::TcpListener;
-use std::sync::OnceLock;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
 use prometheus_client::encoding::EncodeLabelSet;
@@ -256,83 +258,129 @@ pub fn prometheus_text(openmetrics: &str) -> String {
     out
 }
 
-/// Serves `GET /metrics` on `listener` from `source`, one request per
-/// connection, on a thread of its own, until the process exits.
+/// Whether this process is draining (for `/healthz`): set with the drain
+/// gauge by the lifecycle, and by a supervisor when it stops.
+static DRAINING: AtomicBool = AtomicBool::new(false);
+
+/// Marks the process as draining: `/healthz` answers 503 from now on.
+pub fn set_draining() {
+    DRAINING.store(true, Ordering::Relaxed);
+    global().set_draining();
+}
+
+/// Scrapes served at once; more are closed at once rather than queued
+/// behind the slow ones.
+const MAX_SCRAPERS: usize = 64;
+/// The whole of a request (head and answer) must be done within this.
+const REQUEST_DEADLINE: Duration = Duration::from_secs(5);
+/// The request's head must have arrived within this.
+const HEAD_DEADLINE: Duration = Duration::from_secs(2);
+
+/// Serves `GET /metrics` (Prometheus) and `GET /healthz` (200 while
+/// serving, 503 once draining: what HAProxy's `option httpchk`, systemd
+/// and Kubernetes probes ask) on `listener`, from `source`.
+///
+/// hyper on a runtime of its own, on a thread of its own (whatever the
+/// model: the fork model's loop, a blocking thread per client, must not
+/// be the one that answers scrapes). Every connection is a task with a
+/// whole-request deadline, so a client that drips its request or never
+/// sends one delays no other scrape; at most [`MAX_SCRAPERS`] at once.
 pub fn serve(listener: TcpListener, source: Source) -> io::Result<()> {
+    listener.set_nonblocking(true)?;
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
     std::thread::Builder::new()
         .name("upcase-metrics".into())
-        .spawn(move || {
-            for conn in listener.incoming() {
-                match conn {
-                    Ok(c) => {
-                        if let Err(e) = answer(c, &source) {
-                            tracing::debug!("metrics: {e}");
-                        }
-                    }
-                    Err(e) => {
-                        tracing::warn!("metrics: accept: {e}");
-                        std::thread::sleep(Duration::from_millis(100));
-                    }
-                }
-            }
-        })
+        .spawn(move || rt.block_on(accept_loop(listener, source)))
         .map(|_| ())
 }
 
-/// The most of a request we read: a scraper's request head is far smaller.
-const MAX_REQUEST: usize = 8192;
-
-fn answer(mut c: std::net::TcpStream, source: &Source) -> io::Result<()> {
-    // A client that sends nothing cannot hold the thread for long.
-    c.set_read_timeout(Some(Duration::from_secs(2)))?;
-    c.set_write_timeout(Some(Duration::from_secs(2)))?;
-    let mut head = Vec::new();
-    let mut buf = [0u8; 1024];
-    while !head.windows(4).any(|w| w == b"\r\n\r\n") && !head.windows(2).any(|w| w == b"\n\n") {
-        let n = c.read(&mut buf)?;
-        if n == 0 || head.len() + n > MAX_REQUEST {
-            break;
+async fn accept_loop(listener: TcpListener, source: Source) {
+    let listener = match tokio::net::TcpListener::from_std(listener) {
+        Ok(l) => l,
+        Err(e) => {
+            tracing::error!("metrics: {e}");
+            return;
         }
-        head.extend_from_slice(&buf[..n]);
-    }
-    let text = String::from_utf8_lossy(&head);
-    let openmetrics = text.lines().any(|l| {
-        l.to_ascii_lowercase().starts_with("accept:") && l.contains("application/openmetrics-text")
-    });
-    let line = head.split(|&b| b == b'\n').next().unwrap_or_default();
-    let mut words = line.split(|&b| b == b' ');
-    let (method, path) = (
-        words.next().unwrap_or_default(),
-        words.next().unwrap_or_default(),
-    );
-    let (status, kind, body) = match (method, path) {
-        (b"GET", b"/metrics") if openmetrics => (
-            "200 OK",
-            "application/openmetrics-text; version=1.0.0; charset=utf-8",
-            source(),
-        ),
-        (b"GET", b"/metrics") => (
-            "200 OK",
-            "text/plain; version=0.0.4; charset=utf-8",
-            prometheus_text(&source()),
-        ),
-        (b"GET", _) => (
-            "404 Not Found",
-            "text/plain; charset=utf-8",
-            "upcase serves its metrics at /metrics\n".to_string(),
-        ),
-        _ => (
-            "405 Method Not Allowed",
-            "text/plain; charset=utf-8",
-            "GET /metrics\n".to_string(),
-        ),
     };
-    write!(
-        c,
-        "HTTP/1.1 {status}\r\nContent-Type: {kind}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
-        body.len()
-    )?;
-    c.flush()
+    let permits = Arc::new(tokio::sync::Semaphore::new(MAX_SCRAPERS));
+    loop {
+        let stream = match listener.accept().await {
+            Ok((s, _)) => s,
+            Err(e) => {
+                tracing::warn!("metrics: accept: {e}");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+                continue;
+            }
+        };
+        let Ok(permit) = permits.clone().try_acquire_owned() else {
+            tracing::debug!("metrics: {MAX_SCRAPERS} scrapes at once: closing another");
+            continue;
+        };
+        let source = source.clone();
+        tokio::spawn(async move {
+            let _permit = permit;
+            let service = hyper::service::service_fn(move |req| answer(req, source.clone()));
+            let conn = hyper::server::conn::http1::Builder::new()
+                .timer(hyper_util::rt::TokioTimer::new())
+                .header_read_timeout(HEAD_DEADLINE)
+                .keep_alive(false)
+                .serve_connection(hyper_util::rt::TokioIo::new(stream), service);
+            match tokio::time::timeout(REQUEST_DEADLINE, conn).await {
+                Ok(Err(e)) => tracing::debug!("metrics: {e}"),
+                Err(_) => tracing::debug!("metrics: a request took over {REQUEST_DEADLINE:?}"),
+                Ok(Ok(())) => {}
+            }
+        });
+    }
+}
+
+type Body = http_body_util::Full<hyper::body::Bytes>;
+
+fn reply(status: u16, kind: &str, body: String) -> hyper::Response<Body> {
+    let mut r = hyper::Response::new(Body::from(body));
+    *r.status_mut() = hyper::StatusCode::from_u16(status).unwrap_or(hyper::StatusCode::OK);
+    if let Ok(v) = hyper::header::HeaderValue::from_str(kind) {
+        r.headers_mut().insert(hyper::header::CONTENT_TYPE, v);
+    }
+    r
+}
+
+async fn answer(
+    req: hyper::Request<hyper::body::Incoming>,
+    source: Source,
+) -> Result<hyper::Response<Body>, std::convert::Infallible> {
+    const TEXT: &str = "text/plain; charset=utf-8";
+    if req.method() != hyper::Method::GET && req.method() != hyper::Method::HEAD {
+        return Ok(reply(405, TEXT, "GET /metrics or /healthz\n".into()));
+    }
+    Ok(match req.uri().path() {
+        "/metrics" => {
+            let openmetrics = req
+                .headers()
+                .get_all(hyper::header::ACCEPT)
+                .iter()
+                .any(|v| {
+                    v.to_str()
+                        .is_ok_and(|v| v.contains("application/openmetrics-text"))
+                });
+            // A supervisor's source asks its workers: off the runtime.
+            let text = tokio::task::spawn_blocking(move || source())
+                .await
+                .unwrap_or_default();
+            if openmetrics {
+                let kind = "application/openmetrics-text; version=1.0.0; charset=utf-8";
+                reply(200, kind, text)
+            } else {
+                let kind = "text/plain; version=0.0.4; charset=utf-8";
+                reply(200, kind, prometheus_text(&text))
+            }
+        }
+        "/healthz" if DRAINING.load(Ordering::Relaxed) => reply(503, TEXT, "draining\n".into()),
+        "/healthz" => reply(200, TEXT, "ok\n".into()),
+        _ => reply(404, TEXT, "upcase serves /metrics and /healthz\n".into()),
+    })
 }
 
 #[cfg(test)]

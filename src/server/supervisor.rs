@@ -483,6 +483,7 @@ impl Supervisor {
             return;
         }
         self.state = State::Stopping;
+        crate::metrics::set_draining(); // /healthz: 503 from now on
         self.abandon_upgrade("was cancelled by the stop");
         for w in &mut self.workers {
             w.start_at = None;
