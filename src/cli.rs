@@ -203,8 +203,14 @@ pub struct ServeArgs {
     /// restarts without refusing anyone (--max-conns is per worker).
     #[arg(long, value_name = "N", value_parser = clap::value_parser!(u32).range(1..=1024))]
     pub processes: Option<u32>,
+    /// With --processes: how long a restarted server (SIGUSR2) may take to
+    /// report its workers ready; past it, it is stopped and logged, and the
+    /// running one serves on.
+    #[arg(long, value_name = "DURATION", default_value = "30s", value_parser = units::parse_positive_duration)]
+    pub restart_timeout: Duration,
     /// Write the server's pid (the supervisor's, with --processes) to PATH;
-    /// removed at exit, rewritten by a restart.
+    /// removed at exit. After a restart (SIGUSR2) it still names the process
+    /// you started, which stays in the foreground and relays signals.
     #[arg(long, value_name = "PATH")]
     pub pid_file: Option<std::path::PathBuf>,
     #[command(flatten)]
@@ -580,6 +586,7 @@ impl ServeArgs {
             tls_listeners: Vec::new(),
             processes: self.processes.map(|n| n as usize),
             pid_file: self.pid_file,
+            restart_timeout: self.restart_timeout,
             proxy: self.proxy_protocol.map(|v| (v, self.proxy_timeout)),
             listeners_defaulted,
             buffered: crate::conn::Buffered::new(self.max_buffered),

@@ -200,9 +200,15 @@ fn init_logging(verbose: u8, quiet: bool) {
     };
     let filter = EnvFilter::try_from_env("UPCASE_LOG").unwrap_or_else(|_| EnvFilter::new(default));
     // A worker of `serve --processes` says which one it is on each line.
-    let prefix = match upcase::server::handoff::role() {
-        upcase::server::handoff::Role::Worker(n) => format!("worker {n}: "),
-        upcase::server::handoff::Role::Main => String::new(),
+    // After a restart, its generation too.
+    let prefix = match (
+        upcase::server::handoff::role(),
+        upcase::server::handoff::generation(),
+    ) {
+        (upcase::server::handoff::Role::Worker(n), 1) => format!("worker {n}: "),
+        (upcase::server::handoff::Role::Worker(n), g) => format!("worker {n} of generation {g}: "),
+        (upcase::server::handoff::Role::Main, 1) => String::new(),
+        (upcase::server::handoff::Role::Main, g) => format!("generation {g}: "),
     };
     tracing_subscriber::fmt()
         .with_env_filter(filter)

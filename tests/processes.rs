@@ -445,22 +445,16 @@ fn sigusr2_restarts_without_refusing_anyone() {
     unsafe { libc::kill(first, libc::SIGUSR2) };
     let line = log.wait_for(&server, "is ready: draining the old workers", SECS(30));
     let second = pid_in(&line, "new server pid ");
+    // The process the user started stays the one the pid file names.
     assert_eq!(
         std::fs::read_to_string(&pidfile).expect("pid file").trim(),
-        second.to_string()
-    );
-    // A restart of the one that handed over is refused, with a line.
-    // SAFETY: kill(2) on our own child, still draining.
-    unsafe { libc::kill(first, libc::SIGUSR2) };
-    log.wait_for(
-        &server,
-        &format!("SIGUSR2 refused: this server handed over to pid {second}"),
-        SECS(10),
+        first.to_string()
     );
 
     thread::sleep(SECS(2));
-    // SAFETY: kill(2) on the server that took over (a child of the first).
-    unsafe { libc::kill(second, libc::SIGUSR2) };
+    // Restarted again through the first: it relays SIGUSR2 to the second.
+    // SAFETY: kill(2) on our own child.
+    unsafe { libc::kill(first, libc::SIGUSR2) };
     let line = log.wait_for(&server, "SIGUSR2: restarting; new server pid", SECS(30));
     let third = pid_in(&line, "new server pid ");
     log.wait_for(
@@ -470,7 +464,7 @@ fn sigusr2_restarts_without_refusing_anyone() {
     );
     assert_eq!(
         std::fs::read_to_string(&pidfile).expect("pid file").trim(),
-        third.to_string()
+        first.to_string()
     );
 
     let bench = bench.wait_with_output().expect("bench");
@@ -501,19 +495,28 @@ fn sigusr2_restarts_without_refusing_anyone() {
     assert!(ok > 100, "{ok}");
     assert_eq!((wrong, refused, other), (0, 0, 0));
 
-    // The first server and its workers are gone; the third one serves.
-    assert!(wait_deadline(&mut server.child, SECS(30)).is_some_and(|s| s.success()));
+    // The second retired; the third serves; the first is still the one
+    // in the foreground, and its SIGTERM stops the service.
     assert!(wait_gone(second, SECS(30)), "the second server retired");
-    // SAFETY: kill(2) on the server that took over last.
-    unsafe { libc::kill(third, libc::SIGTERM) };
-    assert!(
-        wait_gone(third, SECS(30)),
-        "the last server stops on SIGTERM"
+    log.wait_for(
+        &server,
+        &format!("pid {second} handed over to pid {third}: relaying to it"),
+        SECS(10),
     );
-    thread::sleep(Duration::from_millis(200));
+    assert!(
+        server.child.try_wait().expect("wait").is_none(),
+        "the first stays"
+    );
+    // SAFETY: kill(2) on our own child.
+    unsafe { libc::kill(first, libc::SIGTERM) };
+    assert!(
+        wait_deadline(&mut server.child, SECS(30)).is_some_and(|s| s.success()),
+        "the first ends, with success, once the last generation has drained"
+    );
+    assert!(wait_gone(third, SECS(5)), "the last server stopped");
     assert!(
         !pidfile.exists(),
-        "the last server removes the pid file: {:#?}",
+        "the first removes the pid file: {:#?}",
         log.drain(&server)
     );
 }
@@ -770,14 +773,15 @@ fn metrics_answer_for_every_worker() {
     // A restart hands the port to the next supervisor.
     // SAFETY: kill(2) on our own child.
     unsafe { libc::kill(sup, libc::SIGUSR2) };
-    let status = wait_deadline(&mut server.child, SECS(30)).expect("the old supervisor exits");
-    assert!(status.success(), "{status:?}");
-    let next: i32 = std::fs::read_to_string(&pidfile)
-        .expect("pid file")
-        .trim()
-        .parse()
-        .expect("pid");
+    // The first stays in the foreground (and in the pid file), and stops
+    // answering scrapes: the next one does, on the same port.
+    let line = log.wait_for(&server, "old workers finished; pid ", SECS(30));
+    let next = pid_in(&line, "old workers finished; pid ");
     assert_ne!(next, sup);
+    assert_eq!(
+        std::fs::read_to_string(&pidfile).expect("pid file").trim(),
+        sup.to_string()
+    );
     let text = scrape(&at);
     assert_eq!(by_worker(&text, "upcase_draining").len(), 2, "{text}");
     assert_eq!(
@@ -785,8 +789,11 @@ fn metrics_answer_for_every_worker() {
         0,
         "{text}"
     );
-    // SAFETY: kill(2) on the supervisor that replaced our child.
-    unsafe { libc::kill(next, libc::SIGTERM) };
+    // SIGTERM to the first is relayed: the whole service stops.
+    // SAFETY: kill(2) on our own child.
+    unsafe { libc::kill(sup, libc::SIGTERM) };
+    let status = wait_deadline(&mut server.child, SECS(30)).expect("the first supervisor exits");
+    assert!(status.success(), "{status:?}");
     assert!(wait_gone(next, SECS(20)), "the new supervisor did not stop");
 }
 

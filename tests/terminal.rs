@@ -235,3 +235,141 @@ fn a_hangup_drains_and_removes_the_files() {
         let _ = std::fs::remove_dir_all(&dir);
     }
 }
+
+/// SIGUSR2 to `serve --processes 2` in a terminal, twice: the process the
+/// terminal runs stays (the prompt does not come back, and the pid file
+/// still names it), relaying signals to the generation that serves; one
+/// Ctrl-C after the restarts drains it all, a client finishing meanwhile.
+#[test]
+fn a_restart_keeps_the_foreground_and_ctrl_c_still_drains() {
+    let dir = std::env::temp_dir().join(format!("upcase-fg-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let pid_file = dir.join("upcase.pid");
+    let pid_arg = pid_file.display().to_string();
+    let mut term = InTerminal::start(&[
+        "serve",
+        "tcp://127.0.0.1:0",
+        "--processes",
+        "2",
+        "--pid-file",
+        &pid_arg,
+        "--drain-timeout",
+        "30s",
+    ]);
+    let listening = term.wait_for("listening tcp://", SECS(10));
+    let hostport = listening
+        .trim_start_matches("listening tcp://")
+        .trim()
+        .to_string();
+    term.wait_for("all 2 workers ready", SECS(10));
+    let first: i32 = std::fs::read_to_string(&pid_file)
+        .unwrap()
+        .trim()
+        .parse()
+        .unwrap();
+    for generation in 2..=3 {
+        // SAFETY: kill(2) on the server (a grandchild of this test).
+        unsafe { libc::kill(first, libc::SIGUSR2) };
+        term.wait_for(&format!("generation {generation}: "), SECS(10));
+        term.wait_for("is ready: draining the old workers", SECS(20));
+        let pid = std::fs::read_to_string(&pid_file).unwrap();
+        assert_eq!(
+            pid.trim(),
+            first.to_string(),
+            "the pid file still names the first"
+        );
+        assert!(
+            !term.seen.iter().any(|l| l.starts_with("EXIT")),
+            "the terminal got its prompt back: {:?}",
+            term.seen
+        );
+    }
+    let client = open_client(&hostport);
+    term.press("ctrl-c");
+    let got = finish_client(client);
+    assert_eq!(got.as_deref(), Ok(&b"WORLD"[..]));
+    let (exit, lines) = term.finish(SECS(30));
+    assert_eq!(exit, "EXIT 0", "{}", lines.join("\n"));
+    assert!(
+        !lines.iter().any(|l| l.contains("second signal")),
+        "{}",
+        lines.join("\n")
+    );
+    assert!(!pid_file.exists(), "pid file left behind");
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// A new binary that never gets ready is stopped at `--restart-timeout`,
+/// with a line; the running server serves on, and the next SIGUSR2, with a
+/// good binary back in place, restarts.
+#[test]
+fn a_restart_that_hangs_is_stopped_at_its_timeout() {
+    let dir = std::env::temp_dir().join(format!("upcase-hang-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let exe = dir.join("upcase");
+    std::fs::copy(BIN, &exe).unwrap();
+    let pid_file = dir.join("upcase.pid");
+    let mut server = upcase_at(&exe)
+        .args([
+            "serve",
+            "tcp://127.0.0.1:0",
+            "--processes",
+            "1",
+            "--restart-timeout",
+            "1s",
+        ])
+        .arg("--pid-file")
+        .arg(&pid_file)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let lines = common::lines_of(server.stderr.take().unwrap());
+    let first = first_line(&mut server);
+    let hostport = first.trim_start_matches("listening tcp://").to_string();
+    let wait = |needle: &str| {
+        let deadline = Instant::now() + SECS(15);
+        loop {
+            match lines.recv_timeout(deadline.saturating_duration_since(Instant::now())) {
+                Ok(l) if l.contains(needle) => return l,
+                Ok(_) => {}
+                Err(_) => panic!("no line with {needle:?}"),
+            }
+        }
+    };
+    wait("all 1 workers ready");
+    // The next "binary": a script that never says it is ready.
+    let hang = dir.join("hang");
+    std::fs::write(&hang, "#!/bin/sh\nexec sleep 600\n").unwrap();
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(&hang, std::fs::Permissions::from_mode(0o755)).unwrap();
+    std::fs::rename(&hang, &exe).unwrap();
+    let start = Instant::now();
+    // SAFETY: kill(2) on our own child.
+    unsafe { libc::kill(server.id() as i32, libc::SIGUSR2) };
+    let line = wait("restart failed");
+    let took = start.elapsed();
+    assert!(
+        line.contains("was not ready within 1s (--restart-timeout)"),
+        "{line}"
+    );
+    assert!(took < SECS(5), "stopped after {took:?}");
+    let c = open_client(&hostport);
+    c.shutdown(std::net::Shutdown::Write).unwrap();
+    // A good binary again: the next SIGUSR2 restarts.
+    let good = dir.join("good");
+    std::fs::copy(BIN, &good).unwrap();
+    std::fs::rename(&good, &exe).unwrap();
+    // SAFETY: kill(2) on our own child.
+    unsafe { libc::kill(server.id() as i32, libc::SIGUSR2) };
+    wait("is ready: draining the old workers");
+    // SAFETY: kill(2) on our own child.
+    unsafe { libc::kill(server.id() as i32, libc::SIGTERM) };
+    let status = wait_deadline(&mut server, SECS(20)).expect("exits");
+    assert!(status.success());
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+fn upcase_at(exe: &std::path::Path) -> Command {
+    Command::new(exe)
+}

@@ -268,6 +268,15 @@ pub fn set_draining() {
     global().set_draining();
 }
 
+/// Wakes the accept loop to stop (see [`stop_serving`]).
+static STOP: OnceLock<tokio::sync::Notify> = OnceLock::new();
+
+/// Stops answering scrapes in this process (a supervisor that handed its
+/// metrics port to its successor and stays in the foreground).
+pub fn stop_serving() {
+    STOP.get_or_init(tokio::sync::Notify::new).notify_one();
+}
+
 /// Scrapes served at once; more are closed at once rather than queued
 /// behind the slow ones.
 const MAX_SCRAPERS: usize = 64;
@@ -305,8 +314,13 @@ async fn accept_loop(listener: TcpListener, source: Source) {
         }
     };
     let permits = Arc::new(tokio::sync::Semaphore::new(MAX_SCRAPERS));
+    let stop = STOP.get_or_init(tokio::sync::Notify::new);
     loop {
-        let stream = match listener.accept().await {
+        let accepted = tokio::select! {
+            a = listener.accept() => a,
+            () = stop.notified() => return,
+        };
+        let stream = match accepted {
             Ok((s, _)) => s,
             Err(e) => {
                 tracing::warn!("metrics: accept: {e}");

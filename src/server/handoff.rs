@@ -33,6 +33,18 @@ pub const LISTEN_FDS: &str = "UPCASE_LISTEN_FDS";
 pub const READY_FD: &str = "UPCASE_READY_FD";
 /// Set in a worker: its number, from 1.
 pub const WORKER: &str = "UPCASE_WORKER";
+/// Which generation of a restarted supervisor a process belongs to (1, or
+/// absent, for the one the user started).
+pub const GENERATION: &str = "UPCASE_GENERATION";
+
+/// This process's generation (see [`GENERATION`]).
+pub fn generation() -> u32 {
+    std::env::var(GENERATION)
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .filter(|g| *g >= 1)
+        .unwrap_or(1)
+}
 /// A worker's end of its channel to the supervisor's metrics port
 /// (`--metrics` with `--processes`; see `metrics::workers`).
 pub const METRICS_FD: &str = "UPCASE_METRICS_FD";

@@ -142,6 +142,9 @@ pub struct Config {
     pub processes: Option<usize>,
     /// `--pid-file`.
     pub pid_file: Option<std::path::PathBuf>,
+    /// `--restart-timeout`: how long a restarted server may take to say its
+    /// workers are ready before it is stopped (the old one serves on).
+    pub restart_timeout: Duration,
     /// `--proxy-protocol` and `--proxy-timeout`: every stream connection
     /// starts with a PROXY header of these versions, complete within this.
     pub proxy: Option<(crate::proxy::Version, Duration)>,

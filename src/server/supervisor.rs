@@ -42,8 +42,6 @@ use super::pidfile::PidFile;
 use crate::lifecycle::{CHILD_BYTE, RESTART_BYTE, STOP_SIGNALS, SignalPipe, wait_readable};
 use crate::net::Listener;
 
-/// How long a restarted server may take to report its workers ready.
-const UPGRADE_TIMEOUT: Duration = Duration::from_secs(30);
 /// A worker that dies younger than this is restarted after a pause that
 /// doubles each time, up to [`MAX_PAUSE`].
 const YOUNG: Duration = Duration::from_secs(1);
@@ -94,8 +92,15 @@ struct Supervisor {
     /// Kill what is left at this instant (drain timeout plus grace).
     kill_at: Option<Instant>,
     pid_file: Option<PidFile>,
-    /// A restarted supervisor writes the pid file once ready, not at start.
-    restarted: bool,
+    /// This one was started by the user (not restarted): after a hand-over
+    /// it stays, in the foreground, relaying signals to the generation that
+    /// serves, until that one ends (see [`Supervisor::keep`]).
+    keeper: bool,
+    /// A stop signal came while the old workers drained after a hand-over.
+    stopped_while_retiring: bool,
+    /// Which generation this is: 1 for the supervisor the user started,
+    /// one more at each restart (in the logs of it and its workers).
+    generation: u32,
     /// At a stop the listeners are shut, unless systemd holds them (the
     /// connections then wait for its next start).
     shut_at_stop: bool,
@@ -113,6 +118,15 @@ pub fn run(
     source: handoff::Source,
 ) -> anyhow::Result<()> {
     let restarted = source == handoff::Source::Upcase;
+    if !restarted {
+        // The keeper (see `Supervisor::keep`) adopts what its successors
+        // leave: a generation that hands over and exits leaves its own
+        // successor here, not with init.
+        // SAFETY: prctl(2) with an integer argument.
+        if unsafe { libc::prctl(libc::PR_SET_CHILD_SUBREAPER, 1) } != 0 {
+            tracing::warn!("PR_SET_CHILD_SUBREAPER: {}", io::Error::last_os_error());
+        }
+    }
     let processes = config.processes.unwrap_or(1);
     // The path as started, not /proc/self/exe: after an upgrade replaced
     // the file, a restart must run the new one.
@@ -161,7 +175,9 @@ pub fn run(
         all_ready: false,
         kill_at: None,
         pid_file,
-        restarted,
+        keeper: !restarted,
+        stopped_while_retiring: false,
+        generation: handoff::generation(),
         shut_at_stop: source != handoff::Source::Systemd,
         metrics,
         config,
@@ -191,15 +207,75 @@ impl Supervisor {
                 tracing::warn!("workers still running past the drain timeout: killed");
             }
             if self.upgrade.as_ref().is_some_and(|u| now >= u.deadline) {
-                self.abandon_upgrade("it was not ready in time");
+                let timeout = humantime::format_duration(self.config.restart_timeout);
+                self.abandon_upgrade(&format!(
+                    "was not ready within {timeout} (--restart-timeout)"
+                ));
             }
             self.wait(now)?;
         }
-        match self.state {
-            State::Retiring => tracing::info!("old workers finished; the new server carries on"),
+        match (self.state, self.successor) {
+            (State::Retiring, Some(next)) if self.keeper => {
+                tracing::info!("old workers finished; pid {next} serves");
+                return self.keep(next);
+            }
+            (State::Retiring, None) if self.keeper => {
+                tracing::info!("old workers finished; the service has ended");
+            }
+            (State::Retiring, _) => {
+                tracing::info!("old workers finished; the new server carries on")
+            }
             _ => tracing::info!("all workers finished"),
         }
         Ok(())
+    }
+
+    /// After a hand-over, the supervisor the user started stays: it is the
+    /// process the terminal, the shell and `--pid-file` know. It relays
+    /// every signal to the generation that serves (Ctrl-C drains after any
+    /// number of restarts; SIGUSR2 restarts again) and ends when the last
+    /// generation ends. It is the subreaper of its descendants, so when a
+    /// generation hands over and exits, its successor becomes this one's
+    /// child, and the next one to relay to.
+    fn keep(&mut self, mut serving: libc::pid_t) -> anyhow::Result<()> {
+        if let Some((listener, _)) = self.metrics.take() {
+            // The successor answers scrapes on the same socket now.
+            crate::metrics::stop_serving();
+            drop(listener);
+        }
+        loop {
+            loop {
+                let mut status = 0;
+                // SAFETY: waitpid writes the status through a valid pointer.
+                let pid = unsafe { libc::waitpid(-1, &mut status, libc::WNOHANG) };
+                if pid <= 0 {
+                    break;
+                }
+                if pid == serving {
+                    match successor_child() {
+                        Some(next) => {
+                            tracing::info!("pid {pid} handed over to pid {next}: relaying to it");
+                            serving = next;
+                        }
+                        None => {
+                            tracing::info!("pid {pid} {}: the service has ended", describe(status));
+                            return Ok(());
+                        }
+                    }
+                }
+            }
+            wait_readable(&[self.signals.as_fd()], Some(Duration::from_secs(1))).context("poll")?;
+            for byte in self.signals.take_bytes() {
+                let sig = match byte {
+                    CHILD_BYTE => continue, // reaped above
+                    RESTART_BYTE => libc::SIGUSR2,
+                    _ => libc::SIGTERM,
+                };
+                tracing::info!("relaying signal {sig} to pid {serving}");
+                // SAFETY: kill(2) of our own child, not yet reaped.
+                unsafe { libc::kill(serving, sig) };
+            }
+        }
     }
 
     /// Waits for a signal, a worker's "ready", or the next timer.
@@ -315,15 +391,15 @@ impl Supervisor {
             None => cmd.env_remove(handoff::WORKER),
         };
         let is_worker = worker.is_some();
-        if is_worker {
-            // A process group of its own: what a terminal sends to the
-            // foreground group (Ctrl-C, the hangup), or a script with
-            // `kill -INT -PGID`, reaches the supervisor alone, which relays
-            // it once. In the supervisor's group, a worker got one Ctrl-C
-            // twice (from the terminal and relayed) and cut its streams as
-            // at a second signal.
-            cmd.process_group(0);
-        }
+        // A process group of its own, for a worker and for a restarted
+        // supervisor alike: what a terminal sends to the foreground group
+        // (Ctrl-C, the hangup), or a script with `kill -INT -PGID`, reaches
+        // this supervisor alone, which relays it once. In one group, a
+        // worker got one Ctrl-C twice (from the terminal and relayed) and
+        // cut its streams as at a second signal.
+        cmd.process_group(0);
+        let generation = self.generation + u32::from(!is_worker);
+        cmd.env(handoff::GENERATION, generation.to_string());
         // SAFETY: the closure runs between fork and exec and makes only
         // async-signal-safe calls (prctl, fcntl); `keep` was allocated
         // before the fork and is only read.
@@ -374,14 +450,6 @@ impl Supervisor {
                 self.workers.len(),
                 self.config.model.name()
             );
-            if self.restarted
-                && let Some(path) = &self.config.pid_file
-            {
-                match PidFile::write(path) {
-                    Ok(p) => self.pid_file = Some(p),
-                    Err(e) => tracing::error!("{e}"),
-                }
-            }
             handoff::signal_ready();
             handoff::notify_systemd_ready();
         }
@@ -398,9 +466,9 @@ impl Supervisor {
         }
         match (self.state, &self.successor) {
             (State::Retiring, Some(pid)) => {
-                tracing::warn!(
-                    "SIGUSR2 refused: this server handed over to pid {pid} and is draining; signal that one"
-                );
+                tracing::info!("SIGUSR2: relayed to pid {pid}, which serves");
+                // SAFETY: kill(2) of our own child, not yet reaped.
+                unsafe { libc::kill(*pid, libc::SIGUSR2) };
                 return;
             }
             (State::Running, _) => {}
@@ -418,7 +486,7 @@ impl Supervisor {
                 self.upgrade = Some(Upgrade {
                     pid,
                     ready,
-                    deadline: Instant::now() + UPGRADE_TIMEOUT,
+                    deadline: Instant::now() + self.config.restart_timeout,
                 });
             }
             Err(e) => tracing::error!(
@@ -450,7 +518,9 @@ impl Supervisor {
                 guard.disarm();
             }
         }
-        if let Some(p) = &mut self.pid_file {
+        if !self.keeper
+            && let Some(p) = &mut self.pid_file
+        {
             p.disarm();
         }
         self.drain_workers();
@@ -478,8 +548,18 @@ impl Supervisor {
             return;
         }
         if self.state == State::Retiring {
-            tracing::warn!("signal while the old workers drain: stopping them now");
-            self.signal_workers(libc::SIGTERM);
+            // The successor serves: it is the one to stop (it drains); the
+            // old workers are draining already. Only a second signal cuts
+            // them.
+            if let Some(next) = self.successor {
+                tracing::info!("relaying the stop to pid {next}");
+                // SAFETY: kill(2) of our own child, not yet reaped.
+                unsafe { libc::kill(next, libc::SIGTERM) };
+            }
+            if std::mem::replace(&mut self.stopped_while_retiring, true) {
+                tracing::warn!("second signal while the old workers drain: stopping them now");
+                self.signal_workers(libc::SIGTERM);
+            }
             return;
         }
         self.state = State::Stopping;
@@ -554,6 +634,18 @@ impl Supervisor {
                 drop(u);
                 continue;
             }
+            if self.successor == Some(pid) {
+                // The successor handed over in turn (its own successor is
+                // this subreaper's child now) or ended.
+                self.successor = successor_child();
+                match self.successor {
+                    Some(next) => {
+                        tracing::info!("pid {pid} handed over to pid {next}: relaying to it")
+                    }
+                    None => tracing::info!("pid {pid} {}: the service has ended", describe(status)),
+                }
+                continue;
+            }
             let running = self.state == State::Running;
             let Some(w) = self.workers.iter_mut().find(|w| w.pid == Some(pid)) else {
                 continue;
@@ -588,6 +680,29 @@ impl Supervisor {
             w.start_at = Some(Instant::now() + pause);
         }
     }
+}
+
+/// A child of this process that is a supervisor (not a worker, whose
+/// environment names its number): the successor a generation handed over
+/// to before it exited, now this subreaper's child.
+fn successor_child() -> Option<libc::pid_t> {
+    let tasks = std::fs::read_dir("/proc/self/task").ok()?;
+    let children: Vec<libc::pid_t> = tasks
+        .flatten()
+        .filter_map(|t| std::fs::read_to_string(t.path().join("children")).ok())
+        .flat_map(|list| {
+            list.split_whitespace()
+                .filter_map(|p| p.parse().ok())
+                .collect::<Vec<_>>()
+        })
+        .collect();
+    let worker = format!("{}=", handoff::WORKER);
+    children.into_iter().find(|pid| {
+        std::fs::read(format!("/proc/{pid}/environ")).is_ok_and(|env| {
+            !env.split(|b| *b == 0)
+                .any(|var| var.starts_with(worker.as_bytes()))
+        })
+    })
 }
 
 /// A wait status in words.
