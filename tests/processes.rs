@@ -802,3 +802,28 @@ fn sample(text: &str, name: &str) -> Option<u64> {
     text.lines()
         .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.trim().parse().ok())
 }
+
+/// After a restart the first supervisor is the one in the foreground; if
+/// it is killed outright (SIGKILL, which it cannot relay), the generation
+/// that serves drains and ends rather than serve on with no one to stop it.
+#[test]
+fn a_killed_keeper_takes_the_service_down_with_a_drain() {
+    let (mut server, mut log, _pidfile) = two_epoll_workers("keeper", &[], 1);
+    let first = server.pid();
+    // SAFETY: kill(2) on our own child.
+    unsafe { libc::kill(first, libc::SIGUSR2) };
+    let line = log.wait_for(&server, "is ready: draining the old workers", SECS(30));
+    let second = pid_in(&line, "new server pid ");
+    // SAFETY: kill(2) on our own child.
+    unsafe { libc::kill(first, libc::SIGKILL) };
+    let _ = server.child.wait();
+    log.wait_for(
+        &server,
+        "the supervisor in the foreground died: stopping",
+        SECS(10),
+    );
+    assert!(
+        wait_gone(second, SECS(15)),
+        "the second supervisor serves on"
+    );
+}

@@ -187,10 +187,28 @@ fn first_lines(cmd: &str, n: usize) -> Vec<String> {
 }
 
 fn stop(child: &mut Child) {
+    // Every descendant first: a supervisor's workers and its restarted
+    // generations run in process groups of their own.
+    for pid in descendants(child.id() as i32) {
+        // SAFETY: plain kill(2) on a process this test started.
+        unsafe { libc::kill(pid, libc::SIGKILL) };
+    }
     // SAFETY: plain kill(2) on our own child's process group.
     unsafe { libc::kill(-(child.id() as i32), libc::SIGKILL) };
     let _ = child.kill();
     let _ = child.wait();
+}
+
+/// The children of `pid`, their children, and so on.
+fn descendants(pid: i32) -> Vec<i32> {
+    let mut all = Vec::new();
+    let mut todo = vec![pid];
+    while let Some(p) = todo.pop() {
+        let kids = child_pids(p);
+        all.extend(&kids);
+        todo.extend(kids);
+    }
+    all
 }
 
 /// `upcase serve` with no address binds the seeds' port 1060, which the

@@ -37,6 +37,10 @@ pub const WORKER: &str = "UPCASE_WORKER";
 /// absent, for the one the user started).
 pub const GENERATION: &str = "UPCASE_GENERATION";
 
+/// The pid of the supervisor the user started (the keeper), for a
+/// restarted one: it drains if that one dies.
+pub const KEEPER: &str = "UPCASE_KEEPER";
+
 /// This process's generation (see [`GENERATION`]).
 pub fn generation() -> u32 {
     std::env::var(GENERATION)

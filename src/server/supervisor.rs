@@ -98,6 +98,10 @@ struct Supervisor {
     keeper: bool,
     /// A stop signal came while the old workers drained after a hand-over.
     stopped_while_retiring: bool,
+    /// A restarted supervisor: readable once the keeper (the one the user
+    /// started, which relays the signals) has died. Then this one drains,
+    /// rather than serve on with no one in the foreground.
+    keeper_gone: Option<std::os::fd::OwnedFd>,
     /// Which generation this is: 1 for the supervisor the user started,
     /// one more at each restart (in the logs of it and its workers).
     generation: u32,
@@ -177,6 +181,7 @@ pub fn run(
         pid_file,
         keeper: !restarted,
         stopped_while_retiring: false,
+        keeper_gone: if restarted { watch_keeper() } else { None },
         generation: handoff::generation(),
         shut_at_stop: source != handoff::Source::Systemd,
         metrics,
@@ -300,10 +305,22 @@ impl Supervisor {
                 .iter()
                 .filter_map(|&i| self.workers[i].ready.as_ref().map(|r| r.as_fd())),
         );
+        let upgrade_at = fds.len();
         if let Some(u) = &self.upgrade {
             fds.push(u.ready.as_fd());
         }
+        let keeper_at = fds.len();
+        if let Some(k) = &self.keeper_gone {
+            fds.push(k.as_fd());
+        }
         let ready = wait_readable(&fds, Some(timeout)).context("poll")?;
+        if self.keeper_gone.is_some() && ready.get(keeper_at) == Some(&true) {
+            self.keeper_gone = None;
+            if self.state == State::Running {
+                tracing::warn!("the supervisor in the foreground died: stopping");
+                self.stop();
+            }
+        }
         if ready[0] {
             self.on_signals();
         }
@@ -312,7 +329,7 @@ impl Supervisor {
                 self.on_worker_ready(i);
             }
         }
-        if ready.len() > 1 + waiting.len() && ready[1 + waiting.len()] {
+        if self.upgrade.is_some() && ready.get(upgrade_at) == Some(&true) {
             self.on_upgrade_ready();
         }
         Ok(())
@@ -400,6 +417,14 @@ impl Supervisor {
         cmd.process_group(0);
         let generation = self.generation + u32::from(!is_worker);
         cmd.env(handoff::GENERATION, generation.to_string());
+        if !is_worker {
+            let keeper = if self.keeper {
+                std::process::id().to_string()
+            } else {
+                std::env::var(handoff::KEEPER).unwrap_or_default()
+            };
+            cmd.env(handoff::KEEPER, keeper);
+        }
         // SAFETY: the closure runs between fork and exec and makes only
         // async-signal-safe calls (prctl, fcntl); `keep` was allocated
         // before the fork and is only read.
@@ -680,6 +705,28 @@ impl Supervisor {
             w.start_at = Some(Instant::now() + pause);
         }
     }
+}
+
+/// A descriptor that becomes readable when the keeper named in the
+/// environment exits (a pidfd). `None` without one; if the keeper is gone
+/// already, a descriptor that is readable at once.
+fn watch_keeper() -> Option<std::os::fd::OwnedFd> {
+    use std::os::fd::FromRawFd;
+    let pid: libc::pid_t = std::env::var(handoff::KEEPER).ok()?.parse().ok()?;
+    // SAFETY: pidfd_open(2) takes a pid and flags and returns a new
+    // descriptor or -1.
+    let fd = unsafe { libc::syscall(libc::SYS_pidfd_open, pid, 0) };
+    if fd >= 0 {
+        // SAFETY: a descriptor just returned, owned by nothing else.
+        return Some(unsafe { std::os::fd::OwnedFd::from_raw_fd(fd as i32) });
+    }
+    if io::Error::last_os_error().raw_os_error() == Some(libc::ESRCH) {
+        // Gone before we looked: a socket pair whose other end is closed
+        // reads end of file at once.
+        let (a, _) = UnixStream::pair().ok()?;
+        return Some(a.into());
+    }
+    None
 }
 
 /// A child of this process that is a supervisor (not a worker, whose
