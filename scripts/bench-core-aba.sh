@@ -20,7 +20,7 @@ bench() { # args...
 }
 field() { grep -E "^$1" | head -1; }
 for model in $MODELS; do
-  for run in A1:$A B1:$B A2:$A B2:$B; do
+  for run in A1:$A B1:$B A2:$A B2:$B A3:$A B3:$B; do
     name=${run%%:*} bin=${run#*:}
     start "$bin" serve -q --model "$model" tcp://127.0.0.1:0
     rr=$(bench --mode rr --conns 50 --size 512)

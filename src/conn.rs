@@ -848,6 +848,13 @@ impl Conn {
         tls.out.clear();
         let result = step(self, &mut tls).and_then(|()| tls_flush(&mut tls));
         self.tls = Some(tls);
+        if let Err(e) = &result
+            && self.failed.is_none()
+        {
+            // Named here, so that every driver logs the same reason (uring
+            // logged an oversized ClientHello as a drain cut).
+            self.failed = stop(End::Error, format!("TLS: {e}"));
+        }
         result?;
         let out = self.tls.as_ref().map_or(&[][..], |t| &t.out[..]);
         self.unsent += out.len();

@@ -373,3 +373,216 @@ fn a_restart_that_hangs_is_stopped_at_its_timeout() {
 fn upcase_at(exe: &std::path::Path) -> Command {
     Command::new(exe)
 }
+
+/// A small random source (xorshift), seeded from the clock and printed,
+/// so that a failing run can be told apart from the others.
+struct Dice(u64);
+
+impl Dice {
+    fn below(&mut self, n: u64) -> u64 {
+        self.0 ^= self.0 << 13;
+        self.0 ^= self.0 >> 7;
+        self.0 ^= self.0 << 17;
+        self.0 % n
+    }
+}
+
+/// Fresh connections, one every 5 ms, each asked one line and checked:
+/// answered, wrong, refused, or reset and other failures.
+fn prober(
+    hostport: String,
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+) -> std::thread::JoinHandle<[u64; 4]> {
+    std::thread::spawn(move || {
+        let mut counts = [0u64; 4];
+        let mut i = 0u64;
+        while !stop.load(std::sync::atomic::Ordering::SeqCst) {
+            i += 1;
+            let msg = format!("probe {i}\n");
+            let r = TcpStream::connect(&hostport).and_then(|mut s| {
+                s.set_read_timeout(Some(SECS(10)))?;
+                s.write_all(msg.as_bytes())?;
+                s.shutdown(std::net::Shutdown::Write)?;
+                let mut got = Vec::new();
+                s.read_to_end(&mut got)?;
+                Ok(got)
+            });
+            let slot = match r {
+                Ok(got) if got == msg.to_uppercase().as_bytes() => 0,
+                Ok(_) => 1,
+                Err(e) if e.kind() == std::io::ErrorKind::ConnectionRefused => 2,
+                Err(_) => 3,
+            };
+            counts[slot] += 1;
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        counts
+    })
+}
+
+/// A verified stream of `size`, through `upcase send`.
+fn stream(hostport: &str, size: &str) -> Child {
+    Command::new(BIN)
+        .args(["send", hostport, "--bytes", size, "--json", "--no-progress"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("send")
+}
+
+/// The soak reaches the supervisor, in a terminal: `serve --processes 2`
+/// in a pty; a worker killed (SIGKILL) at a random instant while fresh
+/// connections come; then, under rr on 50 connections, two verified
+/// streams and fresh connections, two SIGUSR2 at random instants (sent to
+/// the pid file's process, the one the terminal runs); then one Ctrl-C
+/// (round 1) or the terminal closing (round 2) while the streams still
+/// run. Nothing is refused, reset or wrong through the restarts, the
+/// streams finish verified through the drain, and no process is left.
+#[test]
+fn the_supervisor_soak_in_a_terminal() {
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicBool, Ordering};
+    let seed = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(1, |d| d.as_nanos() as u64)
+        | 1;
+    eprintln!("soak seed {seed}");
+    let mut dice = Dice(seed);
+    for end in ["ctrl-c", "hangup"] {
+        let dir = std::env::temp_dir().join(format!("upcase-soak-{}-{end}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let pid_file = dir.join("upcase.pid");
+        let pid_arg = pid_file.display().to_string();
+        let mut term = InTerminal::start(&[
+            "serve",
+            "tcp://127.0.0.1:0",
+            "--processes",
+            "2",
+            "--pid-file",
+            &pid_arg,
+            "--drain-timeout",
+            "60s",
+        ]);
+        let listening = term.wait_for("listening tcp://", SECS(10));
+        let hostport = listening
+            .trim_start_matches("listening tcp://")
+            .trim()
+            .to_string();
+        term.wait_for("all 2 workers ready", SECS(10));
+        let keeper: i32 = std::fs::read_to_string(&pid_file)
+            .unwrap()
+            .trim()
+            .parse()
+            .unwrap();
+        let mut pids = vec![keeper];
+        pids.extend(child_pids(keeper));
+
+        // A worker killed at a random instant: replaced, nobody refused.
+        let stop = Arc::new(AtomicBool::new(false));
+        let probes = prober(hostport.clone(), stop.clone());
+        std::thread::sleep(Duration::from_millis(dice.below(300)));
+        let victim = child_pids(keeper)[dice.below(2) as usize];
+        // SAFETY: kill(2) on a worker this test started (a grandchild).
+        unsafe { libc::kill(victim, libc::SIGKILL) };
+        term.wait_for("starting another", SECS(10));
+        stop.store(true, Ordering::SeqCst);
+        let [ok, wrong, refused, failed] = probes.join().unwrap();
+        eprintln!(
+            "{end}: a worker killed: {ok} answered, {wrong} wrong, {refused} refused, {failed} reset"
+        );
+        assert_eq!((wrong, refused), (0, 0), "{end}");
+        assert!(
+            failed <= 2,
+            "{end}: {failed} fresh connections failed beside one killed worker"
+        );
+
+        // Two restarts under load.
+        let bench = Command::new(BIN)
+            .args([
+                "bench",
+                &hostport,
+                "--mode",
+                "rr",
+                "--conns",
+                "50",
+                "--duration",
+                "3s",
+                "--json",
+            ])
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("bench");
+        let mut streams = [stream(&hostport, "4G"), stream(&hostport, "4G")];
+        let stop = Arc::new(AtomicBool::new(false));
+        let probes = prober(hostport.clone(), stop.clone());
+        for _ in 0..2 {
+            std::thread::sleep(Duration::from_millis(200 + dice.below(800)));
+            // SAFETY: kill(2) on the process the terminal runs.
+            unsafe { libc::kill(keeper, libc::SIGUSR2) };
+            let line = term.wait_for("SIGUSR2: restarting; new server pid", SECS(10));
+            pids.push(
+                line.rsplit("new server pid ")
+                    .next()
+                    .unwrap()
+                    .split(' ')
+                    .next()
+                    .unwrap()
+                    .parse()
+                    .unwrap(),
+            );
+            term.wait_for("is ready: draining the old workers", SECS(20));
+        }
+        let bench = bench.wait_with_output().expect("bench");
+        stop.store(true, Ordering::SeqCst);
+        let [ok, wrong, refused, failed] = probes.join().unwrap();
+        let report: serde_json::Value = serde_json::from_slice(&bench.stdout).expect("bench json");
+        eprintln!(
+            "{end}: through two restarts: rr {} messages, {} errors; fresh connections {ok} answered, {wrong} wrong, {refused} refused, {failed} reset",
+            report["messages"], report["errors"]
+        );
+        assert_eq!(report["errors"], 0, "{end}: {report}");
+        assert_eq!((wrong, refused, failed), (0, 0, 0), "{end}");
+
+        // The end, as a terminal gives it, while the streams still run.
+        for w in child_pids(keeper) {
+            pids.push(w);
+            pids.extend(child_pids(w));
+        }
+        let running = streams
+            .iter_mut()
+            .filter_map(|s| s.try_wait().ok())
+            .filter(Option::is_none)
+            .count();
+        eprintln!("{end}: {running} of 2 streams still running at the signal");
+        term.press(end);
+        for s in streams {
+            let out = s.wait_with_output().expect("stream");
+            let sent: serde_json::Value = serde_json::from_slice(&out.stdout)
+                .unwrap_or_else(|_| panic!("{end}: {}", String::from_utf8_lossy(&out.stderr)));
+            assert!(out.status.success(), "{end}: a stream was cut: {sent}");
+            assert_eq!(
+                (sent["received"].as_u64(), sent["wrong"].as_u64()),
+                (Some(4 << 30), Some(0))
+            );
+        }
+        let (exit, lines) = term.finish(SECS(60));
+        assert_eq!(exit, "EXIT 0", "{end}");
+        assert!(
+            !lines.iter().any(|l| l.contains("second signal")),
+            "{end}: {}",
+            lines.join("\n")
+        );
+        let left: Vec<i32> = pids
+            .iter()
+            .copied()
+            .filter(|p| {
+                std::fs::read_to_string(format!("/proc/{p}/stat"))
+                    .is_ok_and(|s| !s.contains(") Z "))
+            })
+            .collect();
+        assert!(left.is_empty(), "{end}: processes left behind: {left:?}");
+        assert!(!pid_file.exists(), "{end}: pid file left behind");
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+}

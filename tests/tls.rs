@@ -407,3 +407,66 @@ fn an_unfinished_handshake_is_closed_at_its_deadline_on_every_model() {
         );
     }
 }
+
+/// A ClientHello too large for rustls (over 64 KiB, in 16 KiB records)
+/// ends that connection with the same words on every model: uring called
+/// it a drain cut, the others an error.
+#[test]
+fn an_oversized_client_hello_ends_alike_on_every_model() {
+    use std::io::{Read, Write};
+    use std::time::{Duration, Instant};
+    let certs = Certs::make();
+    let (cert, key) = (certs.path("cert.pem"), certs.path("key.pem"));
+    let mut wire = Vec::new();
+    for i in 0..6 {
+        wire.extend_from_slice(&[0x16, 0x03, 0x01, 0x40, 0x00]);
+        let mut body = vec![0x41u8; 0x4000];
+        if i == 0 {
+            // A client_hello that claims 983,040 bytes.
+            body[..4].copy_from_slice(&[0x01, 0x0f, 0x00, 0x00]);
+        }
+        wire.extend_from_slice(&body);
+    }
+    let mut reasons = Vec::new();
+    for model in runnable(&ALL_MODELS) {
+        let args = [
+            "--model",
+            model,
+            "--cert",
+            &cert,
+            "--key",
+            &key,
+            "tls://127.0.0.1:0",
+        ];
+        let srv = Server::start(&args, 1);
+        let mut s = std::net::TcpStream::connect(srv.hostport(0)).expect("connect");
+        s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+        let _ = s.write_all(&wire);
+        let _ = s.read_to_end(&mut Vec::new());
+        let deadline = Instant::now() + Duration::from_secs(5);
+        let mut seen = Vec::new();
+        let line = loop {
+            if let Some(l) = seen
+                .iter()
+                .find(|l: &&String| l.contains("connection tls://"))
+            {
+                break l.clone();
+            }
+            assert!(Instant::now() < deadline, "{model}: {seen:#?}");
+            if let Ok(l) = srv.stderr.recv_timeout(Duration::from_millis(100)) {
+                seen.push(l);
+            }
+        };
+        assert!(
+            line.contains("ended (error)") && line.contains("TLS:"),
+            "{model}: {line}"
+        );
+        reasons.push(line.split("bytes: ").nth(1).unwrap_or_default().to_string());
+    }
+    reasons.dedup();
+    assert_eq!(
+        reasons.len(),
+        1,
+        "the reason differs by model: {reasons:#?}"
+    );
+}

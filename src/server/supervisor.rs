@@ -271,14 +271,11 @@ impl Supervisor {
             }
             wait_readable(&[self.signals.as_fd()], Some(Duration::from_secs(1))).context("poll")?;
             for byte in self.signals.take_bytes() {
-                let sig = match byte {
-                    CHILD_BYTE => continue, // reaped above
-                    RESTART_BYTE => libc::SIGUSR2,
-                    _ => libc::SIGTERM,
-                };
-                tracing::info!("relaying signal {sig} to pid {serving}");
-                // SAFETY: kill(2) of our own child, not yet reaped.
-                unsafe { libc::kill(serving, sig) };
+                match byte {
+                    CHILD_BYTE => {} // reaped above
+                    RESTART_BYTE => relay(libc::SIGUSR2),
+                    _ => relay(libc::SIGTERM),
+                }
             }
         }
     }
@@ -490,10 +487,16 @@ impl Supervisor {
             return;
         }
         match (self.state, &self.successor) {
+            (State::Retiring, Some(_)) if self.keeper => {
+                relay(libc::SIGUSR2);
+                return;
+            }
             (State::Retiring, Some(pid)) => {
-                tracing::info!("SIGUSR2: relayed to pid {pid}, which serves");
-                // SAFETY: kill(2) of our own child, not yet reaped.
-                unsafe { libc::kill(*pid, libc::SIGUSR2) };
+                tracing::debug!("SIGUSR2: this server handed over to pid {pid}; it restarts");
+                return;
+            }
+            (State::Running, _) if !self.all_ready => {
+                tracing::warn!("SIGUSR2 refused: this server is not ready yet");
                 return;
             }
             (State::Running, _) => {}
@@ -573,13 +576,12 @@ impl Supervisor {
             return;
         }
         if self.state == State::Retiring {
-            // The successor serves: it is the one to stop (it drains); the
-            // old workers are draining already. Only a second signal cuts
-            // them.
-            if let Some(next) = self.successor {
-                tracing::info!("relaying the stop to pid {next}");
-                // SAFETY: kill(2) of our own child, not yet reaped.
-                unsafe { libc::kill(next, libc::SIGTERM) };
+            // A successor serves: the keeper relays the stop to every later
+            // generation (each gets it once, and the one that serves
+            // drains); the old workers here drain already, and only a
+            // second signal cuts them.
+            if self.keeper {
+                relay(libc::SIGTERM);
             }
             if std::mem::replace(&mut self.stopped_while_retiring, true) {
                 tracing::warn!("second signal while the old workers drain: stopping them now");
@@ -729,27 +731,61 @@ fn watch_keeper() -> Option<std::os::fd::OwnedFd> {
     None
 }
 
-/// A child of this process that is a supervisor (not a worker, whose
-/// environment names its number): the successor a generation handed over
-/// to before it exited, now this subreaper's child.
-fn successor_child() -> Option<libc::pid_t> {
-    let tasks = std::fs::read_dir("/proc/self/task").ok()?;
-    let children: Vec<libc::pid_t> = tasks
+/// Sends `sig` to every supervisor below this one (each generation once):
+/// the one that serves acts on it; one that handed over and still drains
+/// its old workers only counts a stop (a second cuts them); one not ready
+/// yet refuses a restart. Sent to all, because which one serves can change
+/// between a look and the signal, and a stop sent to one that has just
+/// finished would be lost.
+fn relay(sig: libc::c_int) {
+    // All of them first, then the signal: one that acts on it may start a
+    // new generation, which must not get it (before its handlers are in
+    // place, SIGUSR2 would kill it).
+    let mut todo = vec![std::process::id() as libc::pid_t];
+    let mut all = Vec::new();
+    while let Some(p) = todo.pop() {
+        let children = supervisor_children(p);
+        all.extend(&children);
+        todo.extend(children);
+    }
+    for &pid in &all {
+        // SAFETY: kill(2) of a descendant of ours.
+        unsafe { libc::kill(pid, sig) };
+    }
+    tracing::info!("relayed signal {sig} to {all:?}");
+}
+
+/// The children of `pid` that are supervisors (not workers, whose
+/// environment names their number).
+fn supervisor_children(pid: libc::pid_t) -> Vec<libc::pid_t> {
+    let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
+        return Vec::new();
+    };
+    let worker = format!("{}=", handoff::WORKER);
+    tasks
         .flatten()
         .filter_map(|t| std::fs::read_to_string(t.path().join("children")).ok())
         .flat_map(|list| {
             list.split_whitespace()
                 .filter_map(|p| p.parse().ok())
-                .collect::<Vec<_>>()
+                .collect::<Vec<libc::pid_t>>()
         })
-        .collect();
-    let worker = format!("{}=", handoff::WORKER);
-    children.into_iter().find(|pid| {
-        std::fs::read(format!("/proc/{pid}/environ")).is_ok_and(|env| {
-            !env.split(|b| *b == 0)
-                .any(|var| var.starts_with(worker.as_bytes()))
+        .filter(|child| {
+            std::fs::read(format!("/proc/{child}/environ")).is_ok_and(|env| {
+                !env.split(|b| *b == 0)
+                    .any(|var| var.starts_with(worker.as_bytes()))
+            })
         })
-    })
+        .collect()
+}
+
+/// A child of this process that is a supervisor (not a worker, whose
+/// environment names its number): the successor a generation handed over
+/// to before it exited, now this subreaper's child.
+fn successor_child() -> Option<libc::pid_t> {
+    supervisor_children(std::process::id() as libc::pid_t)
+        .into_iter()
+        .next()
 }
 
 /// A wait status in words.
