@@ -775,8 +775,13 @@ fn metrics_answer_for_every_worker() {
     unsafe { libc::kill(sup, libc::SIGUSR2) };
     // The first stays in the foreground (and in the pid file), and stops
     // answering scrapes: the next one does, on the same port.
-    let line = log.wait_for(&server, "old workers finished; pid ", SECS(30));
-    let next = pid_in(&line, "old workers finished; pid ");
+    let line = log.wait_for(&server, "is ready: draining the old workers", SECS(30));
+    let next = pid_in(&line, "new server pid ");
+    log.wait_for(
+        &server,
+        "metrics: no longer answered by this process",
+        SECS(10),
+    );
     assert_ne!(next, sup);
     assert_eq!(
         std::fs::read_to_string(&pidfile).expect("pid file").trim(),

@@ -318,7 +318,7 @@ async fn accept_loop(listener: TcpListener, source: Source) {
     loop {
         let accepted = tokio::select! {
             a = listener.accept() => a,
-            () = stop.notified() => return,
+            () = stop.notified() => break,
         };
         let stream = match accepted {
             Ok((s, _)) => s,
@@ -348,6 +348,11 @@ async fn accept_loop(listener: TcpListener, source: Source) {
             }
         });
     }
+    // Stopped: the scrapes already taken are answered, not cut.
+    drop(listener);
+    let all = MAX_SCRAPERS as u32;
+    let _ = tokio::time::timeout(REQUEST_DEADLINE, permits.acquire_many(all)).await;
+    tracing::info!("metrics: no longer answered by this process; the next server answers");
 }
 
 type Body = http_body_util::Full<hyper::body::Bytes>;

@@ -38,7 +38,7 @@ use anyhow::Context;
 
 use super::udp::answer_ready;
 use super::{AcceptBackoff, Config, blocking};
-use crate::lifecycle::{Lifecycle, Next, STOP_SIGNALS, SignalPipe, wait_readable};
+use crate::lifecycle::{Lifecycle, Next, STOP_SIGNALS, SignalPipe, Slot, wait_readable};
 use crate::net::{Listener, Stream};
 
 pub fn run(mut config: Config, listeners: Vec<Listener>, life: &Lifecycle) -> anyhow::Result<()> {
@@ -54,12 +54,12 @@ pub fn run(mut config: Config, listeners: Vec<Listener>, life: &Lifecycle) -> an
         l.set_nonblocking(true)?;
     }
     let mut listeners = Some(listeners);
-    let mut children: HashMap<libc::pid_t, String> = HashMap::new();
+    let mut children: Children = HashMap::new();
     let mut udp = config.udp_service();
     let mut backoff = AcceptBackoff::default();
 
     loop {
-        reap(&mut children, life);
+        reap(&mut children);
         if life.is_draining() {
             // The lifecycle shut the listeners; close our copies.
             listeners = None;
@@ -87,7 +87,7 @@ pub fn run(mut config: Config, listeners: Vec<Listener>, life: &Lifecycle) -> an
         let ready = wait_readable(&fds, wait).context("poll")?;
         // Signals, and the drain deadline: the lifecycle decides.
         if life.on_signals() == Next::Stop {
-            kill_all(&mut children, life);
+            kill_all(&mut children);
             break;
         }
 
@@ -120,20 +120,22 @@ fn accept_and_fork(
     all: &[Listener],
     config: &Config,
     life: &Lifecycle,
-    children: &mut HashMap<libc::pid_t, String>,
+    children: &mut Children,
     backoff: &mut AcceptBackoff,
 ) {
     if !life.conns.try_acquire() {
         return;
     }
+    // The permit: given back when dropped, on every path below, and by the
+    // parent once the child serving the connection is reaped.
+    let slot = Slot(life.conns.clone());
     let (conn, peer) = match listener.accept() {
         Ok(c) => {
             backoff.succeeded();
             c
         }
-        Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => return life.conns.release(),
+        Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => return,
         Err(e) => {
-            life.conns.release();
             if let Some(pause) = backoff.failed(&e) {
                 // Single-threaded: the pause also holds UDP, briefly.
                 std::thread::sleep(pause);
@@ -147,17 +149,19 @@ fn accept_and_fork(
     match unsafe { libc::fork() } {
         -1 => {
             drop(mask);
-            life.conns.release();
+            drop(slot);
             let e = std::io::Error::last_os_error();
             tracing::warn!("fork failed: {e}; closing {peer} and pausing 100 ms");
             std::thread::sleep(Duration::from_millis(100));
         }
+        // The child never drops the slot (it ends with _exit): the count
+        // is the parent's.
         0 => child(conn, peer, all, config, mask),
         pid => {
             drop(mask);
             // The parent's copy of the connection is closed here (drop).
             tracing::debug!("child {pid} serves {peer}");
-            children.insert(pid, peer);
+            children.insert(pid, (peer, slot));
         }
     }
 }
@@ -197,7 +201,11 @@ fn child(
 }
 
 /// Collects every child that has exited, so none stays a zombie.
-fn reap(children: &mut HashMap<libc::pid_t, String>, life: &Lifecycle) {
+/// The children serving connections: who each serves, and its permit of
+/// `--max-conns` (given back when the child is reaped, with the entry).
+type Children = HashMap<libc::pid_t, (String, Slot)>;
+
+fn reap(children: &mut Children) {
     loop {
         let mut status = 0;
         // SAFETY: waitpid writes the status through a valid pointer.
@@ -205,17 +213,16 @@ fn reap(children: &mut HashMap<libc::pid_t, String>, life: &Lifecycle) {
         if pid <= 0 {
             return;
         }
-        let Some(peer) = children.remove(&pid) else {
+        let Some((peer, _slot)) = children.remove(&pid) else {
             continue;
         };
-        life.conns.release();
         if !(libc::WIFEXITED(status) && libc::WEXITSTATUS(status) == 0) {
             tracing::warn!("child {pid} serving {peer} ended abnormally (status {status:#x})");
         }
     }
 }
 
-fn kill_all(children: &mut HashMap<libc::pid_t, String>, life: &Lifecycle) {
+fn kill_all(children: &mut Children) {
     for &pid in children.keys() {
         // SAFETY: signalling our own children.
         unsafe { libc::kill(pid, libc::SIGKILL) };
@@ -224,9 +231,8 @@ fn kill_all(children: &mut HashMap<libc::pid_t, String>, life: &Lifecycle) {
         let mut status = 0;
         // SAFETY: waitpid on our own child, with a valid status pointer.
         unsafe { libc::waitpid(pid, &mut status, 0) };
-        life.conns.release();
     }
-    children.clear();
+    children.clear(); // gives their permits back
 }
 
 /// Signals blocked for as long as this lives (then the old mask returns).

@@ -243,11 +243,7 @@ impl Supervisor {
     /// generation hands over and exits, its successor becomes this one's
     /// child, and the next one to relay to.
     fn keep(&mut self, mut serving: libc::pid_t) -> anyhow::Result<()> {
-        if let Some((listener, _)) = self.metrics.take() {
-            // The successor answers scrapes on the same socket now.
-            crate::metrics::stop_serving();
-            drop(listener);
-        }
+        drop(self.metrics.take()); // the successor answers scrapes now
         loop {
             loop {
                 let mut status = 0;
@@ -540,6 +536,10 @@ impl Supervisor {
         );
         self.state = State::Retiring;
         self.successor = Some(u.pid);
+        // Scrapes go to the new server, whose workers serve, from now on.
+        if self.metrics.is_some() {
+            crate::metrics::stop_serving();
+        }
         // The socket files and the pid file are the new server's now.
         for l in &mut self.listeners {
             if let Listener::Unix(_, guard) = l {
