@@ -12,6 +12,9 @@ use upcase::server;
 fn main() {
     let cli = parse_args();
     init_logging(cli.verbose, cli.quiet);
+    // A client's output may be cut short by its reader; a server's
+    // `listening` lines may not (the script reading them must see a failure).
+    let client = matches!(cli.command, Command::Send(_) | Command::Chat(_));
     let result = match cli.command {
         Command::Serve(args) => {
             // First: the default --max-conns follows the raised limit.
@@ -45,6 +48,10 @@ fn main() {
     };
     let code = match result {
         Ok(code) => code,
+        // The reader of our output went away (`upcase send ... | head -1`):
+        // it has what it wanted. Quiet, and success, as cat's and nc's
+        // users expect (and ripgrep does).
+        Err(e) if client && stdout_closed(&e) => exit::OK,
         Err(e) => {
             eprintln!("upcase: {e:#}");
             exit::ERROR
@@ -216,6 +223,16 @@ fn init_logging(verbose: u8, quiet: bool) {
         .with_ansi(std::io::stderr().is_terminal())
         .with_target(false)
         .init();
+}
+
+/// Whether `e` is a write to stdout that failed because its reader closed
+/// the pipe.
+fn stdout_closed(e: &anyhow::Error) -> bool {
+    let broken = e.chain().any(|c| {
+        c.downcast_ref::<std::io::Error>()
+            .is_some_and(|io| io.kind() == std::io::ErrorKind::BrokenPipe)
+    });
+    broken && e.chain().any(|c| c.to_string() == "writing to stdout")
 }
 
 /// Log lines to stderr, each written whole after a prefix.

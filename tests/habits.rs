@@ -248,3 +248,23 @@ fn udp_send_keeps_its_deadline() {
     assert_eq!(r.num("answered"), sent, "{}", r.out());
     assert!(r.elapsed < SECS(3), "took {:?}", r.elapsed);
 }
+
+/// `send ... | head -1`: the reader closes the pipe after one line; upcase
+/// stops quietly with success, as cat and nc do (it printed "writing to
+/// stdout: Broken pipe" and exited 1).
+#[test]
+fn a_closed_stdout_ends_send_quietly() {
+    let srv = Server::start(&["-q", "tcp://127.0.0.1:0"], 1);
+    let script = format!(
+        "yes hello | head -c 5000000 | {BIN} send {} | head -1; echo \"rc=${{PIPESTATUS[2]}}\"",
+        srv.addr(0)
+    );
+    let out = std::process::Command::new("bash")
+        .args(["-c", &script])
+        .output()
+        .expect("bash");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(stdout, "HELLO\nrc=0\n", "{stderr}");
+    assert!(!stderr.contains("Broken pipe"), "{stderr}");
+}
