@@ -78,6 +78,20 @@ impl InTerminal {
         }
     }
 
+    /// Waits until the server serves: its `listening tcp://` line, and,
+    /// with `--processes`, every worker ready. Returns its HOST:PORT.
+    fn serving(&mut self, processes: bool) -> String {
+        let listening = self.wait_for("listening tcp://", SECS(10));
+        let hostport = listening
+            .trim_start_matches("listening tcp://")
+            .trim()
+            .to_string();
+        if processes {
+            self.wait_for("workers ready", SECS(10));
+        }
+        hostport
+    }
+
     fn press(&mut self, key: &str) {
         writeln!(self.keys, "{key}").expect("press a key");
         self.keys.flush().expect("flush");
@@ -134,14 +148,7 @@ fn one_ctrl_c_in_a_terminal_is_one_drain() {
             args.extend(["--processes", n]);
         }
         let mut term = InTerminal::start(&args);
-        let listening = term.wait_for("listening tcp://", SECS(10));
-        let hostport = listening
-            .trim_start_matches("listening tcp://")
-            .trim()
-            .to_string();
-        if processes.is_some() {
-            term.wait_for("workers ready", SECS(10));
-        }
+        let hostport = term.serving(processes.is_some());
         let client = open_client(&hostport);
         term.press("ctrl-c");
         term.wait_for("no new connections", SECS(5));
@@ -157,14 +164,7 @@ fn one_ctrl_c_in_a_terminal_is_one_drain() {
 
         // A second Ctrl-C, after the first was taken, stops at once.
         let mut term = InTerminal::start(&args);
-        let listening = term.wait_for("listening tcp://", SECS(10));
-        let hostport = listening
-            .trim_start_matches("listening tcp://")
-            .trim()
-            .to_string();
-        if processes.is_some() {
-            term.wait_for("workers ready", SECS(10));
-        }
+        let hostport = term.serving(processes.is_some());
         let client = open_client(&hostport);
         term.press("ctrl-c");
         term.wait_for("no new connections", SECS(5));
@@ -213,14 +213,7 @@ fn a_hangup_drains_and_removes_the_files() {
             args.extend(["--processes", n]);
         }
         let mut term = InTerminal::start(&args);
-        let listening = term.wait_for("listening tcp://", SECS(10));
-        let hostport = listening
-            .trim_start_matches("listening tcp://")
-            .trim()
-            .to_string();
-        if processes.is_some() {
-            term.wait_for("workers ready", SECS(10));
-        }
+        let hostport = term.serving(processes.is_some());
         assert!(pid_file.exists() && sock.exists());
         let client = open_client(&hostport);
         term.press("hangup");
@@ -256,12 +249,7 @@ fn a_restart_keeps_the_foreground_and_ctrl_c_still_drains() {
         "--drain-timeout",
         "30s",
     ]);
-    let listening = term.wait_for("listening tcp://", SECS(10));
-    let hostport = listening
-        .trim_start_matches("listening tcp://")
-        .trim()
-        .to_string();
-    term.wait_for("all 2 workers ready", SECS(10));
+    let hostport = term.serving(true);
     let first: i32 = std::fs::read_to_string(&pid_file)
         .unwrap()
         .trim()
@@ -463,12 +451,7 @@ fn the_supervisor_soak_in_a_terminal() {
             "--drain-timeout",
             "60s",
         ]);
-        let listening = term.wait_for("listening tcp://", SECS(10));
-        let hostport = listening
-            .trim_start_matches("listening tcp://")
-            .trim()
-            .to_string();
-        term.wait_for("all 2 workers ready", SECS(10));
+        let hostport = term.serving(true);
         let keeper: i32 = std::fs::read_to_string(&pid_file)
             .unwrap()
             .trim()
